@@ -1,0 +1,14 @@
+"""Environment variables shared by the operator, the runtime and the dev cluster.
+
+Connection settings are plain URLs so that one variable per system is enough.
+"""
+
+KUBECONFIG = "KUBECONFIG"
+REDIS_URL = "KUBELM_REDIS_URL"
+"""redis://host:port/db of the Redis used for caches, the registry and progress."""
+AMQP_URL = "KUBELM_AMQP_URL"
+"""amqp://user:password@host:port/vhost of the RabbitMQ broker."""
+RABBITMQ_API_URL = "KUBELM_RABBITMQ_API_URL"
+"""http://user:password@host:port of the RabbitMQ management API (queue depth)."""
+
+CONNECTION_VARIABLES = (KUBECONFIG, REDIS_URL, AMQP_URL, RABBITMQ_API_URL)

@@ -1,0 +1,258 @@
+"""The dev cluster supervisor: one detached process that owns every component.
+
+It starts the components in dependency order, waits for each to be really ready,
+keeps the Node's heartbeat, and on SIGTERM stops everything in reverse order.
+Its children die with it (parent-death signal), and it leads its own process
+group so `kubelm-dev down` can clean up even after it was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from . import components, node
+from .layout import NODE_NAME, Layout, read_state
+from .pki import ClusterPKI, create_pki
+from .probes import KubeClient, http_get, insecure_tls, redis_ping, tcp_open, wait_for, write_json
+
+HEARTBEAT_SECONDS = 10
+STOP_GRACE_SECONDS = 15
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ComponentDied(RuntimeError):
+    pass
+
+
+class StopRequested(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, layout: Layout, parent_pid: int | None = None):
+        self.layout = layout
+        self.parent_pid = parent_pid
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = threading.Event()
+        self.state: dict[str, object] = dict(read_state(layout.root) or {})
+        self.pki: ClusterPKI | None = None
+        self.kube: KubeClient | None = None
+
+    # -- state file -----------------------------------------------------------------------------
+    def _publish(self, **fields: object) -> None:
+        self.state.update(fields)
+        self.state["supervisor_pid"] = os.getpid()
+        self.state["components"] = {n: p.pid for n, p in self.processes.items()}
+        write_json(self.layout.state_file, self.state)
+
+    # -- processes ------------------------------------------------------------------------------
+    def spawn(self, component: components.Component) -> None:
+        for path, text in component.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        self.layout.data_dir(component.name).mkdir(parents=True, exist_ok=True)
+        with open(self.layout.logs_dir / f"{component.name}.log", "ab") as log:
+            self.processes[component.name] = subprocess.Popen(
+                component.argv,
+                env={**os.environ, **component.env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        self._publish()
+
+    def check_alive(self) -> None:
+        if self.stopping.is_set():
+            raise StopRequested("stop requested while starting")
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                tail = (self.layout.logs_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise ComponentDied(f"{name} exited with {process.returncode}; log tail:\n{tail}")
+
+    def wait(self, what: str, check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+        wait_for(what, check, timeout, alive=self.check_alive)
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        started = time.monotonic()
+        layout, ports = self.layout, self.layout.ports
+        layout.logs_dir.mkdir(parents=True, exist_ok=True)
+        pki = self.pki = create_pki(layout.pki_dir)
+        self._write_kubeconfigs(pki)
+
+        # Independent pieces first, so RabbitMQ's slow boot overlaps the control plane's.
+        self.spawn(components.redis(layout))
+        self.spawn(components.etcd(layout))
+        self.spawn(components.epmd(layout))
+        self.wait("epmd", lambda: tcp_open(ports.epmd), 10)
+        self.spawn(components.rabbitmq(layout))
+
+        self.wait("etcd", lambda: http_get(f"http://127.0.0.1:{ports.etcd_client}/health")[0] == 200)
+        self.spawn(components.apiserver(layout, pki))
+        kube = self.kube = KubeClient(layout.apiserver_url, pki)
+        self.wait("kube-apiserver /readyz", kube.readyz, 120)
+        self.spawn(components.controller_manager(layout, pki, layout.root / "controller-manager.kubeconfig"))
+        self.spawn(components.scheduler(layout, layout.root / "scheduler.kubeconfig"))
+        self._register_node()
+
+        tls = insecure_tls()
+        self.wait("kube-controller-manager", lambda: http_get(
+            f"https://127.0.0.1:{ports.controller_manager}/healthz", tls)[0] == 200)
+        self.wait("kube-scheduler", lambda: http_get(
+            f"https://127.0.0.1:{ports.scheduler}/healthz", tls)[0] == 200)
+        self.wait("default ServiceAccount", lambda: kube.request(
+            "GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200)
+        self.wait("node Ready", self._node_ready)
+        self.wait("redis", lambda: redis_ping(ports.redis))
+        self.wait("rabbitmq", lambda: http_get(
+            f"{layout.rabbitmq_api_url}/api/health/checks/alarms")[0] == 200 and tcp_open(ports.amqp), 120)
+        self._publish(status="ready", ready_seconds=round(time.monotonic() - started, 2))
+
+    def _write_kubeconfigs(self, pki: ClusterPKI) -> None:
+        server = self.layout.apiserver_url
+        for path, pair, user in (
+            (self.layout.kubeconfig, pki.admin, "kubelm-admin"),
+            (self.layout.root / "controller-manager.kubeconfig", pki.controller_manager, "controller-manager"),
+            (self.layout.root / "scheduler.kubeconfig", pki.scheduler, "scheduler"),
+        ):
+            path.write_text(yaml.safe_dump(components.kubeconfig(server, pki.ca.cert, pair.cert, pair.key, user)))
+            path.chmod(0o600)
+
+    # -- node -----------------------------------------------------------------------------------
+    def _register_node(self) -> None:
+        assert self.kube
+        self.version = self.kube.version()
+        self.ready_since = node.now()
+        status, payload = self.kube.request("POST", "/api/v1/nodes", node.node_object(NODE_NAME))
+        if status not in (201, 409):
+            raise RuntimeError(f"creating node {NODE_NAME}: {status} {payload}")
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        assert self.kube
+        status, payload = self.kube.request(
+            "PATCH", f"/api/v1/nodes/{NODE_NAME}/status",
+            node.node_status(self.version, self.ready_since), "application/merge-patch+json")
+        if status != 200:
+            raise RuntimeError(f"node status heartbeat: {status} {payload.get('message')}")
+        lease = node.lease_object(NODE_NAME)
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{node.NODE_LEASE_NAMESPACE}/leases"
+        status, _ = self.kube.request("PATCH", f"{path}/{NODE_NAME}", {"spec": lease["spec"]},
+                                      "application/merge-patch+json")
+        if status == 404:
+            self.kube.request("POST", path, lease)
+
+    def _node_ready(self) -> bool:
+        assert self.kube
+        status, payload = self.kube.request("GET", f"/api/v1/nodes/{NODE_NAME}")
+        conditions = payload.get("status", {}).get("conditions", []) if status == 200 else []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def run(self) -> None:
+        """Heartbeats until asked to stop or until the parent that asked for the cluster is gone."""
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        while not self.stopping.wait(1):
+            if self.parent_pid and not _pid_alive(self.parent_pid):
+                return
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise ComponentDied(f"{name} exited with {process.returncode}")
+            if time.monotonic() >= next_beat:
+                try:
+                    self._heartbeat()
+                except (OSError, RuntimeError) as e:
+                    print(f"heartbeat failed: {e}", file=sys.stderr, flush=True)
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+
+    # -- stop -----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._publish(status="stopping")
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(STOP_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        kill_group_members(os.getpgid(0), exclude=os.getpid())
+        self.processes.clear()
+        self._publish(status="failed" if self.state.get("status") == "failed" else "stopped")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (zombies excluded), read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group_members(pgid: int, exclude: int | None = None) -> None:
+    for pid in group_members(pgid):
+        if pid != exclude:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubelm_devcluster.supervisor")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    state = read_state(args.dir)
+    if not state:
+        print(f"no state file in {args.dir}", file=sys.stderr)
+        return 2
+    layout = Layout.from_json(state["layout"])  # type: ignore[arg-type]
+    supervisor = Supervisor(layout, args.parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())
+    try:
+        supervisor.start()
+        supervisor.run()
+        return 0
+    except Exception as e:
+        supervisor._publish(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        supervisor.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

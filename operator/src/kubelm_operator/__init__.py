@@ -1,0 +1,1 @@
+"""kubelm_operator."""

@@ -1,0 +1,66 @@
+"""Session fixtures: the real control plane, Redis and RabbitMQ.
+
+A dev cluster is started once per test run (about 15 s) unless KUBECONFIG points
+at an existing cluster; then KUBELM_REDIS_URL, KUBELM_AMQP_URL and
+KUBELM_RABBITMQ_API_URL name its services and KUBELM_DEV_BIN_DIR (or PATH) its kubectl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubelm_contract import env as contract_env
+from support import REPO, ClusterEnv
+
+
+def _existing_cluster() -> ClusterEnv | None:
+    kubeconfig = os.environ.get(contract_env.KUBECONFIG)
+    if not kubeconfig:
+        return None
+    bin_dir = os.environ.get("KUBELM_DEV_BIN_DIR")
+    kubectl = str(Path(bin_dir) / "kubectl") if bin_dir else shutil.which("kubectl")
+    if not kubectl:
+        pytest.exit("KUBECONFIG is set but no kubectl found (set KUBELM_DEV_BIN_DIR or PATH)", returncode=2)
+    return ClusterEnv(
+        kubeconfig,
+        os.environ.get(contract_env.REDIS_URL, ""),
+        os.environ.get(contract_env.AMQP_URL, ""),
+        os.environ.get(contract_env.RABBITMQ_API_URL, ""),
+        kubectl,
+    )
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
+    existing = _existing_cluster()
+    if existing:
+        yield existing
+        return
+    from kubelm_devcluster import cli
+
+    root = tmp_path_factory.mktemp("devcluster")
+    started = cli.up(root, parent_pid=os.getpid())
+    env = started.env()
+    try:
+        yield ClusterEnv(
+            env[contract_env.KUBECONFIG],
+            env[contract_env.REDIS_URL],
+            env[contract_env.AMQP_URL],
+            env[contract_env.RABBITMQ_API_URL],
+            str(started.layout.bin_dir / "kubectl"),
+        )
+    finally:
+        cli.down(root)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: ClusterEnv) -> None:
+    """The kubelm CRDs, applied with kubectl server-side and Established."""
+    cluster.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/languagemodels.kubelm.io", "crd/trainingjobs.kubelm.io")

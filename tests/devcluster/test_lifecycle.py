@@ -1,0 +1,66 @@
+"""kubelm-dev up/down as a user runs them: real processes, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubelm_devcluster.supervisor import group_members
+
+pytestmark = [pytest.mark.slow]
+
+
+def kubelm_dev(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kubelm_devcluster.cli", "--dir", str(root), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _state(root: Path) -> dict:
+    return json.loads((root / "state.json").read_text())
+
+
+def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
+    root = tmp_path / "dc"
+    first = kubelm_dev(root, "up")
+    assert first.returncode == 0, first.stderr
+    state = _state(root)
+    pgid = state["supervisor_pid"]
+    pids = set(state["components"].values())
+    assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "redis", "rabbitmq",
+            "epmd"} <= set(state["components"])
+    assert pids <= set(group_members(pgid))
+
+    again = kubelm_dev(root, "up")
+    assert again.returncode == 0 and _state(root)["supervisor_pid"] == pgid
+
+    status = kubelm_dev(root, "status")
+    assert status.returncode == 0 and "kube-apiserver" in status.stdout
+    env = kubelm_dev(root, "env").stdout
+    assert "export KUBECONFIG=" in env and "export KUBELM_AMQP_URL=amqp://" in env
+
+    assert kubelm_dev(root, "down").returncode == 0
+    assert group_members(pgid) == []
+    assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)
+    assert kubelm_dev(root, "status").returncode == 1
+
+
+def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path) -> None:
+    root = tmp_path / "dc"
+    assert kubelm_dev(root, "up").returncode == 0
+    pgid = _state(root)["supervisor_pid"]
+    os.kill(pgid, signal.SIGKILL)
+    assert kubelm_dev(root, "down").returncode == 0
+    assert group_members(pgid) == []
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
