@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from kubelm_devcluster.supervisor import group_members
+from kubelm_devcluster.supervisor import group_members, marked_processes
 
 pytestmark = [pytest.mark.slow]
 
@@ -46,6 +47,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
 
     assert kubelm_dev(root, "down").returncode == 0
     assert group_members(pgid) == []
+    assert marked_processes(root) == []
     assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)
     assert kubelm_dev(root, "status").returncode == 1
 
@@ -55,8 +57,12 @@ def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path) -> None:
     assert kubelm_dev(root, "up").returncode == 0
     pgid = _state(root)["supervisor_pid"]
     os.kill(pgid, signal.SIGKILL)
+    # Give orphans time to react to the loss (Erlang, for one, tries to restart epmd).
+    time.sleep(3)
+    assert marked_processes(root), "components should still be around to clean up"
     assert kubelm_dev(root, "down").returncode == 0
     assert group_members(pgid) == []
+    assert marked_processes(root) == []
 
 
 def _not_zombie(pid: int) -> bool:

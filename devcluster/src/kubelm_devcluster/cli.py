@@ -23,7 +23,7 @@ from kubelm_contract import env as contract_env
 
 from .layout import DEFAULT_DIR, Layout, Ports, read_state
 from .probes import write_json
-from .supervisor import group_members, kill_group_members
+from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "devcluster" / "scripts" / "build-control-plane.sh"
 
@@ -104,9 +104,10 @@ def down(root: Path = DEFAULT_DIR, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
-    # Whatever is left (grandchildren of a killed supervisor, say) goes now.
+    # Whatever is left (grandchildren of a killed supervisor, daemons that left the group) goes now.
     kill_group_members(pgid)
-    while group_members(pgid):
+    kill_marked(root.resolve())
+    while group_members(pgid) or marked_processes(root.resolve()):
         time.sleep(0.05)
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -69,7 +70,7 @@ class Supervisor:
         with open(self.layout.logs_dir / f"{component.name}.log", "ab") as log:
             self.processes[component.name] = subprocess.Popen(
                 component.argv,
-                env={**os.environ, **component.env},
+                env={**os.environ, **component.env, MARKER_VARIABLE: str(self.layout.root)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -207,9 +208,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes in a process group (zombies excluded), read from /proc."""
-    members = []
+MARKER_VARIABLE = "KUBELM_DEVCLUSTER"
+"""Set in every component's environment; descendants inherit it, even daemons that leave the group."""
+
+
+def _processes() -> Iterator[tuple[int, str, int]]:
+    """(pid, state, process group) of every process, read from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -217,10 +221,27 @@ def group_members(pgid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
+        yield int(entry.name), fields[0], int(fields[2])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (zombies excluded)."""
+    return [pid for pid, state, group in _processes() if group == pgid and state != "Z"]
+
+
+def marked_processes(root: Path) -> list[int]:
+    """Live processes started for the cluster in `root`, wherever they moved (by environment marker)."""
+    marker = f"{MARKER_VARIABLE}={root}".encode() + b"\0"
+    found = []
+    for pid, state, _ in _processes():
+        if state == "Z" or pid == os.getpid():
+            continue
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def kill_group_members(pgid: int, exclude: int | None = None) -> None:
@@ -228,6 +249,12 @@ def kill_group_members(pgid: int, exclude: int | None = None) -> None:
         if pid != exclude:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def kill_marked(root: Path) -> None:
+    for pid in marked_processes(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

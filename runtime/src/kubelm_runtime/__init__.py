@@ -1,1 +1,1 @@
-"""kubelm_runtime."""
+"""kubelm runtime: what runs inside the kubelm runtime image (training, serving, gateway)."""

@@ -1,0 +1,39 @@
+"""The Redis key schema shared by the operator and the runtime.
+
+Every key starts with ``kubelm:v1:`` so a schema change can live beside the old
+one. Names that group keys used together are wrapped in braces (Redis Cluster
+hash tags) so pipelines over one artifact stay on one shard.
+"""
+
+from __future__ import annotations
+
+PREFIX = "kubelm:v1"
+
+
+def progress(job_id: str) -> str:
+    """JSON progress of a training job, written by rank 0 (see runtime-contract.md)."""
+    return f"{PREFIX}:progress:{{{job_id}}}"
+
+
+def artifact_next_version(name: str) -> str:
+    """Counter handing out artifact versions (INCR)."""
+    return f"{PREFIX}:artifact:{{{name}}}:next-version"
+
+
+def artifact_manifest(name: str, version: int) -> str:
+    """JSON manifest of one artifact version: files, chunk digests, content digest."""
+    return f"{PREFIX}:artifact:{{{name}}}:{version}:manifest"
+
+
+def artifact_chunk(name: str, version: int, index: int) -> str:
+    """One chunk of the concatenated artifact files."""
+    return f"{PREFIX}:artifact:{{{name}}}:{version}:chunk:{index}"
+
+
+def artifact_pattern(name: str) -> str:
+    """SCAN pattern matching every key of one artifact name (for cleanup)."""
+    return f"{PREFIX}:artifact:{{{name}}}:*"
+
+
+ARTIFACT_REGISTRY = f"{PREFIX}:registry:artifacts"
+"""Hash: artifact name -> JSON of its latest complete version (version, digest, size, created)."""
