@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import REPO, RedisProcess
+
+CORPUS = REPO / "examples" / "tiny-corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict[str, Path]:
+    return {split: CORPUS / f"{split}.txt" for split in ("train", "valid", "test")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]) -> Path:
+    """A 2-layer GPT-2 with a 512-token BPE tokenizer trained on the tiny corpus."""
+    from kubelm_runtime.tinymodel import build
+
+    return build(tmp_path_factory.mktemp("tiny-model"), [corpus["train"]])
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

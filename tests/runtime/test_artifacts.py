@@ -1,0 +1,104 @@
+"""The artifact cache against a real Redis: round trip, versions, corruption and limits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubelm_contract import keys
+from kubelm_runtime import artifacts
+from kubelm_runtime.models import load_causal_lm
+from kubelm_runtime.redis_store import RedisStore
+from support import RedisProcess
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def store(private_redis: RedisProcess) -> RedisStore:
+    return RedisStore(private_redis.url)
+
+
+def _model_dir(tiny_model: Path, tmp_path: Path) -> Path:
+    # Extra files make the stream cross file boundaries inside chunks, and include an empty file.
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model, directory)
+    (directory / "nested").mkdir()
+    (directory / "nested" / "blob.bin").write_bytes(bytes(range(256)) * 9000)
+    (directory / "empty.txt").write_text("")
+    return directory
+
+
+def test_round_trip_is_verified_and_loadable(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    source = _model_dir(tiny_model, tmp_path)
+    stored = artifacts.publish(store, source, "ns/tiny", chunk_bytes=artifacts.MIN_CHUNK_BYTES)
+    assert stored.version == 1 and len(stored.chunks) >= 2
+    assert stored.digest == artifacts.content_digest(artifacts.scan_directory(source))
+
+    fetched = artifacts.fetch(store, "ns/tiny", tmp_path / "fetched")
+    assert fetched.digest == stored.digest
+    for entry in stored.files:
+        assert (tmp_path / "fetched" / entry.path).read_bytes() == (source / entry.path).read_bytes()
+
+    original = load_causal_lm(str(source)).eval()
+    loaded = load_causal_lm(str(tmp_path / "fetched")).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(original(ids).logits, loaded(ids).logits)
+
+
+def test_versions_and_registry(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    source = _model_dir(tiny_model, tmp_path)
+    first = artifacts.publish(store, source, "ns/tiny")
+    (source / "extra.txt").write_text("changed")
+    second = artifacts.publish(store, source, "ns/tiny")
+    assert (first.version, second.version) == (1, 2) and first.digest != second.digest
+    assert store.hget_json(keys.ARTIFACT_REGISTRY, "ns/tiny")["version"] == 2
+    assert artifacts.describe(store, "ns/tiny").version == 2
+    artifacts.fetch(store, "ns/tiny", tmp_path / "v1", version=1)
+    assert not (tmp_path / "v1" / "extra.txt").exists()
+    assert artifacts.parse_artifact_uri(second.uri) == ("ns/tiny", 2)
+
+
+def test_corrupted_chunk_is_refused_and_nothing_is_left(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny",
+                               chunk_bytes=artifacts.MIN_CHUNK_BYTES)
+    key = keys.artifact_chunk("ns/tiny", stored.version, 1)
+    chunk = bytearray(store.get(key) or b"")
+    chunk[100] ^= 0xFF
+    store.set(key, bytes(chunk))
+    with pytest.raises(artifacts.ArtifactCorrupt, match="does not match its digest"):
+        artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []
+
+
+def test_missing_chunk_and_unknown_artifact(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny",
+                               chunk_bytes=artifacts.MIN_CHUNK_BYTES)
+    store.delete_matching(keys.artifact_chunk("ns/tiny", stored.version, 0))
+    with pytest.raises(artifacts.ArtifactCorrupt, match="chunk 0 missing"):
+        artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
+    with pytest.raises(artifacts.ArtifactNotFound, match="no artifact named 'nope'"):
+        artifacts.fetch(store, "nope", tmp_path / "dest")
+
+
+def test_size_limit_has_a_clear_error(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(artifacts.ArtifactTooLarge, match="over the artifact cache limit"):
+        artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny", max_bytes=1024)
+    assert store.hget_json(keys.ARTIFACT_REGISTRY, "ns/tiny") is None
+
+
+def test_delete_removes_every_key(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny")
+    assert artifacts.delete(store, "ns/tiny") > 1
+    with pytest.raises(artifacts.ArtifactNotFound):
+        artifacts.describe(store, "ns/tiny")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, 9 * 1024 * 1024])
+def test_chunk_size_bounds(store: RedisStore, tmp_path: Path, chunk_bytes: int) -> None:
+    with pytest.raises(ValueError, match="chunk size"):
+        artifacts.publish(store, tmp_path, "x", chunk_bytes=chunk_bytes)

@@ -1,0 +1,199 @@
+"""`kubelm-runtime train` as a real process: learning, kill-and-resume, DDP, Redis, artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubelm_contract import keys
+from kubelm_runtime import artifacts
+from kubelm_runtime.redis_store import RedisStore
+from support import RedisProcess, eventually
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path], **overrides: Any) -> Path:
+    config: dict[str, Any] = {
+        "jobId": "tests/tiny",
+        "baseModel": {"uri": str(tiny_model)},
+        "dataset": {"train": str(corpus["train"]), "validation": str(corpus["valid"]), "test": str(corpus["test"])},
+        "outputDir": str(tmp_path / "out"),
+        "hyperparameters": {"maxSteps": 30, "batchSize": 8, "maxLength": 64, "learningRate": 0.003,
+                            "warmupSteps": 3, "evalIntervalSteps": 10, "seed": 7},
+        "checkpointing": {"intervalSteps": 5, "keep": 2},
+        "publish": {"artifactCache": False},
+        "logIntervalSteps": 1,
+        "progressIntervalSeconds": 0,
+    }
+    for key, value in overrides.items():
+        if key in ("hyperparameters", "checkpointing", "publish"):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "kubelm_runtime", "train", "--config", str(config)]
+
+
+def run_train(config: Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(train_command(config), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs some steps twice)."""
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+def eval_losses(out: Path) -> list[float]:
+    return [m["evalLoss"] for m in metrics(out) if "evalLoss" in m and "testLoss" not in m]
+
+
+def test_short_run_lowers_validation_loss_and_writes_the_artifact(tmp_path: Path, tiny_model: Path,
+                                                                 corpus: dict[str, Path]) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 60, "evalIntervalSteps": 5})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    evals = eval_losses(out)
+    # A random 512-token model starts near ln(512) = 6.2; the tiny grammar is quickly learnable.
+    assert evals[0] > evals[-1] and evals[-1] < 0.6 * 6.24, evals
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["metrics"]["evalLoss"] == min(evals)
+    assert summary["metrics"]["testLoss"] < 0.6 * 6.24
+    manifest = artifacts.read_manifest(out / "model")
+    assert manifest["digest"] == artifacts.content_digest(artifacts.scan_directory(out / "model"))
+    assert manifest["hyperparameters"]["maxSteps"] == 60
+    assert manifest["dataset"]["fingerprint"].startswith("sha256:")
+    assert manifest["baseModel"] == str(tiny_model)
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000055", "step-00000060"]
+
+
+def test_kill_and_resume_continues_the_same_run(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path]) -> None:
+    reference = write_config(tmp_path / "reference", tiny_model, corpus)
+    assert run_train(reference).returncode == 0
+    expected = losses_by_step(tmp_path / "reference" / "out")
+
+    config = write_config(tmp_path / "killed", tiny_model, corpus)
+    out = tmp_path / "killed" / "out"
+    process = subprocess.Popen(train_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    eventually(lambda: (out / "metrics.jsonl").exists() and max(losses_by_step(out), default=0) >= 13,
+               timeout=120, interval=0.02, what="training reaches step 13")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(losses_by_step(out))
+    assert killed_at < 30
+
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr
+    resumed = losses_by_step(out)
+    assert max(resumed) == 30 == max(expected)
+    # Same data order, optimizer and RNG state: the resumed curve is the uninterrupted one.
+    for step in range(1, 31):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+    assert json.loads((out / "result.json").read_text())["attempt"] == 2
+
+
+def test_two_process_ddp_on_gloo(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path]) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 10, "batchSize": 4})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "kubelm_runtime", "train", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    records = metrics(out)
+    assert records and {m["rank"] for m in records} == {0}
+    state = json.loads((out / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    # Both ranks end with identical parameters: gradients were averaged across them.
+    checksums = {}
+    for line in result.stderr.splitlines():
+        if "final parameter checksum" in line:
+            rank = int(line.split("rank ")[-1].split()[0])
+            checksums[rank] = line.rsplit(" ", 1)[-1]
+    assert set(checksums) == {0, 1} and checksums[0] == checksums[1]
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_progress_and_artifact_reach_redis(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
+                                          private_redis: RedisProcess) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, publish={"artifactCache": True, "name": "tests/tiny-lm"})
+    result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
+    assert result.returncode == 0, result.stderr
+    store = RedisStore(private_redis.url)
+    progress = store.get_json(keys.progress("tests/tiny"))
+    assert progress["phase"] == "Succeeded" and progress["step"] == progress["totalSteps"] == 30
+    assert progress["percent"] == 100.0 and progress["evalLoss"] > 0 and progress["tokensPerSecond"] > 0
+    assert progress["artifact"]["uri"] == "artifact://tests/tiny-lm@1"
+    fetched = artifacts.fetch(store, "tests/tiny-lm", tmp_path / "fetched")
+    assert fetched.digest == artifacts.read_manifest(tmp_path / "out" / "model")["digest"]
+
+    # A second job can start from the published artifact.
+    follow_up = write_config(tmp_path / "follow-up", tiny_model, corpus, jobId="tests/follow-up",
+                             baseModel={"artifact": "artifact://tests/tiny-lm"},
+                             hyperparameters={"maxSteps": 5})
+    result = run_train(follow_up, {"KUBELM_REDIS_URL": private_redis.url})
+    assert result.returncode == 0, result.stderr
+    manifest = artifacts.read_manifest(tmp_path / "follow-up" / "out" / "model")
+    assert manifest["baseModel"] == "artifact://tests/tiny-lm"
+
+
+def test_training_survives_redis_being_down(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
+                                            private_redis: RedisProcess) -> None:
+    private_redis.stop()
+    config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 10})
+    started = time.monotonic()
+    result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
+    assert result.returncode == 0, result.stderr
+    assert "progress not sent, training continues" in result.stderr
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["steps"] == 10
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"hyperparameters": {"lerningRate": 0.1}},
+     "hyperparameters.lerningRate: unknown setting (did you mean 'learningRate'?)"),
+    ({"hyperparameters": {"batchSize": "eight"}}, "hyperparameters.batchSize: expected an integer"),
+    ({"hyperparameters": {"precision": "int4"}}, "hyperparameters.precision: 'int4' is not one of"),
+    ({"baseModel": {"uri": "/m", "hub": {"id": "gpt2"}}}, "baseModel: needs exactly one of hub, uri or artifact"),
+    ({"dataset": {"train": "/nonexistent/train.txt"}}, "dataset file /nonexistent/train.txt does not exist"),
+    ({"jobId": "no-namespace"}, "jobId must be <namespace>/<name>"),
+    ({"hyperparameters": {"maxLength": 4}}, "maxLength must be in [8, 131072]"),
+])
+def test_invalid_configuration_fails_fast(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
+                                          change: dict, message: str) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, **change)
+    result = run_train(config, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_too_little_data_is_explained(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path]) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("one short line.\n")
+    config = write_config(tmp_path, tiny_model, corpus, dataset={"train": str(small)})
+    result = run_train(config, timeout=120)
+    assert result.returncode == 2 and "training data too small" in result.stderr
