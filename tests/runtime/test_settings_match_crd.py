@@ -1,0 +1,37 @@
+"""The training configuration stays in step with the TrainingJob CRD: same names, same defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+
+from kubelm_contract.settings import camel
+from kubelm_runtime.train.settings import Checkpointing, Dataset, Hyperparameters
+from support import REPO
+
+CRD = yaml.safe_load((REPO / "crds" / "trainingjobs.kubelm.io.yaml").read_text())
+SPEC = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+
+def _defaults(cls: type) -> dict[str, object]:
+    return {camel(f.name): f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def test_field_names_and_defaults_match() -> None:
+    for cls, section in ((Hyperparameters, "hyperparameters"), (Checkpointing, "checkpointing"),
+                         (Dataset, "dataset")):
+        schema = SPEC[section]["properties"]
+        names = {camel(f.name) for f in dataclasses.fields(cls)}
+        assert names == set(schema), section
+        crd_defaults = {k: v["default"] for k, v in schema.items() if "default" in v}
+        python_defaults = {k: v for k, v in _defaults(cls).items() if v is not None}
+        assert python_defaults == crd_defaults, section
+
+
+def test_enums_match() -> None:
+    hp = SPEC["hyperparameters"]["properties"]
+    hints = {camel(f.name): f.type for f in dataclasses.fields(Hyperparameters)}
+    for key in ("precision", "lrSchedule"):
+        for value in hp[key]["enum"]:
+            assert repr(value) in str(hints[key]), (key, value)

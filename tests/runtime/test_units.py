@@ -1,0 +1,98 @@
+"""Pure pieces of the trainer: data order, documents, precision, schedules, checkpoints, world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kubelm_runtime.train import checkpoint
+from kubelm_runtime.train.data import DataError, epoch_order, iter_documents
+from kubelm_runtime.train.distributed import world_from_env
+from kubelm_runtime.train.loop import lr_lambda, param_groups
+from kubelm_runtime.train.precision import cpu_has_fast_bf16, resolve
+
+
+def test_epoch_order_is_deterministic_disjoint_and_even() -> None:
+    a0 = epoch_order(103, seed=1, epoch=0, rank=0, world=2, batch_size=4)
+    a1 = epoch_order(103, seed=1, epoch=0, rank=1, world=2, batch_size=4)
+    assert np.array_equal(a0, epoch_order(103, 1, 0, 0, 2, 4))
+    assert len(a0) == len(a1) == 48 and not set(a0) & set(a1)
+    assert not np.array_equal(a0, epoch_order(103, 1, 1, 0, 2, 4))
+
+
+def test_documents_from_lines_paragraphs_and_jsonl(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\n\n")
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("a\nb\n\nc\n")
+    records = tmp_path / "data.jsonl"
+    records.write_text('{"content": "x"}\n\n{"content": "y"}\n')
+    assert list(iter_documents(lines, "text", "text")) == ["one\ntwo"]
+    assert list(iter_documents(paragraphs, "text", "text")) == ["a\nb", "c"]
+    no_blank = tmp_path / "no-blank.txt"
+    no_blank.write_text("one\ntwo\n")
+    assert list(iter_documents(no_blank, "text", "text")) == ["one", "two"]
+    assert list(iter_documents(records, "jsonl", "content")) == ["x", "y"]
+    with pytest.raises(DataError, match=r"data.jsonl:1: no string field 'text'"):
+        list(iter_documents(records, "jsonl", "text"))
+    records.write_text("{broken\n")
+    with pytest.raises(DataError, match=r"data.jsonl:1: not valid JSON"):
+        list(iter_documents(records, "jsonl", "text"))
+
+
+def test_precision_choice() -> None:
+    assert cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512_bf16")
+    assert cpu_has_fast_bf16("flags : amx_bf16 amx_tile")
+    assert not cpu_has_fast_bf16("flags : fpu avx2")
+    cpu = torch.device("cpu")
+    assert resolve("fp32", cpu).autocast_dtype is None
+    assert resolve("bf16", cpu).autocast_dtype is torch.bfloat16
+    assert resolve("fp16", cpu).loss_scaling
+    assert resolve("auto", cpu).name == ("bf16" if cpu_has_fast_bf16() else "fp32")
+
+
+def test_schedules() -> None:
+    linear = lr_lambda("linear", warmup=10, total=110)
+    assert linear(0) == pytest.approx(0.1) and linear(9) == 1.0
+    assert linear(60) == pytest.approx(0.5) and linear(110) == 0.0
+    cosine = lr_lambda("cosine", warmup=0, total=100)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    assert lr_lambda("constant", 5, 100)(80) == 1.0
+
+
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.ndim for p in decay["params"]] == [2]
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for step in (5, 10, 15):
+        checkpoint.save(tmp_path, step, model, optimizer, scheduler, None, [checkpoint.rng_state()],
+                        {"global_step": step}, keep=2)
+    (tmp_path / ".step-00000020.tmp-1").mkdir()  # a crash mid-write leaves only this behind
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
+    latest = checkpoint.latest(tmp_path)
+    assert latest is not None and latest.name == "step-00000015"
+    fresh = torch.nn.Linear(3, 3)
+    state, rng = checkpoint.load(latest, fresh, torch.optim.AdamW(fresh.parameters()),
+                                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
+    assert state == json.loads((latest / checkpoint.STATE_FILE).read_text()) == {"global_step": 15}
+    assert torch.equal(fresh.weight, model.weight) and len(rng) == 1
+
+
+def test_world_from_env() -> None:
+    assert world_from_env({}).size == 1
+    torchrun = world_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (torchrun.rank, torchrun.size, torchrun.is_writer) == (1, 2, False)
+    assert world_from_env({"JOB_COMPLETION_INDEX": "3", "WORLD_SIZE": "4"}).rank == 3
+    with pytest.raises(ValueError, match="outside WORLD_SIZE"):
+        world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
