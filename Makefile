@@ -1,5 +1,5 @@
 # Entry points; README.md explains them.
-.PHONY: setup test lint demo up down
+.PHONY: setup test lint demo up down bench
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,6 +14,13 @@ lint: setup
 
 test: setup
 	bash scripts/test.sh
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) bench/train_throughput.py
+	$(PY) bench/artifact_fetch.py
 
 up: setup
 	$(VENV)/bin/kubelm-dev up

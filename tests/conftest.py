@@ -61,6 +61,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterEnv]:
 @pytest.fixture(scope="session")
 def crds(cluster: ClusterEnv) -> None:
     """The kubelm CRDs, applied with kubectl server-side and Established."""
-    cluster.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-f", str(REPO / "crds"))
+    cluster.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/languagemodels.kubelm.io", "crd/trainingjobs.kubelm.io")

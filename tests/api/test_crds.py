@@ -15,7 +15,7 @@ from .conftest import GROUP, VERSION
 
 pytestmark = pytest.mark.cluster
 
-SAMPLES = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
+SAMPLES = sorted(p for p in (REPO / "manifests" / "samples").glob("*.yaml") if p.name != "kustomization.yaml")
 PLURALS = {"LanguageModel": "languagemodels", "TrainingJob": "trainingjobs"}
 
 
@@ -144,7 +144,18 @@ def test_every_field_has_a_description() -> None:
             missing += walk(schema["items"], f"{where}[]")
         return missing
 
-    for path in sorted((REPO / "crds").glob("*.yaml")):
+    for path in sorted((REPO / "crds").glob("*.kubelm.io.yaml")):
         crd = load(path)
         schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         assert walk(copy.deepcopy(schema), crd["spec"]["names"]["kind"]) == [], path.name
+
+
+def test_kustomize_base_renders_the_crds_and_namespace(cluster: ClusterEnv) -> None:
+    rendered = list(yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests" / "base")).stdout))
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == [
+        ("CustomResourceDefinition", "languagemodels.kubelm.io"),
+        ("CustomResourceDefinition", "trainingjobs.kubelm.io"),
+        ("Namespace", "kubelm-system"),
+    ]
+    samples = list(yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests" / "samples")).stdout))
+    assert len(samples) == len(SAMPLES)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, RedisProcess
+from kubelm_devcluster.standalone import RedisServer
+from support import REPO
 
 CORPUS = REPO / "examples" / "tiny-corpus"
 
@@ -24,8 +25,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(tmp_path / "redis")
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
     server.stop()

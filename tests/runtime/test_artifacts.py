@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from kubelm_contract import keys
+from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime import artifacts
 from kubelm_runtime.models import load_causal_lm
 from kubelm_runtime.redis_store import RedisStore
-from support import RedisProcess
 
 pytestmark = pytest.mark.services
 
 
 @pytest.fixture
-def store(private_redis: RedisProcess) -> RedisStore:
+def store(private_redis: RedisServer) -> RedisStore:
     return RedisStore(private_redis.url)
 
 

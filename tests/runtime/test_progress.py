@@ -5,14 +5,14 @@ import time
 import pytest
 
 from kubelm_contract import keys
+from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime.progress import ProgressReporter
 from kubelm_runtime.redis_store import RedisStore
-from support import RedisProcess
 
 pytestmark = pytest.mark.services
 
 
-def test_reporter_survives_an_outage_and_recovers(private_redis: RedisProcess) -> None:
+def test_reporter_survives_an_outage_and_recovers(private_redis: RedisServer) -> None:
     reporter = ProgressReporter(private_redis.url, "ns/job", min_interval=0, retry_after=0.5)
     assert reporter.report({"step": 1})
     assert RedisStore(private_redis.url).get_json(keys.progress("ns/job"))["step"] == 1

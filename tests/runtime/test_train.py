@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from kubelm_contract import keys
+from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime import artifacts
 from kubelm_runtime.redis_store import RedisStore
-from support import RedisProcess, eventually
+from support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +140,7 @@ def test_two_process_ddp_on_gloo(tmp_path: Path, tiny_model: Path, corpus: dict[
 
 
 def test_progress_and_artifact_reach_redis(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
-                                          private_redis: RedisProcess) -> None:
+                                          private_redis: RedisServer) -> None:
     config = write_config(tmp_path, tiny_model, corpus, publish={"artifactCache": True, "name": "tests/tiny-lm"})
     result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
     assert result.returncode == 0, result.stderr
@@ -162,7 +163,7 @@ def test_progress_and_artifact_reach_redis(tmp_path: Path, tiny_model: Path, cor
 
 
 def test_training_survives_redis_being_down(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
-                                            private_redis: RedisProcess) -> None:
+                                            private_redis: RedisServer) -> None:
     private_redis.stop()
     config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 10})
     started = time.monotonic()

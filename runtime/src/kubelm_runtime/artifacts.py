@@ -31,7 +31,7 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 MIN_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024 * 1024
-FETCH_BATCH_CHUNKS = 8
+FETCH_AHEAD_CHUNKS = 4
 
 
 class ArtifactError(RuntimeError):
@@ -246,20 +246,23 @@ def fetch(store: RedisStore, name: str, destination: Path, version: int | None =
     try:
         writer = _FileWriter(staging, artifact.files)
         chunk_keys = [keys.artifact_chunk(name, artifact.version, i) for i in range(len(artifact.chunks))]
-        # Chunk digests are checked on a second thread while the next batch is fetched and
-        # written; hashlib releases the GIL on large buffers, so the two overlap.
-        with ThreadPoolExecutor(max_workers=1) as hasher:
-            for start in range(0, len(chunk_keys), FETCH_BATCH_CHUNKS):
-                batch = store.get_many(chunk_keys[start:start + FETCH_BATCH_CHUNKS])
-                checks = hasher.map(_chunk_ok, batch, artifact.chunks[start:start + FETCH_BATCH_CHUNKS])
-                for offset, chunk in enumerate(batch):
-                    if chunk is None:
-                        raise ArtifactCorrupt(f"artifact {name}@{artifact.version}: chunk {start + offset} missing")
-                    writer.write(memoryview(chunk))
-                for offset, ok in enumerate(checks):
-                    if not ok:
-                        raise ArtifactCorrupt(
-                            f"artifact {name}@{artifact.version}: chunk {start + offset} does not match its digest")
+        # Three stages overlap: a thread fetches ahead, another checks chunk digests, and this one
+        # writes and hashes files. Sockets and hashlib release the GIL on large buffers.
+        with ThreadPoolExecutor(max_workers=1) as fetcher, ThreadPoolExecutor(max_workers=1) as hasher:
+            pending = [fetcher.submit(store.get, k) for k in chunk_keys[:FETCH_AHEAD_CHUNKS]]
+            checks = []
+            for index in range(len(chunk_keys)):
+                chunk = pending.pop(0).result()
+                if index + FETCH_AHEAD_CHUNKS < len(chunk_keys):
+                    pending.append(fetcher.submit(store.get, chunk_keys[index + FETCH_AHEAD_CHUNKS]))
+                if chunk is None:
+                    raise ArtifactCorrupt(f"artifact {name}@{artifact.version}: chunk {index} missing")
+                checks.append(hasher.submit(_chunk_ok, chunk, artifact.chunks[index]))
+                writer.write(memoryview(chunk))
+            for index, check in enumerate(checks):
+                if not check.result():
+                    raise ArtifactCorrupt(
+                        f"artifact {name}@{artifact.version}: chunk {index} does not match its digest")
         writer.close()
         if destination.exists():
             shutil.rmtree(destination)

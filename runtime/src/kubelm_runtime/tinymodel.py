@@ -38,10 +38,11 @@ def build(out: Path, corpus: list[Path], shape: TinyShape = TinyShape(), seed: i
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = train_tokenizer(corpus, shape.vocab_size)
+    # The model's vocabulary may be padded beyond the tokenizer's (as GPT-2 shapes often are).
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-        n_positions=shape.n_positions, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id)
+        vocab_size=max(shape.vocab_size, len(tokenizer)), n_layer=shape.n_layer, n_head=shape.n_head,
+        n_embd=shape.n_embd, n_positions=shape.n_positions, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ foreach/fused AdamW.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -185,7 +186,6 @@ class Training:
                  steps_per_epoch, train.count, hp.max_length)
         tokens_per_step = hp.batch_size * hp.max_length * hp.gradient_accumulation_steps * world.size
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        eval_loss: float | None = None
         step = int(state["global_step"])
         epoch = int(state["epoch"])
         step_in_epoch = int(state["step_in_epoch"])
@@ -240,7 +240,7 @@ class Training:
                 end_of_epoch = step_in_epoch == steps_per_epoch
                 due = hp.eval_interval_steps and step % hp.eval_interval_steps == 0
                 if validation and (due or end_of_epoch or step == total_steps):
-                    eval_loss = self.evaluate(raw_model, validation)
+                    eval_loss: float = self.evaluate(raw_model, validation)
                     self._log_metrics({"step": step, "evalLoss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))})
                     self._progress(force=True, evalLoss=round(eval_loss, 5))
                     best = state["best_eval_loss"]
@@ -260,7 +260,11 @@ class Training:
             if step_in_epoch >= steps_per_epoch:
                 epoch, step_in_epoch = epoch + 1, 0
 
-        return self._finish(raw_model, validation, test, state, eval_loss, total_steps)
+        # The DDP wrapper sits in reference cycles; collect it now, while its process group is alive,
+        # rather than at interpreter exit, where its gloo work objects abort the process.
+        del model
+        gc.collect()
+        return self._finish(raw_model, validation, test, state, total_steps)
 
     def _checkpoint(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: Any, state: dict[str, Any]) -> None:
@@ -290,7 +294,7 @@ class Training:
         return total / count
 
     def _finish(self, model: torch.nn.Module, validation: Blocks | None, test: Blocks | None,
-                state: dict[str, Any], eval_loss: float | None, total_steps: int) -> dict[str, Any]:
+                state: dict[str, Any], total_steps: int) -> dict[str, Any]:
         best_dir = self.out / "best"
         if validation is not None and (best_dir / "model.safetensors").exists():
             load_model(model, str(best_dir / "model.safetensors"))
@@ -380,10 +384,12 @@ def run(config: TrainConfig, redis_url: str | None) -> dict[str, Any]:
     distributed.init(world, device)
     training = Training(config, world, device, redis_url)
     try:
-        return training.run()
+        result = training.run()
     except BaseException as e:
+        # No collective teardown here: peers may be blocked in a collective, and destroying the group
+        # would hang; the launcher stops them once this process exits non-zero.
         training._progress(force=True, phase="Failed", message=f"{type(e).__name__}: {e}"[:1000])
         raise
-    finally:
-        distributed.shutdown()
+    distributed.shutdown()
+    return result
 
