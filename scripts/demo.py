@@ -88,6 +88,9 @@ def main() -> int:
             served = tmp / "served"
             stored = artifacts.fetch(store, "default/tiny-story", served)
             print(f"{stored.uri} {stored.digest} {stored.size / 2**20:.1f} MiB")
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
             tokenizer = load_tokenizer(str(served))
             model = load_causal_lm(str(served)).eval()
             for prompt in ("two plus three is", "the old fox"):
