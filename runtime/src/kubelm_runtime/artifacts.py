@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kubelm_contract import keys
 
@@ -189,7 +190,7 @@ class _FileWriter:
         self.files = files
         self.index = 0
         self.written = 0
-        self.handle = None
+        self.handle: BinaryIO | None = None
         self.hash = hashlib.sha256()
         self._open_next()
 

@@ -23,7 +23,7 @@ class TinyShape:
 
 def train_tokenizer(corpus: list[Path], vocab_size: int):  # type: ignore[no-untyped-def]
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
     bpe = ByteLevelBPETokenizer()
     bpe.train([str(p) for p in corpus], vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],

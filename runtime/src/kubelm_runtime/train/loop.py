@@ -164,7 +164,7 @@ class Training:
                                                                             total_steps))
         scaler = torch.amp.GradScaler(self.device.type) if self.precision.loss_scaling else None
 
-        state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None,
+        state: dict[str, Any] = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None,
                  "tokens_seen": 0, "attempt": 1}
         ckpt_dir = self.out / "checkpoints"
         resume_from = distributed.broadcast_object(world, str(checkpoint.latest(ckpt_dir) or ""))
@@ -317,7 +317,7 @@ class Training:
         distributed.barrier(self.world)
         return result
 
-    def _write_model(self, model: torch.nn.Module, metrics: dict[str, float]) -> dict[str, Any]:
+    def _write_model(self, model: Any, metrics: dict[str, float]) -> dict[str, Any]:
         final = self.out / "model"
         tmp = _atomic_dir(final)
         model.save_pretrained(tmp, safe_serialization=True)
