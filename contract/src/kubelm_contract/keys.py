@@ -37,3 +37,26 @@ def artifact_pattern(name: str) -> str:
 
 ARTIFACT_REGISTRY = f"{PREFIX}:registry:artifacts"
 """Hash: artifact name -> JSON of its latest complete version (version, digest, size, created)."""
+
+
+MODEL_REGISTRY = f"{PREFIX}:registry:models"
+"""Hash: served model name -> JSON {queue, namespace, digest, source} (the gateway's routing table)."""
+
+
+def response(model: str, material: str) -> str:
+    """A cached reply for a deterministic request (material: protocol.cache_key_material)."""
+    return f"{PREFIX}:response:{{{model}}}:{material}"
+
+
+def response_pattern(model: str) -> str:
+    return f"{PREFIX}:response:{{{model}}}:*"
+
+
+def result(request_id: str) -> str:
+    """The stored reply of an asynchronous request (or a pending marker)."""
+    return f"{PREFIX}:result:{request_id}"
+
+
+def cache_stats(model: str) -> str:
+    """Hash of counters: hits, misses."""
+    return f"{PREFIX}:stats:{{{model}}}"

@@ -1,6 +1,8 @@
 """kubelm-runtime: the one entry point of the runtime image.
 
   kubelm-runtime train [--config FILE]            fine-tune (configuration: docs/runtime-contract.md)
+  kubelm-runtime serve [--config FILE]            an inference worker consuming a model's request queue
+  kubelm-runtime gateway [--config FILE]          the OpenAI-compatible HTTP gateway
   kubelm-runtime artifact publish DIR --name N    store a model directory in the artifact cache
   kubelm-runtime artifact fetch NAME[@V] DEST     fetch and verify an artifact into DEST
   kubelm-runtime tiny-model --corpus F --out D    build a tiny GPT-2 and tokenizer (tests, demos)
@@ -31,6 +33,7 @@ def _setup_logging() -> None:
     # Progress bars and advice meant for notebooks only clutter pod logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("pika").setLevel(logging.WARNING)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -44,13 +47,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(variable: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        raise SettingsError(f"{variable} is not set")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .serve.settings import ServeConfig
+    from .serve.worker import run
+
+    config = load_config(ServeConfig, args.config)
+    run(config, _require(env.AMQP_URL), os.environ.get(env.REDIS_URL))
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .serve.gateway import run
+    from .serve.settings import GatewayConfig
+
+    config = load_config(GatewayConfig, args.config) if (args.config or os.environ.get(env.CONFIG_FILE)) \
+        else GatewayConfig()
+    run(config, _require(env.AMQP_URL), os.environ.get(env.REDIS_URL))
+    return 0
+
+
 def _store():  # type: ignore[no-untyped-def]
     from .redis_store import RedisStore
 
-    url = os.environ.get(env.REDIS_URL)
-    if not url:
-        raise SettingsError(f"{env.REDIS_URL} is not set")
-    return RedisStore(url, timeout=30)
+    return RedisStore(_require(env.REDIS_URL), timeout=30)
 
 
 def _artifact(args: argparse.Namespace) -> int:
@@ -84,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="fine-tune a causal LM")
     train.add_argument("--config", help=f"JSON or YAML file (default: ${env.CONFIG_FILE})")
     train.set_defaults(handler=_train)
+
+    serve = sub.add_parser("serve", help="run an inference worker")
+    serve.add_argument("--config", help=f"JSON or YAML file (default: ${env.CONFIG_FILE})")
+    serve.set_defaults(handler=_serve)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway")
+    gateway.add_argument("--config", help=f"JSON or YAML file (default: ${env.CONFIG_FILE}; optional)")
+    gateway.set_defaults(handler=_gateway)
 
     artifact = sub.add_parser("artifact", help="publish or fetch artifact cache entries")
     artifact.add_argument("action", choices=["publish", "fetch"])

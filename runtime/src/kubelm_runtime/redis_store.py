@@ -7,10 +7,15 @@ timeouts and the error type callers catch live in one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import redis
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -71,6 +76,13 @@ class RedisStore:
         raw = self._call(self._client.hget, name, field)
         return None if raw is None else json.loads(raw)
 
+    def hincrby(self, name: str, field: str, amount: int = 1) -> int:
+        return int(self._call(self._client.hincrby, name, field, amount))
+
+    def hgetall_json(self, name: str) -> dict[str, Any]:
+        raw = self._call(self._client.hgetall, name)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
     def hdel(self, name: str, field: str) -> int:
         return int(self._call(self._client.hdel, name, field))
 
@@ -83,3 +95,36 @@ class RedisStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+class OptionalRedis:
+    """Redis as an optional helper: while it is unreachable calls return a default at once, and it is
+    tried again after a quiet period, so callers (training, serving) never stall on it."""
+
+    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
+        self.store = RedisStore(url, timeout=timeout) if url else None
+        self.purpose = purpose
+        self.retry_after = retry_after
+        self._down_since: float | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.store is not None and self._down_since is None
+
+    def call(self, fn: Callable[[RedisStore], T], default: T, force: bool = False) -> T:
+        if self.store is None:
+            return default
+        now = time.monotonic()
+        if not force and self._down_since is not None and now - self._down_since < self.retry_after:
+            return default
+        try:
+            result = fn(self.store)
+        except StoreUnavailable as e:
+            if self._down_since is None:
+                log.warning("redis unavailable, continuing without %s: %s", self.purpose, e)
+            self._down_since = now
+            return default
+        if self._down_since is not None:
+            log.info("redis is back: %s resumes", self.purpose)
+            self._down_since = None
+        return result

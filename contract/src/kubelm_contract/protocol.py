@@ -1,0 +1,244 @@
+"""The request-queue wire protocol, version 1 (docs/protocol.md).
+
+A request is a JSON object published to a model's queue; the reply goes to the
+request's `reply_to` with the same `correlation_id`. Everything a client sends is
+validated here, at the edge, into plain dataclasses; a message that does not fit
+raises ProtocolError with a type a client can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VERSION = 1
+CONTENT_TYPE = "application/json"
+MAX_PROMPTS = 64
+MAX_PROMPT_CHARS = 1_000_000
+MAX_STOP_SEQUENCES = 4
+
+# Error types, stable for clients.
+INVALID_REQUEST = "invalid_request"
+PROMPT_TOO_LONG = "prompt_too_long"
+EXPIRED = "expired"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ProtocolError(ValueError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_tokens: int = 1024
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding parameters of one request; defaults come from the LanguageModel spec."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy or seeded: the same request always gets the same text (and may be cached)."""
+        return self.temperature == 0 or self.seed is not None
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompts: tuple[str, ...]
+    decoding: Decoding
+    deadline: float | None = None
+    """Unix time after which the answer is useless (also the message expiration)."""
+    model: str | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.time()) > self.deadline
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {"v": VERSION, "id": self.id, "prompts": list(self.prompts),
+                                "params": {**asdict(self.decoding), "stop": list(self.decoding.stop)}}
+        if self.deadline is not None:
+            body["deadline"] = self.deadline
+        if self.model is not None:
+            body["model"] = self.model
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: str
+    choices: tuple[Choice, ...] = ()
+    error: tuple[str, str] | None = None
+    """(type, message) when the request failed."""
+    timings: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
+    model: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {"v": VERSION, "id": self.id, "ok": self.ok}
+        if self.error:
+            body["error"] = {"type": self.error[0], "message": self.error[1]}
+        else:
+            body["choices"] = [asdict(c) for c in self.choices]
+            body["usage"] = {
+                "prompt_tokens": sum(c.prompt_tokens for c in self.choices),
+                "completion_tokens": sum(c.completion_tokens for c in self.choices),
+            }
+            body["cached"] = self.cached
+        if self.timings:
+            body["timings"] = self.timings
+        if self.model:
+            body["model"] = self.model
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Reply:
+        data = json.loads(raw)
+        error = data.get("error")
+        return cls(
+            id=str(data.get("id", "")),
+            choices=tuple(Choice(**c) for c in data.get("choices", [])),
+            error=(str(error["type"]), str(error["message"])) if error else None,
+            timings=dict(data.get("timings", {})),
+            cached=bool(data.get("cached", False)),
+            model=data.get("model"),
+        )
+
+
+def error_reply(request_id: str, kind: str, message: str) -> Reply:
+    return Reply(id=request_id, error=(kind, message))
+
+
+def _number(params: dict[str, Any], key: str, default: float, low: float, high: float,
+            low_open: bool = False) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError(INVALID_REQUEST, f"params.{key} must be a number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ProtocolError(INVALID_REQUEST, f"params.{key} must be in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _integer(params: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int | None:
+    value = params.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(INVALID_REQUEST, f"params.{key} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ProtocolError(INVALID_REQUEST, f"params.{key} must be in [{low}, {high}], got {value}")
+    return value
+
+
+PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"}
+
+
+def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ProtocolError(INVALID_REQUEST, "params must be an object")
+    unknown = sorted(set(params) - PARAMS)
+    if unknown:
+        raise ProtocolError(INVALID_REQUEST, f"unknown parameter(s): {', '.join(unknown)}; known: "
+                                             f"{', '.join(sorted(PARAMS))}")
+    stop = params.get("stop", list(defaults.stop))
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop)):
+        raise ProtocolError(INVALID_REQUEST, f"params.stop must be up to {MAX_STOP_SEQUENCES} non-empty strings "
+                                             "of at most 64 characters")
+    max_new = _integer(params, "max_new_tokens", defaults.max_new_tokens, 1, limits.max_new_tokens)
+    assert max_new is not None
+    return Decoding(
+        max_new_tokens=max_new,
+        temperature=_number(params, "temperature", defaults.temperature, 0.0, 10.0),
+        top_p=_number(params, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
+        top_k=int(_integer(params, "top_k", defaults.top_k, 0, 100_000) or 0),
+        repetition_penalty=_number(params, "repetition_penalty", defaults.repetition_penalty, 0.0, 10.0,
+                                   low_open=True),
+        stop=tuple(stop),
+        seed=_integer(params, "seed", defaults.seed, 0, 2**63 - 1),
+    )
+
+
+def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
+    """Validates a request body; raises ProtocolError naming what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(INVALID_REQUEST, f"body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ProtocolError(INVALID_REQUEST, "body must be a JSON object")
+    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model"})
+    if unknown:
+        raise ProtocolError(INVALID_REQUEST, f"unknown field(s): {', '.join(unknown)}")
+    if data.get("v", VERSION) != VERSION:
+        raise ProtocolError(INVALID_REQUEST, f"protocol version {data.get('v')!r} not supported (this is {VERSION})")
+    request_id = data.get("id")
+    if not isinstance(request_id, str) or not _ID.match(request_id):
+        raise ProtocolError(INVALID_REQUEST, "id must be 1-128 characters of letters, digits and ._:-")
+    if "prompt" in data and "prompts" in data:
+        raise ProtocolError(INVALID_REQUEST, "give prompt or prompts, not both")
+    prompts = data.get("prompts", [data["prompt"]] if "prompt" in data else None)
+    if (not isinstance(prompts, list) or not prompts or len(prompts) > MAX_PROMPTS
+            or not all(isinstance(p, str) for p in prompts)):
+        raise ProtocolError(INVALID_REQUEST, f"prompts must be a list of 1 to {MAX_PROMPTS} strings")
+    if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+        raise ProtocolError(PROMPT_TOO_LONG, f"a prompt is longer than {MAX_PROMPT_CHARS} characters")
+    deadline = data.get("deadline")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)):
+        raise ProtocolError(INVALID_REQUEST, "deadline must be a Unix time in seconds")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(INVALID_REQUEST, "model must be a string")
+    return Request(request_id, tuple(prompts), parse_decoding(data.get("params"), defaults, limits),
+                   float(deadline) if deadline is not None else None, model)
+
+
+def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> str:
+    """What identifies a deterministic completion: model content, normalised prompt, decoding parameters."""
+    normalised = prompt.replace("\r\n", "\n")
+    params = json.dumps({**asdict(decoding), "stop": list(decoding.stop)}, sort_keys=True)
+    return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
+
+
+def expiration_ms(deadline: float | None, now: float | None = None) -> str | None:
+    """AMQP per-message expiration for a deadline: RabbitMQ dead-letters the request once it passes."""
+    if deadline is None:
+        return None
+    return str(max(0, int((deadline - (now or time.time())) * 1000)))

@@ -1,0 +1,59 @@
+"""RabbitMQ names and queue arguments for a served model.
+
+The operator declares these queues and the workers declare them too (declaring
+is idempotent when the arguments match), so a worker also runs stand-alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DEAD_LETTER_EXCHANGE = "kubelm.dead-letter"
+"""A direct exchange; each model's dead-letter queue is bound with its own routing key."""
+DEFAULT_DELIVERY_LIMIT = 3
+
+# Headers the runtime sets on messages it dead-letters itself (RabbitMQ adds x-death on its own).
+ERROR_TYPE_HEADER = "kubelm-error-type"
+ERROR_MESSAGE_HEADER = "kubelm-error"
+RESULT_KEY_HEADER = "kubelm-result-key"
+"""Asynchronous requests: the worker also stores the reply in Redis under this key..."""
+RESULT_TTL_HEADER = "kubelm-result-ttl"
+"""...for this many seconds."""
+SENT_AT_HEADER = "kubelm-sent-at"
+"""Publish time in Unix milliseconds (an integer: AMQP tables carry no floats), for queue-wait metrics."""
+
+
+def request_queue(namespace: str, model: str) -> str:
+    return f"kubelm.{namespace}.{model}.requests"
+
+
+def dead_letter_queue(namespace: str, model: str) -> str:
+    return f"kubelm.{namespace}.{model}.dead"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """The LanguageModel spec's queue section."""
+
+    type: Literal["classic", "quorum"] = "quorum"
+    max_length: int | None = None
+    message_ttl_seconds: int | None = None
+    delivery_limit: int | None = None
+    dead_letter: bool = True
+
+
+def request_queue_arguments(namespace: str, model: str, spec: QueueSpec) -> dict[str, object]:
+    args: dict[str, object] = {"x-queue-type": spec.type}
+    if spec.max_length is not None:
+        # Reject new requests when full so callers see back-pressure instead of losing old ones.
+        args["x-max-length"] = spec.max_length
+        args["x-overflow"] = "reject-publish"
+    if spec.message_ttl_seconds is not None:
+        args["x-message-ttl"] = spec.message_ttl_seconds * 1000
+    if spec.type == "quorum":
+        args["x-delivery-limit"] = spec.delivery_limit or DEFAULT_DELIVERY_LIMIT
+    if spec.dead_letter:
+        args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
+        args["x-dead-letter-routing-key"] = dead_letter_queue(namespace, model)
+    return args

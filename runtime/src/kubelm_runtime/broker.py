@@ -1,0 +1,247 @@
+"""The runtime's only door to RabbitMQ (pika).
+
+`WorkerChannel` consumes a model's request queue with a bounded prefetch, replies
+with publisher confirms and dead-letters what it cannot serve. `RpcClient` is the
+gateway's side: a thread owns a connection, publishes requests with direct
+reply-to and resolves asyncio futures when replies arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
+
+log = logging.getLogger(__name__)
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+class QueueFull(BrokerError):
+    """The broker refused the message (x-overflow reject-publish)."""
+
+
+class NoSuchQueue(BrokerError):
+    pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tag: int
+    body: bytes
+    reply_to: str | None
+    correlation_id: str | None
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    received: float = 0.0
+
+
+def _parameters(url: str, heartbeat: int = 60) -> pika.URLParameters:
+    parameters = pika.URLParameters(url)
+    parameters.heartbeat = heartbeat
+    parameters.blocked_connection_timeout = 30
+    return parameters
+
+
+def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSpec) -> str:
+    """Declares the dead-letter exchange and queue and the request queue (idempotent); returns its name."""
+    name = queues.request_queue(namespace, model)
+    if spec.dead_letter:
+        dead = queues.dead_letter_queue(namespace, model)
+        channel.exchange_declare(queues.DEAD_LETTER_EXCHANGE, exchange_type="direct", durable=True)
+        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "classic"})
+        channel.queue_bind(dead, queues.DEAD_LETTER_EXCHANGE, routing_key=dead)
+    channel.queue_declare(name, durable=True, arguments=queues.request_queue_arguments(namespace, model, spec))
+    return name
+
+
+class WorkerChannel:
+    def __init__(self, url: str, prefetch: int, heartbeat: int = 60):
+        self.connection = pika.BlockingConnection(_parameters(url, heartbeat))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        self.channel.basic_qos(prefetch_count=prefetch)
+        self.consumer_tag: str | None = None
+
+    def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
+        return declare_model_queues(self.channel, namespace, model, spec)
+
+    def consume(self, queue_name: str, on_delivery: Callable[[Delivery], None]) -> None:
+        def callback(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            on_delivery(Delivery(method.delivery_tag, body, properties.reply_to, properties.correlation_id,
+                                 dict(properties.headers or {}), bool(method.redelivered), time.time()))
+
+        self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
+
+    def stop_consuming(self) -> None:
+        """Dispatches what already arrived, then cancels, so nothing delivered is handed back."""
+        if self.consumer_tag is None:
+            return
+        self.connection.process_data_events(time_limit=0)
+        self.channel.basic_cancel(self.consumer_tag)
+        self.consumer_tag = None
+
+    def wait(self, seconds: float) -> None:
+        self.connection.process_data_events(time_limit=max(0.0, seconds))
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Publishes a reply and returns once the broker confirmed it."""
+        self.channel.basic_publish("", reply_to, body, pika.BasicProperties(
+            correlation_id=correlation_id, content_type="application/json"))
+
+    def ack(self, tag: int) -> None:
+        self.channel.basic_ack(tag)
+
+    def dead_letter(self, delivery: Delivery, routing_key: str, error_type: str, message: str) -> None:
+        """Copies the request to the dead-letter queue with the reason, then acks the original."""
+        headers = {**delivery.headers, queues.ERROR_TYPE_HEADER: error_type,
+                   queues.ERROR_MESSAGE_HEADER: message[:1000]}
+        self.channel.basic_publish(queues.DEAD_LETTER_EXCHANGE, routing_key, delivery.body, pika.BasicProperties(
+            headers=headers, delivery_mode=2, correlation_id=delivery.correlation_id))
+        self.channel.basic_ack(delivery.tag)
+
+    def close(self) -> None:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self.connection.close()
+
+
+class RpcClient:
+    """Request/reply over direct reply-to from asyncio code; one I/O thread owns the connection."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = {}
+        self._outbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="amqp-rpc", daemon=True)
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set() and self._thread.is_alive()
+
+    def start(self, timeout: float = 30) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise BrokerError(f"could not connect to RabbitMQ: {self._error}")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection = pika.BlockingConnection(_parameters(self.url))
+                channel = connection.channel()
+                channel.confirm_delivery()
+                channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+                self._channel, self._connection = channel, connection
+                self._ready.set()
+                while not self._stop.is_set():
+                    connection.process_data_events(time_limit=0.05)
+                    while True:
+                        try:
+                            self._outbox.get_nowait()()
+                        except queue.Empty:
+                            break
+                connection.close()
+            except pika.exceptions.AMQPError as e:
+                self._error = e
+                self._ready.clear()
+                self._fail_all(BrokerError(f"connection to RabbitMQ lost: {e}"))
+                log.warning("RabbitMQ connection lost, reconnecting: %s", e)
+                time.sleep(1)
+
+    def _on_reply(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        waiter = self._pending.pop(properties.correlation_id or "", None)
+        if waiter is None:
+            return  # a duplicate (redelivered request) or an abandoned call
+        loop, future = waiter
+        loop.call_soon_threadsafe(_settle, future, body, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, future in pending.values():
+            loop.call_soon_threadsafe(_settle, future, None, error)
+
+    def _publish(self, queue_name: str, body: bytes, properties: pika.BasicProperties) -> None:
+        try:
+            self._channel.basic_publish("", queue_name, body, properties, mandatory=True)
+        except pika.exceptions.UnroutableError as e:
+            raise NoSuchQueue(f"no queue {queue_name}") from e
+        except pika.exceptions.NackError as e:
+            raise QueueFull(f"queue {queue_name} is full") from e
+
+    async def _submit(self, fn: Callable[[], None]) -> None:
+        """Runs fn on the I/O thread and waits for it (publishes are confirmed there)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def task() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None, None)
+
+        if not self.connected:
+            raise BrokerError(f"not connected to RabbitMQ: {self._error}")
+        self._outbox.put(task)
+        await done
+
+    async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
+                   headers: dict[str, Any] | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending[correlation_id] = (loop, future)
+        # The request expires in the queue when nobody waits for it any more.
+        properties = pika.BasicProperties(
+            reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id, delivery_mode=2,
+            content_type="application/json", expiration=str(int(timeout * 1000)), headers=headers or {})
+        try:
+            await self._submit(lambda: self._publish(queue_name, body, properties))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
+                   headers: dict[str, Any] | None = None) -> None:
+        """Publishes without waiting for a reply (asynchronous requests)."""
+        properties = pika.BasicProperties(
+            correlation_id=correlation_id, delivery_mode=2, content_type="application/json",
+            expiration=str(int(expiration_seconds * 1000)), headers=headers or {})
+        await self._submit(lambda: self._publish(queue_name, body, properties))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Completes a future from the I/O thread's callback, unless the caller already gave up."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,1 @@
+"""Serving: queue-fed inference workers (`kubelm-runtime serve`) and the HTTP gateway."""

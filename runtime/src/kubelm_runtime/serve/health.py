@@ -1,0 +1,70 @@
+"""Worker health and metrics over HTTP: /readyz, /livez, /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kubelm_requests", "Requests handled, by outcome", ["outcome"], registry=r)
+        self.errors = Counter("kubelm_errors", "Requests answered with an error, by type", ["type"], registry=r)
+        self.queue_wait = Histogram("kubelm_queue_wait_seconds", "Time from publish to delivery",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_wait = Histogram("kubelm_batch_wait_seconds", "Time from delivery to the batch starting",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.generation = Histogram("kubelm_generation_seconds", "Time to generate one batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("kubelm_batch_size", "Requests per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.tokens = Counter("kubelm_generated_tokens", "Tokens generated", registry=r)
+        self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)
+
+
+class HealthState:
+    def __init__(self, liveness_timeout: float):
+        self.ready = False
+        self.liveness_timeout = liveness_timeout
+        self._tick = time.monotonic()
+
+    def tick(self) -> None:
+        self._tick = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self._tick < self.liveness_timeout
+
+
+def serve_health(port: int, state: HealthState, metrics: WorkerMetrics, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif self.path == "/readyz":
+                self._send(200 if state.ready else 503, b"ready\n" if state.ready else b"loading\n")
+            elif self.path in ("/livez", "/healthz"):
+                self._send(200 if state.alive else 503, b"ok\n" if state.alive else b"stuck\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server

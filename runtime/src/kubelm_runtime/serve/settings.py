@@ -1,0 +1,119 @@
+"""Serving configuration: the LanguageModel spec's sections plus what only the pod knows.
+
+Names and defaults follow crds/languagemodels.kubelm.io.yaml (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kubelm_contract.protocol import Decoding, Limits
+from kubelm_contract.queues import QueueSpec
+from kubelm_contract.settings import SettingsError
+
+from ..config import ModelSource
+
+
+@dataclass(frozen=True)
+class Generation:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    def decoding(self) -> Decoding:
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+                        tuple(self.stop))
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    max_input_tokens: int = 1024
+    max_new_tokens: int = 512
+
+    def limits(self) -> Limits:
+        return Limits(self.max_input_tokens, self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 16
+    max_wait_millis: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_wait_millis < 0:
+            raise SettingsError("batching.maxBatchSize must be >= 1 and maxWaitMillis >= 0")
+
+
+@dataclass(frozen=True)
+class Queue:
+    type: Literal["classic", "quorum"] = "quorum"
+    max_length: int | None = None
+    message_ttl_seconds: int | None = None
+    delivery_limit: int | None = None
+    dead_letter: bool = True
+    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+
+    def spec(self) -> QueueSpec:
+        return QueueSpec(self.type, self.max_length, self.message_ttl_seconds, self.delivery_limit, self.dead_letter)
+
+
+@dataclass(frozen=True)
+class Responses:
+    enabled: bool = True
+    ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Cache:
+    responses: Responses = field(default_factory=Responses)
+    artifacts: Artifacts = field(default_factory=Artifacts)
+    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    name: str
+    """The LanguageModel's name: names the queue and the registry entry."""
+    model: ModelSource
+    namespace: str = "default"
+    generation: Generation = field(default_factory=Generation)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    batching: Batching = field(default_factory=Batching)
+    queue: Queue = field(default_factory=Queue)
+    cache: Cache = field(default_factory=Cache)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    cache_dir: str = "/var/cache/kubelm"
+    health_port: int = 8081
+    liveness_timeout_seconds: float = 120.0
+    """A worker whose loop has not turned for this long reports itself stuck."""
+
+    def __post_init__(self) -> None:
+        if self.generation.max_new_tokens > self.limits.max_new_tokens:
+            raise SettingsError("generation.maxNewTokens must not exceed limits.maxNewTokens")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    namespace: str = "default"
+    models: list[str] = field(default_factory=list)
+    """Models served even when the registry in Redis does not list them."""
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    max_tokens: int = 4096
+    """Gateway-wide ceiling on max_tokens, on top of each model's own limit."""
+    max_concurrency: int = 512
+    request_timeout_seconds: float = 60.0
+    result_ttl_seconds: int = 3600
+    auth_token_file: str | None = None
+    """File holding the bearer token clients must send (a mounted Secret); no auth when unset."""

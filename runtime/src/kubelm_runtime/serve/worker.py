@@ -1,0 +1,226 @@
+"""`kubelm-runtime serve`: a queue-fed inference worker with dynamic batching.
+
+Each delivery is validated as it arrives; bad ones get an error reply and are
+dead-lettered with the reason, deterministic ones may be answered from the
+response cache, the rest wait in the batcher. A batch is generated at once and
+every request is acknowledged only after its reply was confirmed by the broker,
+so a crash loses nothing (the broker redelivers) and SIGTERM drains: consuming
+stops, what was delivered is finished and acknowledged, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubelm_contract import keys, protocol, queues
+from kubelm_contract.protocol import ProtocolError, Reply, Request
+
+from .. import artifacts, models
+from ..broker import Delivery, WorkerChannel
+from ..redis_store import OptionalRedis, RedisStore
+from .batching import Batcher
+from .engine import Engine, Item
+from .health import HealthState, WorkerMetrics, serve_health
+from .settings import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    delivery: Delivery
+    request: Request
+    material: list[str | None]
+    """Response-cache key material per prompt, None when not cacheable."""
+
+
+def model_digest(reference: str, source_description: str) -> str:
+    """The content digest for cache keys: from the artifact manifest when there is one."""
+    manifest = Path(reference) / artifacts.MANIFEST_FILE
+    if manifest.exists():
+        return str(json.loads(manifest.read_text())["digest"])
+    return f"source:{source_description}"
+
+
+class Worker:
+    def __init__(self, config: ServeConfig, amqp_url: str, redis_url: str | None, engine: Engine, digest: str,
+                 metrics: WorkerMetrics | None = None, health: HealthState | None = None):
+        self.config = config
+        self.engine = engine
+        self.digest = digest
+        self.defaults = config.generation.decoding()
+        self.limits = config.limits.limits()
+        self.redis = OptionalRedis(redis_url, "the response cache")
+        self.metrics = metrics or WorkerMetrics()
+        self.health = health or HealthState(config.liveness_timeout_seconds)
+        self.batcher: Batcher[Pending] = Batcher(config.batching.max_batch_size,
+                                                 config.batching.max_wait_millis / 1000)
+        self.channel = WorkerChannel(amqp_url, prefetch=2 * config.batching.max_batch_size)
+        self.queue = self.channel.declare(config.namespace, config.name, config.queue.spec())
+        self.dead_letter_key = queues.dead_letter_queue(config.namespace, config.name)
+        self.draining = False
+
+    # -- deliveries -----------------------------------------------------------------------------
+    def on_delivery(self, delivery: Delivery) -> None:
+        sent_at = delivery.headers.get(queues.SENT_AT_HEADER)
+        if isinstance(sent_at, int | float):
+            self.metrics.queue_wait.observe(max(0.0, delivery.received - float(sent_at) / 1000))
+        request_id = delivery.correlation_id or "unknown"
+        try:
+            request = protocol.parse_request(delivery.body, self.defaults, self.limits)
+            request_id = request.id
+            if request.expired():
+                raise ProtocolError(protocol.EXPIRED, "the request's deadline passed before it was served")
+            for prompt in request.prompts:
+                tokens = self.engine.count_tokens(prompt)
+                if tokens > self.limits.max_input_tokens:
+                    raise ProtocolError(protocol.PROMPT_TOO_LONG, f"prompt has {tokens} tokens; this model accepts "
+                                                                  f"at most {self.limits.max_input_tokens}")
+        except ProtocolError as e:
+            self._refuse(delivery, request_id, e.kind, str(e))
+            return
+        material: list[str | None] = [
+            protocol.cache_key_material(self.digest, p, request.decoding)
+            if self.config.cache.responses.enabled and request.decoding.deterministic else None
+            for p in request.prompts]
+        cached = self._cached(request, material)
+        if cached is not None:
+            self._answer(delivery, cached)
+            self.metrics.requests.labels("cached").inc()
+            return
+        self.batcher.add(Pending(delivery, request, material), time.monotonic())
+
+    def _refuse(self, delivery: Delivery, request_id: str, kind: str, message: str) -> None:
+        log.info("refusing request %s: %s: %s", request_id, kind, message)
+        reply = protocol.error_reply(request_id, kind, message)
+        if delivery.reply_to:
+            self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
+        self._store_result(delivery, reply)
+        self.channel.dead_letter(delivery, self.dead_letter_key, kind, message)
+        self.metrics.errors.labels(kind).inc()
+        self.metrics.requests.labels("error").inc()
+
+    def _cached(self, request: Request, material: list[str | None]) -> Reply | None:
+        if not all(material):
+            return None
+        response_keys = [keys.response(self.config.name, str(m)) for m in material]
+        found = self.redis.call(lambda s: [s.get_json(k) for k in response_keys], None)
+        if found is None or not all(found):
+            self.metrics.cache.labels("miss").inc()
+            self.redis.call(lambda s: s.hincrby(keys.cache_stats(self.config.name), "misses"), 0)
+            return None
+        self.metrics.cache.labels("hit").inc()
+        self.redis.call(lambda s: s.hincrby(keys.cache_stats(self.config.name), "hits"), 0)
+        choices = tuple(protocol.Choice(**c) for c in found)
+        return Reply(id=request.id, choices=choices, cached=True, model=self.config.name)
+
+    def _answer(self, delivery: Delivery, reply: Reply) -> None:
+        """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost."""
+        if delivery.reply_to:
+            self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
+        self._store_result(delivery, reply)
+        self.channel.ack(delivery.tag)
+
+    def _store_result(self, delivery: Delivery, reply: Reply) -> None:
+        key = delivery.headers.get(queues.RESULT_KEY_HEADER)
+        if isinstance(key, bytes):
+            key = key.decode()
+        if isinstance(key, str) and key.startswith(keys.PREFIX):
+            ttl = int(delivery.headers.get(queues.RESULT_TTL_HEADER, 3600))
+            body = json.loads(reply.to_json())
+            self.redis.call(lambda s: s.set_json(key, {"status": "done", "reply": body}, ttl), None, force=True)
+
+    # -- batches --------------------------------------------------------------------------------
+    def run_batch(self, batch: list[Pending]) -> None:
+        started, started_wall = time.monotonic(), time.time()
+        for pending in batch:
+            self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
+        items = [Item(p, pending.request.decoding) for pending in batch for p in pending.request.prompts]
+        try:
+            outputs = self.engine.generate(items)
+        except Exception as e:
+            log.exception("batch of %d failed", len(batch))
+            for pending in batch:
+                self._refuse(pending.delivery, pending.request.id, protocol.INTERNAL, f"{type(e).__name__}: {e}")
+            return
+        elapsed = time.monotonic() - started
+        self.metrics.generation.observe(elapsed)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.tokens.inc(sum(o.completion_tokens for o in outputs))
+        position = 0
+        for pending in batch:
+            count = len(pending.request.prompts)
+            choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
+                            for o in outputs[position:position + count])
+            position += count
+            reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
+                "batch_wait_ms": round((started_wall - pending.delivery.received) * 1000, 3),
+                "generate_ms": round(elapsed * 1000, 3), "batch_size": len(batch)})
+            self._answer(pending.delivery, reply)
+            self.metrics.requests.labels("ok").inc()
+            for material, choice in zip(pending.material, choices, strict=True):
+                if material:
+                    self._cache(material, choice)
+
+    def _cache(self, material: str, choice: protocol.Choice) -> None:
+        key = keys.response(self.config.name, material)
+        document = dataclasses.asdict(choice)
+        self.redis.call(lambda s: s.set_json(key, document, self.config.cache.responses.ttl_seconds), None)
+
+    # -- main loop ------------------------------------------------------------------------------
+    def register(self) -> None:
+        entry = {"queue": self.queue, "namespace": self.config.namespace, "digest": self.digest,
+                 "source": self.config.model.describe(), "maxNewTokens": self.limits.max_new_tokens,
+                 "maxInputTokens": self.limits.max_input_tokens}
+        self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.config.name, entry), None, force=True)
+
+    def run(self) -> None:
+        self.channel.consume(self.queue, self.on_delivery)
+        self.register()
+        self.health.ready = True
+        log.info("serving %s from queue %s (batches of up to %d, %d ms wait)", self.config.name, self.queue,
+                 self.config.batching.max_batch_size, self.config.batching.max_wait_millis)
+        while True:
+            self.health.tick()
+            if self.draining and self.channel.consumer_tag is not None:
+                log.info("draining: no new requests; finishing %d delivered", len(self.batcher))
+                self.health.ready = False
+                self.channel.stop_consuming()
+            now = time.monotonic()
+            if self.batcher.ready(now) or (self.draining and len(self.batcher)):
+                self.run_batch(self.batcher.take(now))
+                continue
+            if self.draining:
+                break
+            left = self.batcher.time_left(now)
+            self.channel.wait(0.5 if left is None else left)
+        self.channel.close()
+        log.info("drained and stopped")
+
+
+def run(config: ServeConfig, amqp_url: str, redis_url: str | None) -> None:
+    # Health first: liveness holds while a large model loads; readiness waits for the consumer.
+    metrics, health = WorkerMetrics(), HealthState(config.liveness_timeout_seconds)
+    server = serve_health(config.health_port, health, metrics)
+    store = RedisStore(redis_url, timeout=30) if redis_url else None
+    reference, revision = models.resolve(config.model, store, Path(config.cache_dir))
+    engine = Engine.load(reference, revision, config.model.tokenizer, config.device, config.dtype)
+    worker = Worker(config, amqp_url, redis_url, engine, model_digest(reference, config.model.describe()),
+                    metrics, health)
+
+    def drain(signum: int, frame: Any) -> None:
+        worker.draining = True
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    try:
+        worker.run()
+    finally:
+        server.shutdown()
