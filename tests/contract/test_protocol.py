@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubelm_contract import protocol, queues
+from kubelm_contract.protocol import Choice, Decoding, Limits, ProtocolError, Reply
+
+DEFAULTS, LIMITS = Decoding(max_new_tokens=16), Limits(max_input_tokens=64, max_new_tokens=32)
+
+
+def parse(body: object) -> protocol.Request:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return protocol.parse_request(raw, DEFAULTS, LIMITS)
+
+
+def test_valid_request_takes_defaults_and_round_trips() -> None:
+    request = parse({"id": "r-1", "prompt": "hello", "params": {"temperature": 0, "stop": "."}})
+    assert request.prompts == ("hello",) and request.decoding.max_new_tokens == 16
+    assert request.decoding.stop == (".",) and request.decoding.deterministic
+    assert parse(request.to_json()) == request
+
+
+@pytest.mark.parametrize(("body", "kind", "message"), [
+    (b"{not json", protocol.INVALID_REQUEST, "not valid JSON"),
+    (b"\xff\xfe", protocol.INVALID_REQUEST, "not valid JSON"),
+    ([], protocol.INVALID_REQUEST, "must be a JSON object"),
+    ({"prompt": "x"}, protocol.INVALID_REQUEST, "id must be"),
+    ({"id": "a b", "prompt": "x"}, protocol.INVALID_REQUEST, "id must be"),
+    ({"id": "a"}, protocol.INVALID_REQUEST, "prompts must be a list"),
+    ({"id": "a", "prompts": []}, protocol.INVALID_REQUEST, "prompts must be a list"),
+    ({"id": "a", "prompts": [1]}, protocol.INVALID_REQUEST, "prompts must be a list"),
+    ({"id": "a", "prompt": "x", "prompts": ["y"]}, protocol.INVALID_REQUEST, "not both"),
+    ({"id": "a", "prompt": "x", "extra": 1}, protocol.INVALID_REQUEST, "unknown field(s): extra"),
+    ({"id": "a", "prompt": "x", "params": {"temprature": 1}}, protocol.INVALID_REQUEST, "unknown parameter(s)"),
+    ({"id": "a", "prompt": "x", "params": {"max_new_tokens": 33}}, protocol.INVALID_REQUEST, "max_new_tokens"),
+    ({"id": "a", "prompt": "x", "params": {"max_new_tokens": "5"}}, protocol.INVALID_REQUEST, "integer"),
+    ({"id": "a", "prompt": "x", "params": {"temperature": -1}}, protocol.INVALID_REQUEST, "temperature"),
+    ({"id": "a", "prompt": "x", "params": {"top_p": 0}}, protocol.INVALID_REQUEST, "top_p"),
+    ({"id": "a", "prompt": "x", "params": {"stop": ["", "x"]}}, protocol.INVALID_REQUEST, "stop"),
+    ({"id": "a", "prompt": "x", "params": {"seed": True}}, protocol.INVALID_REQUEST, "seed"),
+    ({"id": "a", "prompt": "x", "v": 2}, protocol.INVALID_REQUEST, "version"),
+    ({"id": "a", "prompt": "x", "deadline": "soon"}, protocol.INVALID_REQUEST, "deadline"),
+    ({"id": "a", "prompt": "x" * 1_000_001}, protocol.PROMPT_TOO_LONG, "longer than"),
+])
+def test_invalid_requests(body: object, kind: str, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(body)
+    assert info.value.kind == kind and message in str(info.value)
+
+
+def test_reply_round_trip_and_errors() -> None:
+    reply = Reply("r", (Choice("hi", "stop", 3, 1),), timings={"generate_ms": 2.0}, model="m")
+    data = json.loads(reply.to_json())
+    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 1} and data["ok"]
+    assert Reply.from_json(reply.to_json()) == reply
+    error = protocol.error_reply("r", protocol.EXPIRED, "too late")
+    assert Reply.from_json(error.to_json()).error == (protocol.EXPIRED, "too late")
+
+
+def test_cache_key_depends_on_model_prompt_and_parameters() -> None:
+    base = protocol.cache_key_material("sha256:a", "hi", Decoding(temperature=0))
+    assert base == protocol.cache_key_material("sha256:a", "hi", Decoding(temperature=0))
+    assert base == protocol.cache_key_material("sha256:a", "hi".replace("\n", "\r\n"), Decoding(temperature=0))
+    assert base != protocol.cache_key_material("sha256:b", "hi", Decoding(temperature=0))
+    assert base != protocol.cache_key_material("sha256:a", "hi!", Decoding(temperature=0))
+    assert base != protocol.cache_key_material("sha256:a", "hi", Decoding(temperature=0, max_new_tokens=3))
+    assert not Decoding(temperature=0.7).deterministic and Decoding(temperature=0.7, seed=1).deterministic
+
+
+def test_queue_arguments() -> None:
+    quorum = queues.request_queue_arguments("ns", "m", queues.QueueSpec(max_length=10, message_ttl_seconds=5))
+    assert quorum == {"x-queue-type": "quorum", "x-max-length": 10, "x-overflow": "reject-publish",
+                      "x-message-ttl": 5000, "x-delivery-limit": 3, "x-dead-letter-exchange": "kubelm.dead-letter",
+                      "x-dead-letter-routing-key": "kubelm.ns.m.dead"}
+    classic = queues.request_queue_arguments("ns", "m", queues.QueueSpec(type="classic", dead_letter=False))
+    assert classic == {"x-queue-type": "classic"}
+    assert protocol.expiration_ms(110.0, now=100.0) == "10000" and protocol.expiration_ms(1.0, now=5.0) == "0"

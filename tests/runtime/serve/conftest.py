@@ -1,0 +1,139 @@
+"""Workers and gateways as real processes against the session's RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubelm_devcluster.probes import http_get
+from support import ClusterEnv, eventually
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A sample from the worker's /metrics (0 when absent)."""
+        _, body = http_get(self.url("/metrics"))
+        for line in body.decode().splitlines():
+            if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Launcher:
+    def __init__(self, tmp_path: Path, cluster: ClusterEnv, tiny_model: Path):
+        self.tmp_path = tmp_path
+        self.cluster = cluster
+        self.tiny_model = tiny_model
+        self.namespace = f"t{uuid.uuid4().hex[:8]}"
+        self.started: list[Process] = []
+
+    def _start(self, kind: str, config: dict[str, Any], redis_url: str | None, ready_path: str) -> Process:
+        name = f"{kind}-{len(self.started)}"
+        path = self.tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = self.tmp_path / f"{name}.log"
+        env = {**os.environ, "KUBELM_AMQP_URL": self.cluster.amqp_url}
+        env.pop("KUBELM_REDIS_URL", None)
+        if redis_url:
+            env["KUBELM_REDIS_URL"] = redis_url
+        with open(log, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "kubelm_runtime", kind, "--config", str(path)],
+                                       stdout=out, stderr=subprocess.STDOUT, env=env)
+        port = int(config.get("healthPort") or config.get("port"))  # type: ignore[arg-type]
+        started = Process(name, process, port, log)
+        self.started.append(started)
+
+        def up() -> bool:
+            assert process.poll() is None, f"{name} exited:\n{started.output()[-3000:]}"
+            try:
+                return http_get(started.url(ready_path))[0] == 200
+            except OSError:
+                return False
+
+        eventually(up, timeout=90, interval=0.1, what=f"{name} ready")
+        return started
+
+    def worker(self, model: str, redis_url: str | None = "", **overrides: Any) -> Process:
+        config: dict[str, Any] = {
+            "name": model, "namespace": self.namespace, "model": {"uri": str(self.tiny_model)},
+            "batching": {"maxBatchSize": 16, "maxWaitMillis": 20}, "generation": {"maxNewTokens": 8},
+            "cacheDir": str(self.tmp_path / "cache"), "healthPort": free_port(), "dtype": "fp32", **overrides}
+        return self._start("serve", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")
+
+    def gateway(self, redis_url: str | None = "", **overrides: Any) -> Process:
+        config = {"namespace": self.namespace, "host": "127.0.0.1", "port": free_port(),
+                  "requestTimeoutSeconds": 30, **overrides}
+        return self._start("gateway", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")
+
+    def stop_all(self) -> None:
+        for started in self.started:
+            if started.process.poll() is None:
+                started.process.send_signal(signal.SIGKILL)
+                started.process.wait()
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, cluster: ClusterEnv, tiny_model: Path) -> Iterator[Launcher]:
+    launched = Launcher(tmp_path, cluster, tiny_model)
+    yield launched
+    launched.stop_all()
+
+
+def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+         timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    status, body = http_get(url)
+    return status, json.loads(body or b"{}")
+
+
+def rabbit_queue(cluster: ClusterEnv, name: str) -> dict[str, Any]:
+    """A queue as the management API reports it."""
+    status, body = http_get(f"{cluster.rabbitmq_api_url}/api/queues/%2F/{name}")
+    assert status == 200, body
+    return json.loads(body)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from kubelm_runtime.serve.batching import Batcher
+
+
+def test_full_batch_is_ready_at_once() -> None:
+    batcher: Batcher[int] = Batcher(max_batch_size=3, max_wait=10)
+    assert not batcher.ready(0) and batcher.time_left(0) is None
+    for i in range(3):
+        batcher.add(i, now=0)
+    assert batcher.ready(0) and batcher.time_left(0) == 0
+    assert batcher.take(0) == [0, 1, 2] and len(batcher) == 0
+
+
+def test_partial_batch_waits_for_the_oldest_item() -> None:
+    batcher: Batcher[str] = Batcher(max_batch_size=8, max_wait=0.01)
+    batcher.add("a", now=100.0)
+    batcher.add("b", now=100.005)
+    assert not batcher.ready(100.006)
+    assert batcher.time_left(100.006) == pytest.approx(0.004)
+    assert batcher.ready(100.01)
+    assert batcher.take(100.01) == ["a", "b"]
+
+
+def test_overflow_waits_for_the_next_batch_in_order() -> None:
+    batcher: Batcher[int] = Batcher(max_batch_size=2, max_wait=1)
+    for i in range(5):
+        batcher.add(i, now=0)
+    assert batcher.take(0) == [0, 1] and batcher.ready(0)
+    assert batcher.take(0) == [2, 3]
+    assert not batcher.ready(0.5) and batcher.ready(1.0)
+    assert batcher.take(1.0) == [4]
+
+
+def test_zero_wait_sends_immediately_and_bad_settings_fail() -> None:
+    batcher: Batcher[int] = Batcher(max_batch_size=4, max_wait=0)
+    batcher.add(1, now=0)
+    assert batcher.ready(0)
+    with pytest.raises(ValueError):
+        Batcher(max_batch_size=0, max_wait=0)

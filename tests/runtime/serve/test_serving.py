@@ -1,0 +1,252 @@
+"""Workers and the gateway on real RabbitMQ, Redis and torch: nothing lost, bad input refused clearly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pika
+import pytest
+
+from kubelm_contract import protocol, queues
+from kubelm_devcluster.standalone import RedisServer
+from support import ClusterEnv, eventually
+
+from .conftest import Launcher, get, post, rabbit_queue
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+
+# Long completions in small batches: a worker is busy for seconds, long enough to interrupt it.
+SLOW = {"generation": {"maxNewTokens": 200}, "limits": {"maxNewTokens": 256},
+        "batching": {"maxBatchSize": 2, "maxWaitMillis": 5}}
+
+
+def completion(gateway_url: str, model: str, prompt: str, **params: object) -> tuple[int, dict]:
+    return post(f"{gateway_url}/v1/completions", {"model": model, "prompt": prompt, **params})
+
+
+def test_openai_client_gets_completions(launcher: Launcher) -> None:
+    launcher.worker("tiny")
+    gateway = launcher.gateway()
+    client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
+    assert "tiny" in [m.id for m in client.models.list().data]
+    result = client.completions.create(model="tiny", prompt=["the old fox", "two plus"], max_tokens=5,
+                                       temperature=0)
+    assert [c.index for c in result.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in result.choices)
+    assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens <= 10
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="no-such-model", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="over this model's limit"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+
+
+def test_200_concurrent_requests_are_answered_in_batches(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny", batching={"maxBatchSize": 32, "maxWaitMillis": 50})
+    gateway = launcher.gateway()
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(pool.map(lambda i: completion(gateway.url(), "tiny", f"count {i}", max_tokens=4,
+                                                     temperature=0.5), range(200)))
+    assert [status for status, _ in results] == [200] * 200
+    assert len({body["id"] for _, body in results}) == 200
+    batches = worker.metric("kubelm_batch_size_count")
+    assert worker.metric("kubelm_batch_size_sum") == 200 and batches < 200 / 2, batches
+
+
+def _send_raw(cluster: ClusterEnv, queue: str, body: bytes, reply_to: str | None = None,
+              expiration: str | None = None) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    channel = connection.channel()
+    channel.basic_publish("", queue, body, pika.BasicProperties(
+        correlation_id=uuid.uuid4().hex, reply_to=reply_to, expiration=expiration, delivery_mode=2))
+    connection.close()
+
+
+def _dead_letters(cluster: ClusterEnv, namespace: str, model: str) -> list[tuple[dict, bytes]]:
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    channel = connection.channel()
+    found = []
+    while True:
+        method, properties, body = channel.basic_get(queues.dead_letter_queue(namespace, model), auto_ack=True)
+        if method is None:
+            break
+        found.append((dict(properties.headers or {}), body))
+    connection.close()
+    return found
+
+
+def test_sigkill_mid_batch_loses_nothing(launcher: Launcher) -> None:
+    first = launcher.worker("tiny", **SLOW)
+    gateway = launcher.gateway()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        futures = [pool.submit(completion, gateway.url(), "tiny", f"story {i}", max_tokens=200, temperature=0.9)
+                   for i in range(24)]
+        eventually(lambda: first.metric("kubelm_batch_size_count") >= 1, timeout=60, interval=0.02,
+                   what="first worker is working through the queue")
+        assert not all(f.done() for f in futures)
+        first.signal(signal.SIGKILL)
+        first.wait()
+        launcher.worker("tiny", **SLOW)
+        results = [f.result() for f in futures]
+    assert [status for status, _ in results] == [200] * 24
+
+
+def test_sigterm_drains_without_redelivery(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny", **SLOW)
+    gateway = launcher.gateway()
+    queue = queues.request_queue(launcher.namespace, "tiny")
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        futures = [pool.submit(completion, gateway.url(), "tiny", f"story {i}", max_tokens=200, temperature=0.9)
+                   for i in range(12)]
+        eventually(lambda: worker.metric("kubelm_batch_size_count") >= 1, timeout=60, interval=0.02,
+                   what="worker is working through the queue")
+        assert not all(f.done() for f in futures)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.output()[-2000:]
+        assert "drained and stopped" in worker.output()
+        # Whatever the worker had not received stays queued for the next one.
+        launcher.worker("tiny", **SLOW)
+        results = [f.result() for f in futures]
+    assert [status for status, _ in results] == [200] * 12
+    eventually(lambda: "redeliver" in rabbit_queue(launcher.cluster, queue).get("message_stats", {})
+               or rabbit_queue(launcher.cluster, queue).get("message_stats", {}).get("ack", 0) >= 12,
+               timeout=10, what="statistics refreshed")
+    stats = rabbit_queue(launcher.cluster, queue).get("message_stats", {})
+    assert stats.get("redeliver", 0) == 0, stats
+
+
+def test_malformed_messages_are_refused_and_dead_lettered(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny")
+    gateway = launcher.gateway()
+    queue = queues.request_queue(launcher.namespace, "tiny")
+    bad_bodies = [b"not json", b"[]", b'{"id": 5}', b'{"id": "x", "prompt": 3}',
+                  b'{"id": "x", "prompt": "a", "params": {"top_p": 7}}',
+                  b'{"id": "x", "prompt": "a", "params": {"nonsense": 1}}',
+                  json.dumps({"id": "long", "prompt": "word " * 3000}).encode(), b"\xff\xfe\x00"]
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    channel = connection.channel()
+    replies: list[bytes] = []
+    channel.basic_consume("amq.rabbitmq.reply-to", lambda ch, m, p, body: replies.append(body), auto_ack=True)
+    for i in range(200):
+        channel.basic_publish("", queue, bad_bodies[i % len(bad_bodies)], pika.BasicProperties(
+            correlation_id=str(i), reply_to="amq.rabbitmq.reply-to" if i % 2 == 0 else None))
+    deadline = time.monotonic() + 60
+    while len(replies) < 100 and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.2)
+    connection.close()
+    assert len(replies) == 100
+    errors = [protocol.Reply.from_json(r).error for r in replies]
+    assert {e[0] for e in errors if e} == {protocol.INVALID_REQUEST, protocol.PROMPT_TOO_LONG}
+    collected: list[tuple[dict, bytes]] = []
+    eventually(lambda: _collect(collected, _dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 200,
+               timeout=30, what="200 dead letters")
+    assert len(collected) == 200
+    assert all(queues.ERROR_TYPE_HEADER in headers for headers, _ in collected)
+    assert worker.process.poll() is None
+    status, body = completion(gateway.url(), "tiny", "still fine", max_tokens=3)
+    assert status == 200 and body["choices"]
+
+
+def _collect(into: list, found: list) -> int:
+    into.extend(found)
+    return len(into)
+
+
+def test_expired_requests_are_dead_lettered(launcher: Launcher) -> None:
+    launcher.worker("tiny")
+    queue = queues.request_queue(launcher.namespace, "tiny")
+    past = protocol.Request("late", ("x",), protocol.Decoding(), deadline=time.time() - 5)
+    _send_raw(launcher.cluster, queue, past.to_json())
+    dead = []
+    eventually(lambda: _collect(dead, _dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 1,
+               timeout=30, what="expired request dead-lettered")
+    headers, body = dead[0]
+    assert headers[queues.ERROR_TYPE_HEADER] == protocol.EXPIRED and json.loads(body)["id"] == "late"
+
+
+def test_broker_dead_letters_a_message_that_expires_in_the_queue(launcher: Launcher) -> None:
+    worker = launcher.worker("idle")
+    worker.signal(signal.SIGTERM)
+    worker.wait()
+    queue = queues.request_queue(launcher.namespace, "idle")
+    request = protocol.Request("ttl", ("x",), protocol.Decoding())
+    _send_raw(launcher.cluster, queue, request.to_json(), expiration="1")
+    dead = []
+    eventually(lambda: _collect(dead, _dead_letters(launcher.cluster, launcher.namespace, "idle")) >= 1,
+               timeout=30, what="broker dead-letters the expired message")
+    assert dead[0][0]["x-death"][0]["reason"] in (b"expired", "expired")
+
+
+def test_cache_hit_skips_the_model(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny")
+    gateway = launcher.gateway()
+    first = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0)
+    batches = worker.metric("kubelm_batch_size_count")
+    second = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0)
+    assert first[0] == second[0] == 200
+    assert first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"]
+    assert not first[1]["kubelm"]["cached"] and second[1]["kubelm"]["cached"]
+    assert worker.metric("kubelm_batch_size_count") == batches
+    assert worker.metric("kubelm_response_cache_total", '{result="hit"}') == 1
+    sampled = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0.8)
+    assert not sampled[1]["kubelm"]["cached"]
+
+
+def test_requests_are_answered_while_redis_is_down(launcher: Launcher, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis:
+        launcher.worker("tiny", redis_url=redis.url)
+        gateway = launcher.gateway(redis_url=redis.url, models=["tiny"])
+        assert completion(gateway.url(), "tiny", "before", max_tokens=3, temperature=0)[0] == 200
+        redis.stop()
+        for prompt in ("during one", "during two", "before"):
+            status, body = completion(gateway.url(), "tiny", prompt, max_tokens=3, temperature=0)
+            assert status == 200 and not body["kubelm"]["cached"]
+        redis.start()
+
+
+def test_gateway_timeout_auth_and_limits(launcher: Launcher, tmp_path: Path) -> None:
+    worker = launcher.worker("tiny")
+    worker.signal(signal.SIGTERM)
+    worker.wait()
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    gateway = launcher.gateway(requestTimeoutSeconds=1, authTokenFile=str(token), maxBodyBytes=2048,
+                               models=["tiny"])
+    url = gateway.url("/v1/completions")
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    assert post(url, body)[0] == 401
+    status, error = post(url, body, {"Authorization": "Bearer wrong"})
+    assert status == 401 and error["error"]["type"] == "authentication_error"
+    auth = {"Authorization": "Bearer s3cret"}
+    started = time.monotonic()
+    status, error = post(url, body, auth)
+    assert status == 504 and "no reply within 1s" in error["error"]["message"]
+    assert time.monotonic() - started < 10
+    assert post(url, {**body, "prompt": "y" * 5000}, auth)[0] == 413
+    status, error = post(url, {**body, "stream": True}, auth)
+    assert status == 400 and "stream" in error["error"]["message"]
+    status, error = post(url, {**body, "temperature": -1}, auth)
+    assert status == 400 and "temperature" in error["error"]["message"]
+
+
+def test_asynchronous_requests(launcher: Launcher) -> None:
+    launcher.worker("tiny")
+    gateway = launcher.gateway()
+    status, accepted = post(gateway.url("/v1/requests"), {"model": "tiny", "prompt": "the", "max_tokens": 3})
+    assert status == 202 and accepted["status"] == "pending"
+    result: dict = {}
+
+    def done() -> bool:
+        code, body = get(gateway.url(f"/v1/requests/{accepted['id']}"))
+        result.update(body)
+        return code == 200
+
+    eventually(done, timeout=30, what="asynchronous result stored")
+    assert result["status"] == "done" and result["completion"]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert get(gateway.url("/v1/requests/unknown-id"))[0] == 404
