@@ -35,3 +35,26 @@ def test_enums_match() -> None:
     for key in ("precision", "lrSchedule"):
         for value in hp[key]["enum"]:
             assert repr(value) in str(hints[key]), (key, value)
+
+
+LM_CRD = yaml.safe_load((REPO / "crds" / "languagemodels.kubelm.io.yaml").read_text())
+LM_SPEC = LM_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+
+def test_serving_settings_match_the_languagemodel_crd() -> None:
+    from kubelm_runtime.serve.settings import Artifacts, Batching, Generation, LimitsSpec, Queue, Responses
+
+    sections = {
+        Generation: LM_SPEC["generation"]["properties"],
+        LimitsSpec: LM_SPEC["limits"]["properties"],
+        Batching: LM_SPEC["batching"]["properties"],
+        Queue: LM_SPEC["queue"]["properties"],
+        Responses: LM_SPEC["cache"]["properties"]["responses"]["properties"],
+        Artifacts: LM_SPEC["cache"]["properties"]["artifacts"]["properties"],
+    }
+    for cls, schema in sections.items():
+        names = {camel(f.name) for f in dataclasses.fields(cls)}
+        assert names == set(schema), cls.__name__
+        crd_defaults = {k: v["default"] for k, v in schema.items() if "default" in v}
+        python_defaults = {k: v for k, v in _defaults(cls).items() if v is not None}
+        assert python_defaults == crd_defaults, cls.__name__

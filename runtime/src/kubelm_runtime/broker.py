@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -127,7 +126,6 @@ class RpcClient:
     def __init__(self, url: str):
         self.url = url
         self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = {}
-        self._outbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -152,12 +150,8 @@ class RpcClient:
                 self._channel, self._connection = channel, connection
                 self._ready.set()
                 while not self._stop.is_set():
-                    connection.process_data_events(time_limit=0.05)
-                    while True:
-                        try:
-                            self._outbox.get_nowait()()
-                        except queue.Empty:
-                            break
+                    # Wakes at once for replies and for publishes handed over by _submit.
+                    connection.process_data_events(time_limit=1)
                 connection.close()
             except pika.exceptions.AMQPError as e:
                 self._error = e
@@ -201,7 +195,10 @@ class RpcClient:
 
         if not self.connected:
             raise BrokerError(f"not connected to RabbitMQ: {self._error}")
-        self._outbox.put(task)
+        try:
+            self._connection.add_callback_threadsafe(task)
+        except pika.exceptions.ConnectionWrongStateError as e:
+            raise BrokerError(f"not connected to RabbitMQ: {e}") from e
         await done
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,

@@ -26,6 +26,7 @@ from kubelm_contract.protocol import Decoding, Limits, ProtocolError
 
 from ..broker import BrokerError, NoSuchQueue, QueueFull, RpcClient, new_request_id
 from ..redis_store import OptionalRedis, RedisStore
+from . import response_cache
 from .settings import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+def worker_defaults(entry: dict[str, Any]) -> Decoding:
+    defaults = dict(entry.get("defaults") or {})
+    defaults["stop"] = tuple(defaults.get("stop", ()))
+    return Decoding(**defaults)
 
 
 def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -100,12 +107,20 @@ class Gateway:
             "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
             "seed": body.seed}.items() if v is not None}
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        # The worker fills its own defaults; validating here already catches what it would refuse.
-        protocol.parse_decoding(params, Decoding(), Limits(max_new_tokens=ceiling))
+        # Only what the client set travels; parsing with the worker's registered defaults gives the
+        # decoding the worker will use, and refuses here what the worker would refuse.
         deadline = time.time() + self.config.request_timeout_seconds
         raw = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": prompts, "params": params,
                           "deadline": deadline, "model": body.model}).encode()
-        return protocol.parse_request(raw, Decoding(), Limits(max_new_tokens=ceiling))
+        return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
+
+    def cached(self, entry: dict[str, Any], message: protocol.Request) -> protocol.Reply | None:
+        """Answers from the response cache without a trip through the queue, when the worker allows it."""
+        if not entry.get("responseCache") or "digest" not in entry:
+            return None
+        material = response_cache.materials(entry["digest"], message.prompts, message.decoding)
+        choices = response_cache.lookup(self.redis, str(message.model), material) if material else None
+        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model) if choices else None
 
     @staticmethod
     def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
@@ -176,6 +191,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         if isinstance(prepared, JSONResponse):
             return prepared
         body, entry, message = prepared
+        hit = gateway.cached(entry, message)
+        if hit is not None:
+            return JSONResponse(gateway.completion(hit, body.model, int(time.time())))
         if gateway.slots.locked():
             return openai_error(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
         started = time.perf_counter()

@@ -25,6 +25,7 @@ from kubelm_contract.protocol import ProtocolError, Reply, Request
 from .. import artifacts, models
 from ..broker import Delivery, WorkerChannel
 from ..redis_store import OptionalRedis, RedisStore
+from . import response_cache
 from .batching import Batcher
 from .engine import Engine, Item
 from .health import HealthState, WorkerMetrics, serve_health
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 class Pending:
     delivery: Delivery
     request: Request
-    material: list[str | None]
-    """Response-cache key material per prompt, None when not cacheable."""
+    material: list[str] | None
+    """Response-cache key material per prompt; None when not cacheable."""
 
 
 def model_digest(reference: str, source_description: str) -> str:
@@ -86,13 +87,13 @@ class Worker:
         except ProtocolError as e:
             self._refuse(delivery, request_id, e.kind, str(e))
             return
-        material: list[str | None] = [
-            protocol.cache_key_material(self.digest, p, request.decoding)
-            if self.config.cache.responses.enabled and request.decoding.deterministic else None
-            for p in request.prompts]
-        cached = self._cached(request, material)
+        material = (response_cache.materials(self.digest, request.prompts, request.decoding)
+                    if self.config.cache.responses.enabled else None)
+        cached = response_cache.lookup(self.redis, self.config.name, material) if material else None
+        if material:
+            self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
-            self._answer(delivery, cached)
+            self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name))
             self.metrics.requests.labels("cached").inc()
             return
         self.batcher.add(Pending(delivery, request, material), time.monotonic())
@@ -106,20 +107,6 @@ class Worker:
         self.channel.dead_letter(delivery, self.dead_letter_key, kind, message)
         self.metrics.errors.labels(kind).inc()
         self.metrics.requests.labels("error").inc()
-
-    def _cached(self, request: Request, material: list[str | None]) -> Reply | None:
-        if not all(material):
-            return None
-        response_keys = [keys.response(self.config.name, str(m)) for m in material]
-        found = self.redis.call(lambda s: [s.get_json(k) for k in response_keys], None)
-        if found is None or not all(found):
-            self.metrics.cache.labels("miss").inc()
-            self.redis.call(lambda s: s.hincrby(keys.cache_stats(self.config.name), "misses"), 0)
-            return None
-        self.metrics.cache.labels("hit").inc()
-        self.redis.call(lambda s: s.hincrby(keys.cache_stats(self.config.name), "hits"), 0)
-        choices = tuple(protocol.Choice(**c) for c in found)
-        return Reply(id=request.id, choices=choices, cached=True, model=self.config.name)
 
     def _answer(self, delivery: Delivery, reply: Reply) -> None:
         """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost."""
@@ -165,20 +152,17 @@ class Worker:
                 "generate_ms": round(elapsed * 1000, 3), "batch_size": len(batch)})
             self._answer(pending.delivery, reply)
             self.metrics.requests.labels("ok").inc()
-            for material, choice in zip(pending.material, choices, strict=True):
-                if material:
-                    self._cache(material, choice)
-
-    def _cache(self, material: str, choice: protocol.Choice) -> None:
-        key = keys.response(self.config.name, material)
-        document = dataclasses.asdict(choice)
-        self.redis.call(lambda s: s.set_json(key, document, self.config.cache.responses.ttl_seconds), None)
+            for material, choice in zip(pending.material or (), choices, strict=False):
+                response_cache.store(self.redis, self.config.name, material, choice,
+                                     self.config.cache.responses.ttl_seconds)
 
     # -- main loop ------------------------------------------------------------------------------
     def register(self) -> None:
         entry = {"queue": self.queue, "namespace": self.config.namespace, "digest": self.digest,
                  "source": self.config.model.describe(), "maxNewTokens": self.limits.max_new_tokens,
-                 "maxInputTokens": self.limits.max_input_tokens}
+                 "maxInputTokens": self.limits.max_input_tokens,
+                 "defaults": {**dataclasses.asdict(self.defaults), "stop": list(self.defaults.stop)},
+                 "responseCache": self.config.cache.responses.enabled}
         self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.config.name, entry), None, force=True)
 
     def run(self) -> None:

@@ -1,0 +1,38 @@
+"""The response cache shared by workers (fill and look up) and the gateway (look up first).
+
+Only deterministic requests are cached (greedy, or sampled with a seed); the key
+covers the model's content digest, the normalised prompt and every decoding
+parameter, so a new model version or other parameters never hit an old entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kubelm_contract import keys, protocol
+from kubelm_contract.protocol import Choice, Decoding
+
+from ..redis_store import OptionalRedis
+
+
+def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list[str] | None:
+    """Cache key material per prompt, or None when the request is not cacheable."""
+    if not decoding.deterministic:
+        return None
+    return [protocol.cache_key_material(digest, p, decoding) for p in prompts]
+
+
+def lookup(redis: OptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
+    """The cached choices when every prompt is cached (counted as a hit), else None (a miss)."""
+    response_keys = [keys.response(model, m) for m in material]
+    found = redis.call(lambda s: [s.get_json(k) for k in response_keys], None)
+    if not redis.available:
+        return None
+    hit = found is not None and all(found)
+    redis.call(lambda s: s.hincrby(keys.cache_stats(model), "hits" if hit else "misses"), 0)
+    return tuple(Choice(**c) for c in found) if hit else None  # type: ignore[union-attr]
+
+
+def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:
+    key, document = keys.response(model, material), dataclasses.asdict(choice)
+    redis.call(lambda s: s.set_json(key, document, ttl_seconds), None)
