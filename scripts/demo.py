@@ -1,11 +1,13 @@
-"""The main job: a local cluster trains a tiny model and answers a prompt with it.
+"""The main job: a local cluster trains a tiny model and serves it.
 
 1. start the dev cluster (control plane, Redis, RabbitMQ) and install the CRDs;
 2. create a TrainingJob for the tiny corpus (the operator that will run it as pods
    is on the roadmap; here its runtime runs as a local process, exactly as the pod would);
 3. train a tiny GPT-2 built from config with `kubelm-runtime train`, with progress in
    Redis and the model published to the artifact cache;
-4. fetch the artifact back (digest-verified) and generate a completion from it.
+4. serve the artifact: `kubelm-runtime serve` fetches and verifies it from Redis and
+   consumes the model's RabbitMQ queue; `kubelm-runtime gateway` answers OpenAI-style
+   completions over HTTP (again as local processes until the operator runs them as pods).
 
     python scripts/demo.py [--steps 300] [--keep-cluster]
 """
@@ -15,17 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import yaml
 
 from kubelm_contract import env, keys
 from kubelm_devcluster import cli as devcluster
-from kubelm_runtime import artifacts
-from kubelm_runtime.models import load_causal_lm, load_tokenizer
+from kubelm_devcluster.probes import http_get, wait_for
 from kubelm_runtime.redis_store import RedisStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +38,38 @@ CORPUS = REPO / "examples" / "tiny-corpus"
 
 def say(message: str) -> None:
     print(f"\n== {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(tmp: Path, connection: dict[str, str]) -> dict:
+    """Starts `kubelm-runtime serve` on the published artifact and `kubelm-runtime gateway`, as pods would."""
+    health, port = free_port(), free_port()
+    configs = {
+        "serve": {"name": "tiny-story", "model": {"artifact": "artifact://default/tiny-story"},
+                  "cacheDir": str(tmp / "cache"), "healthPort": health,
+                  "batching": {"maxBatchSize": 16, "maxWaitMillis": 10}},
+        "gateway": {"host": "127.0.0.1", "port": port},
+    }
+    processes = []
+    for kind, config in configs.items():
+        (tmp / f"{kind}.yaml").write_text(yaml.safe_dump(config))
+        processes.append(subprocess.Popen([sys.executable, "-m", "kubelm_runtime", kind, "--config",
+                                           str(tmp / f"{kind}.yaml")], env={**os.environ, **connection}))
+    wait_for("worker", lambda: http_get(f"http://127.0.0.1:{health}/readyz")[0] == 200, 120)
+    wait_for("gateway", lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 60)
+    return {"url": f"http://127.0.0.1:{port}", "processes": processes}
+
+
+def complete(served: dict, body: dict) -> dict:
+    request = urllib.request.Request(f"{served['url']}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
 
 
 def main() -> int:
@@ -84,19 +120,21 @@ def main() -> int:
             say("progress the operator will mirror into TrainingJob status")
             print(json.dumps(progress, indent=2))
 
-            say("fetching the published artifact (digest-verified) and generating")
-            served = tmp / "served"
-            stored = artifacts.fetch(store, "default/tiny-story", served)
-            print(f"{stored.uri} {stored.digest} {stored.size / 2**20:.1f} MiB")
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-            tokenizer = load_tokenizer(str(served))
-            model = load_causal_lm(str(served)).eval()
-            for prompt in ("two plus three is", "the old fox"):
-                ids = tokenizer(prompt, return_tensors="pt")
-                out = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-                print(f"{prompt!r} -> {tokenizer.decode(out[0][ids['input_ids'].shape[1]:])!r}")
+            say("serving the artifact: a worker on the RabbitMQ queue and the OpenAI-compatible gateway")
+            served = serve(tmp, connection)
+            try:
+                for prompt in ("two plus three is", "the old fox"):
+                    reply = complete(served, {"model": "tiny-story", "prompt": prompt, "max_tokens": 16,
+                                              "temperature": 0})
+                    print(f"{prompt!r} -> {reply['choices'][0]['text']!r}  "
+                          f"(cached: {reply['kubelm']['cached']})")
+                again = complete(served, {"model": "tiny-story", "prompt": "two plus three is", "max_tokens": 16,
+                                          "temperature": 0})
+                print(f"the same request again is answered from the response cache: {again['kubelm']['cached']}")
+            finally:
+                for process in served["processes"]:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(60)
     finally:
         if not args.keep_cluster:
             say("stopping the dev cluster")
