@@ -40,7 +40,12 @@ ARTIFACT_REGISTRY = f"{PREFIX}:registry:artifacts"
 
 
 MODEL_REGISTRY = f"{PREFIX}:registry:models"
-"""Hash: served model name -> JSON {queue, namespace, digest, source} (the gateway's routing table)."""
+"""Hash: model id (<namespace>/<name>) -> JSON {queue, namespace, digest, source, ...}: the gateway's routing table."""
+
+
+def model_id(namespace: str, name: str) -> str:
+    """How Redis keys name a served model: LanguageModels of the same name in two namespaces stay apart."""
+    return f"{namespace}/{name}"
 
 
 def response(model: str, material: str) -> str:

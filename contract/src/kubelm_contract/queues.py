@@ -20,6 +20,8 @@ RESULT_KEY_HEADER = "kubelm-result-key"
 """Asynchronous requests: the worker also stores the reply in Redis under this key..."""
 RESULT_TTL_HEADER = "kubelm-result-ttl"
 """...for this many seconds."""
+CACHE_CHECKED_HEADER = "kubelm-cache-checked"
+"""Set by a gateway that already missed the response cache: the worker need not look again."""
 SENT_AT_HEADER = "kubelm-sent-at"
 """Publish time in Unix milliseconds (an integer: AMQP tables carry no floats), for queue-wait metrics."""
 

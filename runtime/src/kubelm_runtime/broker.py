@@ -89,12 +89,16 @@ class WorkerChannel:
         self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
 
     def stop_consuming(self) -> None:
-        """Dispatches what already arrived, then cancels, so nothing delivered is handed back."""
+        """Dispatches what already arrived, then cancels the consumer.
+
+        Messages the broker sends between the cancel and its cancel-ok are handed back (a
+        redelivery), so call this while holding every delivery unacknowledged: with no prefetch
+        credit free, the broker has nothing in flight."""
         if self.consumer_tag is None:
             return
+        tag, self.consumer_tag = self.consumer_tag, None
         self.connection.process_data_events(time_limit=0)
-        self.channel.basic_cancel(self.consumer_tag)
-        self.consumer_tag = None
+        self.channel.basic_cancel(tag)
 
     def wait(self, seconds: float) -> None:
         self.connection.process_data_events(time_limit=max(0.0, seconds))

@@ -13,8 +13,9 @@ import openai
 import pika
 import pytest
 
-from kubelm_contract import protocol, queues
+from kubelm_contract import keys, protocol, queues
 from kubelm_devcluster.standalone import RedisServer
+from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
 
 from .conftest import Launcher, get, post, rabbit_queue
@@ -192,8 +193,11 @@ def test_cache_hit_skips_the_model(launcher: Launcher) -> None:
     assert first[0] == second[0] == 200
     assert first[1]["choices"][0]["text"] == second[1]["choices"][0]["text"]
     assert not first[1]["kubelm"]["cached"] and second[1]["kubelm"]["cached"]
+    # The gateway answered from Redis: the worker saw neither the request nor a cache lookup.
     assert worker.metric("kubelm_batch_size_count") == batches
-    assert worker.metric("kubelm_response_cache_total", '{result="hit"}') == 1
+    assert worker.metric("kubelm_response_cache_total", '{result="hit"}') == 0
+    stats = RedisStore(launcher.cluster.redis_url).hgetall_json(keys.cache_stats(f"{launcher.namespace}/tiny"))
+    assert stats == {"hits": 1, "misses": 1}
     sampled = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0.8)
     assert not sampled[1]["kubelm"]["cached"]
 

@@ -84,11 +84,13 @@ class Gateway:
         known: dict[str, dict[str, Any]] = {
             name: {"queue": queues.request_queue(self.config.namespace, name)} for name in self.config.models}
         registered: dict[str, Any] = self.redis.call(lambda s: s.hgetall_json(keys.MODEL_REGISTRY), {})
-        known.update(registered)
+        prefix = keys.model_id(self.config.namespace, "")
+        known.update({name[len(prefix):]: entry for name, entry in registered.items() if name.startswith(prefix)})
         return known
 
     def route(self, model: str) -> dict[str, Any] | None:
-        entry = self.redis.call(lambda s: s.hget_json(keys.MODEL_REGISTRY, model), None)
+        field = keys.model_id(self.config.namespace, model)
+        entry = self.redis.call(lambda s: s.hget_json(keys.MODEL_REGISTRY, field), None)
         if entry is None and model in self.config.models:
             entry = {"queue": queues.request_queue(self.config.namespace, model)}
         return entry  # type: ignore[no-any-return]
@@ -114,12 +116,18 @@ class Gateway:
                           "deadline": deadline, "model": body.model}).encode()
         return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
 
+    def cache_checked(self, entry: dict[str, Any], message: protocol.Request) -> bool:
+        """Whether `cached` really looked (and missed), so the worker can skip its own lookup."""
+        return bool(entry.get("responseCache") and "digest" in entry and message.decoding.deterministic
+                    and self.redis.available)
+
     def cached(self, entry: dict[str, Any], message: protocol.Request) -> protocol.Reply | None:
         """Answers from the response cache without a trip through the queue, when the worker allows it."""
         if not entry.get("responseCache") or "digest" not in entry:
             return None
         material = response_cache.materials(entry["digest"], message.prompts, message.decoding)
-        choices = response_cache.lookup(self.redis, str(message.model), material) if material else None
+        model = keys.model_id(self.config.namespace, str(message.model))
+        choices = response_cache.lookup(self.redis, model, material) if material else None
         return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model) if choices else None
 
     @staticmethod
@@ -199,9 +207,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         started = time.perf_counter()
         async with gateway.slots:
             try:
-                sent_at = {queues.SENT_AT_HEADER: int(time.time() * 1000)}
+                headers = {queues.SENT_AT_HEADER: int(time.time() * 1000),
+                           queues.CACHE_CHECKED_HEADER: int(gateway.cache_checked(entry, message))}
                 raw = await gateway.rpc.call(entry["queue"], message.to_json(), message.id,
-                                             config.request_timeout_seconds, sent_at)
+                                             config.request_timeout_seconds, headers)
             except TimeoutError:
                 return openai_error(504, f"no reply within {config.request_timeout_seconds:g}s; the request "
                                          "expires in the queue", "timeout_error")

@@ -67,6 +67,7 @@ class Worker:
         self.queue = self.channel.declare(config.namespace, config.name, config.queue.spec())
         self.dead_letter_key = queues.dead_letter_queue(config.namespace, config.name)
         self.draining = False
+        self.model_id = keys.model_id(config.namespace, config.name)
 
     # -- deliveries -----------------------------------------------------------------------------
     def on_delivery(self, delivery: Delivery) -> None:
@@ -89,8 +90,9 @@ class Worker:
             return
         material = (response_cache.materials(self.digest, request.prompts, request.decoding)
                     if self.config.cache.responses.enabled else None)
-        cached = response_cache.lookup(self.redis, self.config.name, material) if material else None
-        if material:
+        checked = bool(delivery.headers.get(queues.CACHE_CHECKED_HEADER))
+        cached = response_cache.lookup(self.redis, self.model_id, material) if material and not checked else None
+        if material and not checked:
             self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
             self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name))
@@ -104,12 +106,22 @@ class Worker:
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
         self._store_result(delivery, reply)
+        self._before_ack()
         self.channel.dead_letter(delivery, self.dead_letter_key, kind, message)
         self.metrics.errors.labels(kind).inc()
         self.metrics.requests.labels("error").inc()
 
+    def _before_ack(self) -> None:
+        """Once draining, stop consuming before the next ack: an ack frees prefetch credit, and a message
+        the broker sends on it while the cancel is under way would be handed back (redelivered)."""
+        if self.draining and self.channel.consumer_tag is not None:
+            log.info("draining: no new requests; finishing %d delivered", len(self.batcher))
+            self.health.ready = False
+            self.channel.stop_consuming()
+
     def _answer(self, delivery: Delivery, reply: Reply) -> None:
         """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost."""
+        self._before_ack()
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
         self._store_result(delivery, reply)
@@ -153,7 +165,7 @@ class Worker:
             self._answer(pending.delivery, reply)
             self.metrics.requests.labels("ok").inc()
             for material, choice in zip(pending.material or (), choices, strict=False):
-                response_cache.store(self.redis, self.config.name, material, choice,
+                response_cache.store(self.redis, self.model_id, material, choice,
                                      self.config.cache.responses.ttl_seconds)
 
     # -- main loop ------------------------------------------------------------------------------
@@ -163,7 +175,7 @@ class Worker:
                  "maxInputTokens": self.limits.max_input_tokens,
                  "defaults": {**dataclasses.asdict(self.defaults), "stop": list(self.defaults.stop)},
                  "responseCache": self.config.cache.responses.enabled}
-        self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.config.name, entry), None, force=True)
+        self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.model_id, entry), None, force=True)
 
     def run(self) -> None:
         self.channel.consume(self.queue, self.on_delivery)
@@ -173,10 +185,7 @@ class Worker:
                  self.config.batching.max_batch_size, self.config.batching.max_wait_millis)
         while True:
             self.health.tick()
-            if self.draining and self.channel.consumer_tag is not None:
-                log.info("draining: no new requests; finishing %d delivered", len(self.batcher))
-                self.health.ready = False
-                self.channel.stop_consuming()
+            self._before_ack()
             now = time.monotonic()
             if self.batcher.ready(now) or (self.draining and len(self.batcher)):
                 self.run_batch(self.batcher.take(now))
