@@ -124,17 +124,28 @@ class Worker:
         self._before_ack()
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
-        self._store_result(delivery, reply)
-        self.channel.ack(delivery.tag)
+        if self._store_result(delivery, reply):
+            self.channel.ack(delivery.tag)
+        else:
+            # An asynchronous result that cannot be stored would be lost: keep the request instead.
+            self.channel.dead_letter(delivery, self.dead_letter_key, protocol.UNAVAILABLE,
+                                     "the result could not be stored: Redis is unavailable")
 
-    def _store_result(self, delivery: Delivery, reply: Reply) -> None:
+    def _store_result(self, delivery: Delivery, reply: Reply) -> bool:
+        """Stores the reply of an asynchronous request; False only when that was asked for and failed."""
         key = delivery.headers.get(queues.RESULT_KEY_HEADER)
         if isinstance(key, bytes):
             key = key.decode()
-        if isinstance(key, str) and key.startswith(keys.PREFIX):
-            ttl = int(delivery.headers.get(queues.RESULT_TTL_HEADER, 3600))
-            body = json.loads(reply.to_json())
-            self.redis.call(lambda s: s.set_json(key, {"status": "done", "reply": body}, ttl), None, force=True)
+        if not (isinstance(key, str) and key.startswith(keys.PREFIX)):
+            return True
+        ttl = int(delivery.headers.get(queues.RESULT_TTL_HEADER, 3600))
+        document = {"status": "done", "reply": json.loads(reply.to_json())}
+
+        def put(store: RedisStore) -> bool:
+            store.set_json(key, document, ttl)
+            return True
+
+        return self.redis.call(put, False, force=True)
 
     # -- batches --------------------------------------------------------------------------------
     def run_batch(self, batch: list[Pending]) -> None:
