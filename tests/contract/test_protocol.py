@@ -76,4 +76,3 @@ def test_queue_arguments() -> None:
                       "x-dead-letter-routing-key": "kubelm.ns.m.dead"}
     classic = queues.request_queue_arguments("ns", "m", queues.QueueSpec(type="classic", dead_letter=False))
     assert classic == {"x-queue-type": "classic"}
-    assert protocol.expiration_ms(110.0, now=100.0) == "10000" and protocol.expiration_ms(1.0, now=5.0) == "0"

@@ -236,9 +236,3 @@ def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> st
     params = json.dumps({**asdict(decoding), "stop": list(decoding.stop)}, sort_keys=True)
     return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
 
-
-def expiration_ms(deadline: float | None, now: float | None = None) -> str | None:
-    """AMQP per-message expiration for a deadline: RabbitMQ dead-letters the request once it passes."""
-    if deadline is None:
-        return None
-    return str(max(0, int((deadline - (now or time.time())) * 1000)))

@@ -77,28 +77,38 @@ class WorkerChannel:
         self.channel.confirm_delivery()
         self.channel.basic_qos(prefetch_count=prefetch)
         self.consumer_tag: str | None = None
+        self._cancelled: list[str] = []
+        self.unacked: set[int] = set()
+        """Delivery tags received and not yet acknowledged (must be empty after a drain)."""
 
     def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
         return declare_model_queues(self.channel, namespace, model, spec)
 
     def consume(self, queue_name: str, on_delivery: Callable[[Delivery], None]) -> None:
         def callback(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            self.unacked.add(method.delivery_tag)
             on_delivery(Delivery(method.delivery_tag, body, properties.reply_to, properties.correlation_id,
                                  dict(properties.headers or {}), bool(method.redelivered), time.time()))
 
         self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
 
     def stop_consuming(self) -> None:
-        """Dispatches what already arrived, then cancels the consumer.
+        """Cancels the consumer; every message that reaches us before the broker's cancel-ok is still
+        handed to the consumer, so nothing delivered goes back to the queue (a redelivery).
 
-        Messages the broker sends between the cancel and its cancel-ok are handed back (a
-        redelivery), so call this while holding every delivery unacknowledged: with no prefetch
-        credit free, the broker has nothing in flight."""
+        pika rejects such late messages with requeue once a cancel is under way; this reaches into its
+        channel (pika is pinned in constraints.txt; the drain test guards it) to keep them instead."""
         if self.consumer_tag is None:
             return
         tag, self.consumer_tag = self.consumer_tag, None
         self.connection.process_data_events(time_limit=0)
-        self.channel.basic_cancel(tag)
+        impl = self.channel._impl
+        cancelled: list[bool] = []
+        impl.basic_cancel(tag, callback=lambda _frame: cancelled.append(True))
+        impl._cancelled.discard(tag)
+        while not cancelled:
+            self.connection.process_data_events(time_limit=0.1)
+        self._cancelled.append(tag)
 
     def wait(self, seconds: float) -> None:
         self.connection.process_data_events(time_limit=max(0.0, seconds))
@@ -110,6 +120,7 @@ class WorkerChannel:
 
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)
+        self.unacked.discard(tag)
 
     def dead_letter(self, delivery: Delivery, routing_key: str, error_type: str, message: str) -> None:
         """Copies the request to the dead-letter queue with the reason, then acks the original."""
@@ -117,9 +128,12 @@ class WorkerChannel:
                    queues.ERROR_MESSAGE_HEADER: message[:1000]}
         self.channel.basic_publish(queues.DEAD_LETTER_EXCHANGE, routing_key, delivery.body, pika.BasicProperties(
             headers=headers, delivery_mode=2, correlation_id=delivery.correlation_id))
-        self.channel.basic_ack(delivery.tag)
+        self.ack(delivery.tag)
 
     def close(self) -> None:
+        # Consumers cancelled in stop_consuming are gone at the broker; pika must not cancel them again.
+        for tag in self._cancelled:
+            self.channel._consumer_infos.pop(tag, None)
         with contextlib.suppress(pika.exceptions.AMQPError):
             self.connection.close()
 

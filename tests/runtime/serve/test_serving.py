@@ -93,9 +93,11 @@ def test_sigkill_mid_batch_loses_nothing(launcher: Launcher) -> None:
         assert not all(f.done() for f in futures)
         first.signal(signal.SIGKILL)
         first.wait()
-        launcher.worker("tiny", **SLOW)
+        second = launcher.worker("tiny", **SLOW)
         results = [f.result() for f in futures]
     assert [status for status, _ in results] == [200] * 24
+    # The killed worker's unacknowledged requests came back from the broker to the second one.
+    assert second.metric("kubelm_redelivered_total") > 0
 
 
 def test_sigterm_drains_without_redelivery(launcher: Launcher) -> None:
@@ -112,9 +114,10 @@ def test_sigterm_drains_without_redelivery(launcher: Launcher) -> None:
         assert worker.wait(60) == 0, worker.output()[-2000:]
         assert "drained and stopped" in worker.output()
         # Whatever the worker had not received stays queued for the next one.
-        launcher.worker("tiny", **SLOW)
+        second = launcher.worker("tiny", **SLOW)
         results = [f.result() for f in futures]
     assert [status for status, _ in results] == [200] * 12
+    assert second.metric("kubelm_redelivered_total") == 0
     eventually(lambda: "redeliver" in rabbit_queue(launcher.cluster, queue).get("message_stats", {})
                or rabbit_queue(launcher.cluster, queue).get("message_stats", {}).get("ack", 0) >= 12,
                timeout=10, what="statistics refreshed")

@@ -27,6 +27,8 @@ class WorkerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.tokens = Counter("kubelm_generated_tokens", "Tokens generated", registry=r)
         self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)
+        self.redelivered = Counter("kubelm_redelivered", "Requests the broker delivered again (after a worker "
+                                   "died with them)", registry=r)
 
 
 class HealthState:

@@ -71,6 +71,8 @@ class Worker:
 
     # -- deliveries -----------------------------------------------------------------------------
     def on_delivery(self, delivery: Delivery) -> None:
+        if delivery.redelivered:
+            self.metrics.redelivered.inc()
         sent_at = delivery.headers.get(queues.SENT_AT_HEADER)
         if isinstance(sent_at, int | float):
             self.metrics.queue_wait.observe(max(0.0, delivery.received - float(sent_at) / 1000))
@@ -202,9 +204,15 @@ class Worker:
                 self.run_batch(self.batcher.take(now))
                 continue
             if self.draining:
+                self.channel.wait(0)  # dispatch anything that arrived before the cancel completed
+                if len(self.batcher):
+                    continue
                 break
             left = self.batcher.time_left(now)
             self.channel.wait(0.5 if left is None else left)
+        if self.channel.unacked:
+            log.error("stopping with %d unacknowledged deliveries; the broker will redeliver them",
+                      len(self.channel.unacked))
         self.channel.close()
         log.info("drained and stopped")
 
