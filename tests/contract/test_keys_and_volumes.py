@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 
 from kubelm_contract import keys
@@ -11,6 +13,8 @@ def test_artifact_keys_share_one_hash_tag() -> None:
     assert all("{ns/m}" in k and k.startswith("kubelm:v1:") for k in tagged)
     assert keys.artifact_pattern("ns/m") == "kubelm:v1:artifact:{ns/m}:*"
     assert keys.progress("ns/job") == "kubelm:v1:progress:{ns/job}"
+    assert fnmatch.fnmatchcase(keys.response("ns/m", "ab12"), keys.response_pattern("ns/m"))
+    assert not fnmatch.fnmatchcase(keys.response("ns/other", "ab12"), keys.response_pattern("ns/m"))
 
 
 @pytest.mark.parametrize(("uri", "path"), [

@@ -11,8 +11,6 @@ AMQP_URL = "KUBELM_AMQP_URL"
 RABBITMQ_API_URL = "KUBELM_RABBITMQ_API_URL"
 """http://user:password@host:port of the RabbitMQ management API (queue depth)."""
 
-CONNECTION_VARIABLES = (KUBECONFIG, REDIS_URL, AMQP_URL, RABBITMQ_API_URL)
-
 CONFIG_FILE = "KUBELM_CONFIG"
 """Path of the runtime's JSON or YAML configuration (docs/runtime-contract.md)."""
 LOG_LEVEL = "KUBELM_LOG_LEVEL"

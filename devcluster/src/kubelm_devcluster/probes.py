@@ -20,10 +20,6 @@ from urllib.parse import urlsplit
 from .pki import ClusterPKI
 
 
-class NotReady(Exception):
-    pass
-
-
 def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.2,
               alive: Callable[[], None] | None = None) -> None:
     """Calls check until it returns True; alive raises when a process it waits for has died."""
@@ -35,7 +31,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: flo
         try:
             if check():
                 return
-        except (OSError, urllib.error.URLError, NotReady, ValueError) as e:
+        except (OSError, urllib.error.URLError, ValueError) as e:
             last = e
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f": {last}" if last else ""))

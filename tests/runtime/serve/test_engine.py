@@ -59,4 +59,6 @@ def test_repetition_penalty_changes_greedy_output(engine: Engine) -> None:
 def test_bf16_loads_when_asked(tiny_model: Path) -> None:
     engine = Engine.load(str(tiny_model), dtype="bf16")
     assert next(engine.model.parameters()).dtype == torch.bfloat16
-    assert engine.generate([Item("the", Decoding(max_new_tokens=4, temperature=0))])[0].completion_tokens >= 0
+    output = engine.generate([Item("the", Decoding(max_new_tokens=4, temperature=0))])[0]
+    assert output.prompt_tokens == 1 and output.completion_tokens <= 4
+    assert output.finish_reason == ("length" if output.completion_tokens == 4 else "stop")

@@ -56,6 +56,14 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = None
 
 
+def broker_failure(error: BrokerError, model: str) -> JSONResponse:
+    if isinstance(error, NoSuchQueue):
+        return openai_error(503, f"model {model!r} has no request queue yet", "unavailable_error")
+    if isinstance(error, QueueFull):
+        return openai_error(503, f"model {model!r} is at its queue limit; retry later", "unavailable_error")
+    return openai_error(503, str(error), "unavailable_error")
+
+
 def worker_defaults(entry: dict[str, Any]) -> Decoding:
     defaults = dict(entry.get("defaults") or {})
     defaults["stop"] = tuple(defaults.get("stop", ()))
@@ -116,19 +124,19 @@ class Gateway:
                           "deadline": deadline, "model": body.model}).encode()
         return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
 
-    def cache_checked(self, entry: dict[str, Any], message: protocol.Request) -> bool:
-        """Whether `cached` really looked (and missed), so the worker can skip its own lookup."""
-        return bool(entry.get("responseCache") and "digest" in entry and message.decoding.deterministic
-                    and self.redis.available)
-
-    def cached(self, entry: dict[str, Any], message: protocol.Request) -> protocol.Reply | None:
-        """Answers from the response cache without a trip through the queue, when the worker allows it."""
+    def cached(self, entry: dict[str, Any], message: protocol.Request) -> tuple[protocol.Reply | None, bool]:
+        """(the reply from the response cache, whether the cache was really consulted): a hit needs no trip
+        through the queue, and after a real miss the worker need not look again."""
         if not entry.get("responseCache") or "digest" not in entry:
-            return None
+            return None, False
         material = response_cache.materials(entry["digest"], message.prompts, message.decoding)
+        if not material:
+            return None, False
         model = keys.model_id(self.config.namespace, str(message.model))
-        choices = response_cache.lookup(self.redis, model, material) if material else None
-        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model) if choices else None
+        choices = response_cache.lookup(self.redis, model, material)
+        if choices is None:
+            return None, self.redis.available
+        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model), True
 
     @staticmethod
     def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
@@ -199,7 +207,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         if isinstance(prepared, JSONResponse):
             return prepared
         body, entry, message = prepared
-        hit = gateway.cached(entry, message)
+        hit, cache_checked = gateway.cached(entry, message)
         if hit is not None:
             return JSONResponse(gateway.completion(hit, body.model, int(time.time())))
         if gateway.slots.locked():
@@ -208,19 +216,14 @@ def create_app(gateway: Gateway) -> FastAPI:
         async with gateway.slots:
             try:
                 headers = {queues.SENT_AT_HEADER: int(time.time() * 1000),
-                           queues.CACHE_CHECKED_HEADER: int(gateway.cache_checked(entry, message))}
+                           queues.CACHE_CHECKED_HEADER: int(cache_checked)}
                 raw = await gateway.rpc.call(entry["queue"], message.to_json(), message.id,
                                              config.request_timeout_seconds, headers)
             except TimeoutError:
                 return openai_error(504, f"no reply within {config.request_timeout_seconds:g}s; the request "
                                          "expires in the queue", "timeout_error")
-            except NoSuchQueue:
-                return openai_error(503, f"model {body.model!r} has no request queue yet", "unavailable_error")
-            except QueueFull:
-                return openai_error(503, f"model {body.model!r} is at its queue limit; retry later",
-                                    "unavailable_error")
             except BrokerError as e:
-                return openai_error(503, str(e), "unavailable_error")
+                return broker_failure(e, body.model)
         reply = protocol.Reply.from_json(raw)
         gateway.latency.labels(body.model).observe(time.perf_counter() - started)
         if reply.error:
@@ -250,7 +253,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 queues.RESULT_KEY_HEADER: result_key, queues.RESULT_TTL_HEADER: ttl,
                 queues.SENT_AT_HEADER: int(time.time() * 1000)})
         except BrokerError as e:
-            return openai_error(503, str(e), "unavailable_error")
+            return broker_failure(e, body.model)
         return JSONResponse({"id": message.id, "status": "pending", "model": body.model}, status_code=202)
 
     @app.get("/v1/requests/{request_id}", response_model=None)

@@ -49,16 +49,10 @@ class Batching:
 
 
 @dataclass(frozen=True)
-class Queue:
-    type: Literal["classic", "quorum"] = "quorum"
-    max_length: int | None = None
-    message_ttl_seconds: int | None = None
-    delivery_limit: int | None = None
-    dead_letter: bool = True
-    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+class Queue(QueueSpec):
+    """The spec's queue section: the arguments the queue is declared with, plus what happens on deletion."""
 
-    def spec(self) -> QueueSpec:
-        return QueueSpec(self.type, self.max_length, self.message_ttl_seconds, self.delivery_limit, self.dead_letter)
+    deletion_policy: Literal["Delete", "Retain"] = "Delete"
 
 
 @dataclass(frozen=True)

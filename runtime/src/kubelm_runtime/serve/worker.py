@@ -64,7 +64,7 @@ class Worker:
         self.batcher: Batcher[Pending] = Batcher(config.batching.max_batch_size,
                                                  config.batching.max_wait_millis / 1000)
         self.channel = WorkerChannel(amqp_url, prefetch=2 * config.batching.max_batch_size)
-        self.queue = self.channel.declare(config.namespace, config.name, config.queue.spec())
+        self.queue = self.channel.declare(config.namespace, config.name, config.queue)
         self.dead_letter_key = queues.dead_letter_queue(config.namespace, config.name)
         self.draining = False
         self.model_id = keys.model_id(config.namespace, config.name)
