@@ -48,8 +48,9 @@ class Batcher(Generic[T]):
             return 0.0
         return max(0.0, self.max_wait - (now - self._oldest))
 
-    def take(self, now: float) -> list[T]:
-        """Up to max_batch_size items, oldest first; leftovers start a new wait from `now`."""
-        batch, self._items = self._items[:self.max_batch_size], self._items[self.max_batch_size:]
+    def take(self, now: float, limit: int | None = None) -> list[T]:
+        """Up to max_batch_size (or `limit`) items, oldest first; leftovers start a new wait from `now`."""
+        size = self.max_batch_size if limit is None else max(0, min(limit, self.max_batch_size))
+        batch, self._items = self._items[:size], self._items[size:]
         self._oldest = now if self._items else None
         return batch

@@ -1,16 +1,20 @@
-"""Batched generation with per-request decoding parameters.
+"""Batched generation with per-request decoding parameters, rows joining and leaving as it runs.
 
-transformers' `generate` takes one GenerationConfig per call, but a batch mixes
-requests with their own temperature, top-p/k, penalties, lengths, stops and
-seeds. This loop runs the model once per token for the whole batch (left
-padding, attention mask, KV cache) and decodes each row its own way.
+transformers' `generate` takes one GenerationConfig per call and a fixed batch,
+but a worker's batch mixes requests with their own temperature, top-p/k,
+penalties, lengths, stops and seeds, and requests keep arriving. This loop runs
+the model once per token for all rows (right-aligned with left padding, an
+attention mask, explicit positions, a KV cache that grows in place), decodes
+each row its own way, lets finished rows leave and prefills new ones into the
+running batch between steps (continuous batching).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +22,8 @@ import torch
 from kubelm_contract.protocol import Decoding
 
 from ..train.precision import cpu_has_fast_bf16
+from . import packing
+from .kvcache import GrowingCache
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,31 @@ class Output:
     completion_tokens: int
 
 
+@dataclass
+class Row:
+    key: Any
+    """The caller's handle for this row, returned with its output."""
+    item: Item
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+@dataclass
+class Batch:
+    """Rows being decoded together: their cache, attention mask (one column per cache column), the
+    position of each row's next token and the logits its next token is chosen from."""
+    rows: list[Row] = field(default_factory=list)
+    cache: GrowingCache = field(default_factory=GrowingCache)
+    attention: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return sum(1 for r in self.rows if r.finish is None)
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
@@ -44,16 +75,23 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+    """Continuous batching: `join` prefills new rows into a running batch between steps, `step` picks
+    one token for every row, hands back the rows that finished and runs the model once for the rest."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, batch_hint: int = 32):
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "left"
         self.device = device
         self.eos = tokenizer.eos_token_id
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.packed_layers = packing.pack_linears(self.model, batch_hint)
+        self._last_logit_only = ({"logits_to_keep": 1}
+                                 if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
 
     @classmethod
     def load(cls, reference: str, revision: str | None = None, tokenizer_reference: str | None = None,
-             device: str = "auto", dtype: str = "auto") -> Engine:
+             device: str = "auto", dtype: str = "auto", batch_hint: int = 32) -> Engine:
         from ..models import load_causal_lm, load_tokenizer
 
         target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -62,60 +100,121 @@ class Engine:
         started = time.perf_counter()
         model = load_causal_lm(reference, revision, dtype=chosen).to(target)
         tokenizer = load_tokenizer(tokenizer_reference or reference, None if tokenizer_reference else revision)
-        log.info("loaded %s (%s, %s) in %.1fs", reference, target, chosen, time.perf_counter() - started)
-        return cls(model, tokenizer, target)
+        engine = cls(model, tokenizer, target, batch_hint)
+        log.info("loaded %s (%s, %s, %d packed linear layers) in %.1fs", reference, target, chosen,
+                 engine.packed_layers, time.perf_counter() - started)
+        return engine
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    @torch.inference_mode()
     def generate(self, items: list[Item]) -> list[Output]:
-        tokenizer, model = self.tokenizer, self.model
-        encoded = tokenizer([i.prompt for i in items], return_tensors="pt", padding=True, add_special_tokens=False)
-        input_ids = encoded["input_ids"].to(self.device)
-        attention = encoded["attention_mask"].to(self.device)
-        if input_ids.shape[1] == 0:  # every prompt empty: start from EOS, as GPT-2 does for unconditional text
-            input_ids = torch.full((len(items), 1), self.eos, device=self.device)
-            attention = torch.ones_like(input_ids)
-        prompt_tokens = attention.sum(dim=1).tolist()
+        """All items as one batch, decoded to the end; outputs in the items' order."""
+        batch = Batch()
+        self.join(batch, list(enumerate(items)))
+        outputs: dict[int, Output] = {}
+        while len(batch):
+            outputs.update(self.step(batch))
+        return [outputs[i] for i in range(len(items))]
+
+    @torch.inference_mode()
+    def join(self, batch: Batch, entries: list[tuple[Any, Item]]) -> None:
+        """Prefills the new rows' prompts and appends them to the batch, right-aligned with its rows."""
+        if not entries:
+            return
+        encoded = self.tokenizer([item.prompt for _, item in entries], add_special_tokens=False)["input_ids"]
+        rows = [Row(key, item, list(ids), self._generator(item.decoding))
+                for (key, item), ids in zip(entries, encoded, strict=True)]
+        # An empty prompt starts from EOS, as GPT-2 does for unconditional text.
+        inputs = [r.prompt_ids or [self.eos] for r in rows]
+        width = max(len(ids) for ids in inputs)
+        input_ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(inputs):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-        generators = [self._generator(i.decoding) for i in items]
-        limit = max(i.decoding.max_new_tokens for i in items)
-        generated: list[list[int]] = [[] for _ in items]
-        finish: list[str | None] = [None] * len(items)
-
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        cache = GrowingCache()
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True, **self._last_logit_only)
         logits = out.logits[:, -1, :].float()
-        for _ in range(limit):
-            tokens = self._select(logits, items, generated, input_ids, generators)
-            for row, token in enumerate(tokens.tolist()):
-                if finish[row] is not None:
-                    continue
-                if token == self.eos:
-                    finish[row] = "stop"
-                    continue
-                generated[row].append(token)
-                decoding = items[row].decoding
-                if decoding.stop and self._hit_stop(generated[row], decoding.stop):
-                    finish[row] = "stop"
-                elif len(generated[row]) >= decoding.max_new_tokens:
-                    finish[row] = "length"
-            if all(f is not None for f in finish):
-                break
-            attention = torch.cat([attention, attention.new_ones((len(items), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
+        following = positions[:, -1:] + 1
+        self._compact(batch)
+        if batch.attention is None or batch.positions is None or batch.logits is None:
+            batch.rows, batch.cache, batch.attention, batch.positions, batch.logits = (
+                rows, cache, attention, following, logits)
+            return
+        length = max(batch.attention.shape[1], width)
+        batch.attention = torch.cat([_pad_left(batch.attention, length), _pad_left(attention, length)])
+        batch.cache.concat(cache)
+        batch.positions = torch.cat([batch.positions, following])
+        batch.logits = torch.cat([batch.logits, logits])
+        batch.rows = batch.rows + rows
 
-        results = []
-        for row, item in enumerate(items):
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            text = self._cut_at_stop(text, item.decoding.stop)
-            results.append(Output(text, finish[row] or "length", int(prompt_tokens[row]), len(generated[row])))
-        return results
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[tuple[Any, Output]]:
+        """One token for every row; returns the rows that finished with it."""
+        if batch.logits is None:
+            return []
+        tokens: torch.Tensor | None = self._select(batch)
+        assert tokens is not None
+        finished: list[tuple[Any, Output]] = []
+        for row, token in zip(batch.rows, tokens.tolist(), strict=True):
+            if row.finish is not None:
+                continue
+            self._advance(row, token)
+            if row.finish is not None:
+                finished.append((row.key, self._output(row)))
+        dead = len(batch.rows) - len(batch)
+        if dead and 2 * dead >= len(batch.rows):
+            tokens = self._compact(batch, tokens)
+        if not len(batch):
+            return finished
+        assert tokens is not None and batch.attention is not None and batch.positions is not None
+        attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=batch.positions,
+                         past_key_values=batch.cache, use_cache=True)
+        batch.attention, batch.positions = attention, batch.positions + 1
+        batch.logits = out.logits[:, -1, :].float()
+        return finished
+
+    def _advance(self, row: Row, token: int) -> None:
+        if token == self.eos:
+            row.finish = "stop"
+            return
+        row.generated.append(token)
+        decoding = row.item.decoding
+        if decoding.stop and self._hit_stop(row.generated, decoding.stop):
+            row.finish = "stop"
+        elif (len(row.generated) >= decoding.max_new_tokens
+              or max(1, len(row.prompt_ids)) + len(row.generated) >= self.max_positions):
+            row.finish = "length"
+
+    def _output(self, row: Row) -> Output:
+        text = self._cut_at_stop(self.tokenizer.decode(row.generated, skip_special_tokens=True),
+                                 row.item.decoding.stop)
+        return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated))
+
+    def _compact(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Drops finished rows, and the leading columns that only they needed; returns their tokens kept."""
+        if batch.attention is None or batch.positions is None or batch.logits is None:
+            return tokens
+        live = [i for i, r in enumerate(batch.rows) if r.finish is None]
+        if len(live) == len(batch.rows):
+            return tokens
+        if not live:
+            batch.rows, batch.cache = [], GrowingCache()
+            batch.attention = batch.positions = batch.logits = None
+            return tokens
+        index = torch.tensor(live, device=batch.attention.device)
+        attention = batch.attention[index]
+        start = int((attention.sum(dim=0) > 0).nonzero()[0])
+        batch.cache.keep(index, start)
+        batch.attention = attention[:, start:]
+        batch.positions, batch.logits = batch.positions[index], batch.logits[index]
+        batch.rows = [batch.rows[i] for i in live]
+        return None if tokens is None else tokens[index]
 
     def _generator(self, decoding: Decoding) -> torch.Generator | None:
         if decoding.seed is None or decoding.temperature == 0:
@@ -133,37 +232,49 @@ class Engine:
         cuts = [text.find(s) for s in stops if s in text]
         return text[:min(cuts)] if cuts else text
 
-    def _select(self, logits: torch.Tensor, items: list[Item], generated: list[list[int]],
-                prompts: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _select(self, batch: Batch) -> torch.Tensor:
         """Next token per row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
-        for row, item in enumerate(items):
-            penalty = item.decoding.repetition_penalty
-            if penalty != 1.0:
-                seen = torch.cat([prompts[row], torch.tensor(generated[row], dtype=prompts.dtype,
-                                                             device=prompts.device)]).unique()
-                values = logits[row, seen]
-                logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
+        assert batch.logits is not None
+        logits, rows = batch.logits, batch.rows
+        for i, row in enumerate(rows):
+            penalty = row.item.decoding.repetition_penalty
+            if penalty != 1.0 and row.finish is None:
+                seen = torch.tensor(row.prompt_ids + row.generated, dtype=torch.long, device=logits.device).unique()
+                values = logits[i, seen]
+                logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
         chosen = logits.argmax(dim=-1)
-        sampling = [r for r, i in enumerate(items) if i.decoding.temperature > 0]
+        sampling = [i for i, r in enumerate(rows) if r.finish is None and r.item.decoding.temperature > 0]
         if not sampling:
             return chosen
-        rows = torch.tensor(sampling, device=logits.device)
-        temps = torch.tensor([items[r].decoding.temperature for r in sampling], device=logits.device)
-        scores = logits[rows] / temps[:, None]
-        for j, r in enumerate(sampling):
-            k = items[r].decoding.top_k
-            if 0 < k < scores.shape[1]:
-                kth = torch.topk(scores[j], k).values[-1]
-                scores[j] = scores[j].masked_fill(scores[j] < kth, float("-inf"))
-        top_p = torch.tensor([items[r].decoding.top_p for r in sampling], device=logits.device)
+        decodings = [rows[i].item.decoding for i in sampling]
+        temperatures = torch.tensor([d.temperature for d in decodings], device=logits.device)
+        scores = logits[torch.tensor(sampling, device=logits.device)] / temperatures[:, None]
+        vocabulary = scores.shape[1]
+        limited = [j for j, d in enumerate(decodings) if 0 < d.top_k < vocabulary]
+        if limited:
+            ks = torch.tensor([decodings[j].top_k for j in limited], device=logits.device)
+            part = scores[limited]
+            kth = part.topk(int(ks.max())).values.gather(1, ks[:, None] - 1)
+            scores[limited] = part.masked_fill(part < kth, float("-inf"))
+        top_p = torch.tensor([d.top_p for d in decodings], device=logits.device)
         if (top_p < 1.0).any():
             sorted_scores, order = scores.sort(dim=-1, descending=True)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            mass = sorted_scores.softmax(dim=-1)
             # Drop tokens once the mass before them already reaches top_p (the first always stays).
-            drop = (cumulative - sorted_scores.softmax(dim=-1)) >= top_p[:, None]
+            drop = (mass.cumsum(dim=-1) - mass) >= top_p[:, None]
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(1, order, sorted_scores)
         probabilities = scores.softmax(dim=-1)
-        for j, r in enumerate(sampling):
-            chosen[r] = torch.multinomial(probabilities[j], 1, generator=generators[r])[0]
+        # Seeded rows draw from their own generator (reproducible whatever the batch); the rest in one call.
+        shared = [j for j, i in enumerate(sampling) if rows[i].generator is None]
+        if shared:
+            picks = torch.multinomial(probabilities[shared], 1)[:, 0]
+            chosen[torch.tensor([sampling[j] for j in shared], device=logits.device)] = picks
+        for j, i in enumerate(sampling):
+            if rows[i].generator is not None:
+                chosen[i] = torch.multinomial(probabilities[j], 1, generator=rows[i].generator)[0]
         return chosen
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))

@@ -19,11 +19,11 @@ class WorkerMetrics:
         self.errors = Counter("kubelm_errors", "Requests answered with an error, by type", ["type"], registry=r)
         self.queue_wait = Histogram("kubelm_queue_wait_seconds", "Time from publish to delivery",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_wait = Histogram("kubelm_batch_wait_seconds", "Time from delivery to the batch starting",
+        self.batch_wait = Histogram("kubelm_batch_wait_seconds", "Time from delivery to joining the running batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.generation = Histogram("kubelm_generation_seconds", "Time to generate one batch",
+        self.generation = Histogram("kubelm_generation_seconds", "Time from joining the batch to the request's last token",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("kubelm_batch_size", "Requests per batch",
+        self.batch_size = Histogram("kubelm_batch_size", "Rows decoded together, per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.tokens = Counter("kubelm_generated_tokens", "Tokens generated", registry=r)
         self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)

@@ -27,7 +27,7 @@ from ..broker import Delivery, WorkerChannel
 from ..redis_store import OptionalRedis, RedisStore
 from . import response_cache
 from .batching import Batcher
-from .engine import Engine, Item
+from .engine import Batch, Engine, Item, Output
 from .health import HealthState, WorkerMetrics, serve_health
 from .settings import ServeConfig
 
@@ -40,6 +40,17 @@ class Pending:
     request: Request
     material: list[str] | None
     """Response-cache key material per prompt; None when not cacheable."""
+
+
+@dataclass
+class InFlight:
+    """A request in the running batch: one output slot per prompt, filled as its rows finish."""
+    pending: Pending
+    outputs: list[Output | None]
+    admitted: float
+    admitted_wall: float
+    batch_size: int = 0
+    """Rows decoding together right after it joined."""
 
 
 def model_digest(reference: str, source_description: str) -> str:
@@ -66,6 +77,9 @@ class Worker:
         self.channel = WorkerChannel(amqp_url, prefetch=2 * config.batching.max_batch_size)
         self.queue = self.channel.declare(config.namespace, config.name, config.queue)
         self.dead_letter_key = queues.dead_letter_queue(config.namespace, config.name)
+        self.in_flight: dict[int, InFlight] = {}
+        """Requests admitted to the running batch, by id of their Pending."""
+        self.batch = Batch()
         self.draining = False
         self.model_id = keys.model_id(config.namespace, config.name)
 
@@ -149,37 +163,65 @@ class Worker:
 
         return self.redis.call(put, False, force=True)
 
-    # -- batches --------------------------------------------------------------------------------
-    def run_batch(self, batch: list[Pending]) -> None:
-        started, started_wall = time.monotonic(), time.time()
-        for pending in batch:
-            self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
-        items = [Item(p, pending.request.decoding) for pending in batch for p in pending.request.prompts]
-        try:
-            outputs = self.engine.generate(items)
-        except Exception as e:
-            log.exception("batch of %d failed", len(batch))
-            for pending in batch:
-                self._refuse(pending.delivery, pending.request.id, protocol.INTERNAL, f"{type(e).__name__}: {e}")
+    # -- continuous batching ---------------------------------------------------------------------
+    def admit(self, now: float) -> None:
+        """Moves waiting requests into the running batch while it has room (the engine prefills them)."""
+        room = self.config.batching.max_batch_size - len(self.in_flight)
+        if room <= 0 or not len(self.batcher):
             return
-        elapsed = time.monotonic() - started
+        admitted = self.batcher.take(now, limit=room)
+        started_wall = time.time()
+        entries = []
+        for pending in admitted:
+            self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
+            self.in_flight[id(pending)] = InFlight(pending, [None] * len(pending.request.prompts), now,
+                                                   started_wall)
+            entries += [((id(pending), i), Item(p, pending.request.decoding))
+                        for i, p in enumerate(pending.request.prompts)]
+        try:
+            self.engine.join(self.batch, entries)
+        except Exception as e:  # a failed prefill fails what is in the batch, not the worker
+            self._fail_batch(e)
+            return
+        for pending in admitted:
+            self.in_flight[id(pending)].batch_size = len(self.batch)
+
+    def step(self) -> None:
+        """One decode step; requests whose every prompt finished are answered at once."""
+        self.metrics.batch_size.observe(len(self.batch))
+        try:
+            finished = self.engine.step(self.batch)
+        except Exception as e:
+            self._fail_batch(e)
+            return
+        for (key, index), output in finished:
+            flight = self.in_flight[key]
+            flight.outputs[index] = output
+            if all(o is not None for o in flight.outputs):
+                del self.in_flight[key]
+                self._finish(flight)
+
+    def _finish(self, flight: InFlight) -> None:
+        pending, outputs = flight.pending, [o for o in flight.outputs if o is not None]
+        elapsed = time.monotonic() - flight.admitted
         self.metrics.generation.observe(elapsed)
-        self.metrics.batch_size.observe(len(batch))
         self.metrics.tokens.inc(sum(o.completion_tokens for o in outputs))
-        position = 0
-        for pending in batch:
-            count = len(pending.request.prompts)
-            choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
-                            for o in outputs[position:position + count])
-            position += count
-            reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
-                "batch_wait_ms": round((started_wall - pending.delivery.received) * 1000, 3),
-                "generate_ms": round(elapsed * 1000, 3), "batch_size": len(batch)})
-            self._answer(pending.delivery, reply)
-            self.metrics.requests.labels("ok").inc()
-            for material, choice in zip(pending.material or (), choices, strict=False):
-                response_cache.store(self.redis, self.model_id, material, choice,
-                                     self.config.cache.responses.ttl_seconds)
+        choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
+                        for o in outputs)
+        reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
+            "batch_wait_ms": round((flight.admitted_wall - pending.delivery.received) * 1000, 3),
+            "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
+        self._answer(pending.delivery, reply)
+        self.metrics.requests.labels("ok").inc()
+        for material, choice in zip(pending.material or (), choices, strict=False):
+            response_cache.store(self.redis, self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
+
+    def _fail_batch(self, error: Exception) -> None:
+        log.exception("generation failed for %d requests", len(self.in_flight), exc_info=error)
+        flights, self.in_flight, self.batch = list(self.in_flight.values()), {}, Batch()
+        for flight in flights:
+            self._refuse(flight.pending.delivery, flight.pending.request.id, protocol.INTERNAL,
+                         f"{type(error).__name__}: {error}")
 
     # -- main loop ------------------------------------------------------------------------------
     def register(self) -> None:
@@ -200,8 +242,14 @@ class Worker:
             self.health.tick()
             self._before_ack()
             now = time.monotonic()
+            if self.in_flight:
+                # Decoding: whoever arrived during the last step joins now instead of waiting for the batch.
+                self.channel.wait(0)
+                self.admit(now)
+                self.step()
+                continue
             if self.batcher.ready(now) or (self.draining and len(self.batcher)):
-                self.run_batch(self.batcher.take(now))
+                self.admit(now)
                 continue
             if self.draining:
                 self.channel.wait(0)  # dispatch anything that arrived before the cancel completed
@@ -223,7 +271,8 @@ def run(config: ServeConfig, amqp_url: str, redis_url: str | None) -> None:
     server = serve_health(config.health_port, health, metrics)
     store = RedisStore(redis_url, timeout=30) if redis_url else None
     reference, revision = models.resolve(config.model, store, Path(config.cache_dir))
-    engine = Engine.load(reference, revision, config.model.tokenizer, config.device, config.dtype)
+    engine = Engine.load(reference, revision, config.model.tokenizer, config.device, config.dtype,
+                         batch_hint=config.batching.max_batch_size)
     worker = Worker(config, amqp_url, redis_url, engine, model_digest(reference, config.model.describe()),
                     metrics, health)
 
