@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from kubelm_contract.protocol import Decoding
-from kubelm_runtime.serve.engine import Engine, Item
+from kubelm_runtime.serve.engine import Batch, Engine, Item, Output
+from kubelm_runtime.serve.kvcache import GrowingCache, GrowingLayer, room_for
+from kubelm_runtime.train.precision import cpu_has_fast_bf16
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Engine:
-    return Engine.load(str(tiny_model), dtype="fp32")
+@pytest.fixture(scope="module", params=["lean", "transformers"])
+def engine(tiny_model: Path, request: pytest.FixtureRequest) -> Engine:
+    """Both forward passes: the lean GPT-2 one and transformers' (used for other architectures)."""
+    loaded = Engine.load(str(tiny_model), dtype="fp32", lean=request.param == "lean")
+    assert (loaded.lean is not None) == (request.param == "lean")
+    return loaded
 
 
 def test_greedy_batch_matches_transformers_generate_one_by_one(engine: Engine) -> None:
@@ -62,3 +67,89 @@ def test_bf16_loads_when_asked(tiny_model: Path) -> None:
     output = engine.generate([Item("the", Decoding(max_new_tokens=4, temperature=0))])[0]
     assert output.prompt_tokens == 1 and output.completion_tokens <= 4
     assert output.finish_reason == ("length" if output.completion_tokens == 4 else "stop")
+
+
+def greedy_reference(engine: Engine, prompt: str, tokens: int) -> str:
+    ids = engine.tokenizer(prompt, return_tensors="pt")
+    out = engine.model.generate(**ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens,
+                                pad_token_id=engine.tokenizer.eos_token_id)
+    return str(engine.tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine) -> None:
+    """Continuous batching: new rows are prefilled into the running batch between steps; rows that
+    finish leave it (and the cache drops them). Greedy outputs equal transformers' generate."""
+    engine.eos = -1  # a random tiny model may pick EOS; decode every row to its length
+    try:
+        batch = Batch()
+        engine.join(batch, [("long", Item("a", Decoding(max_new_tokens=90, temperature=0)))])
+        finished: dict[str, Output] = {}
+        for step in range(120):
+            if step == 5:
+                engine.join(batch, [("short", Item("the old fox runs to the river", Decoding(max_new_tokens=3,
+                                                                                            temperature=0))),
+                                    ("middle", Item("two three", Decoding(max_new_tokens=40, temperature=0)))])
+            if step == 20:
+                engine.join(batch, [("late", Item("one", Decoding(max_new_tokens=30, temperature=0)))])
+            finished.update(engine.step(batch))
+            if not len(batch):
+                break
+    finally:
+        engine.eos = engine.tokenizer.eos_token_id
+    assert set(finished) == {"long", "short", "middle", "late"} and not batch.rows
+    for key, prompt, tokens in [("long", "a", 90), ("short", "the old fox runs to the river", 3),
+                                ("middle", "two three", 40), ("late", "one", 30)]:
+        assert finished[key].completion_tokens == tokens and finished[key].finish_reason == "length"
+        assert finished[key].text == greedy_reference(engine, prompt, tokens), key
+
+
+def test_growing_cache_keeps_and_concatenates_rows() -> None:
+    layer, other = GrowingLayer(), GrowingLayer()
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    layer.update(k, -k)
+    assert layer.buffers is not None and layer.buffers[0].shape[2] == room_for(3)
+    for _ in range(100):  # past several growths: contents survive
+        layer.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    keys, values = layer.filled()
+    assert keys.shape == (2, 1, 103, 2) and torch.equal(keys[:, :, :3], k) and keys[:, :, 3:].eq(1).all()
+    assert torch.equal(values[:, :, :3], -k) and layer.buffers[0].shape[2] < 2 * 103
+    layer.keep(torch.tensor([1]), start=2)
+    keys, _ = layer.filled()
+    assert keys.shape == (1, 1, 101, 2) and torch.equal(keys[0, 0, 0], k[1, 0, 2])
+    other.update(torch.full((1, 1, 2, 2), 7.0), torch.full((1, 1, 2, 2), 7.0))
+    layer.concat(other)
+    keys, _ = layer.filled()
+    assert keys.shape == (2, 1, 101, 2)
+    assert torch.equal(keys[1, 0, -2:], torch.full((2, 2), 7.0)) and not keys[1, 0, :-2].any()
+    assert not layer.buffers[0][:, :, 101:].any()  # room not yet written is zero (read by lean attention)
+
+
+def test_lean_gpt2_matches_transformers_with_padding_and_cache(tiny_model: Path) -> None:
+    reference = Engine.load(str(tiny_model), dtype="fp32", lean=False)
+    lean = Engine.load(str(tiny_model), dtype="fp32")
+    assert lean.lean is not None
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    caches = GrowingCache(), GrowingCache()
+    for _ in range(20):  # prefill, then decode steps past the first growth of the cache
+        expected = reference._forward(ids, attention, positions, caches[0])
+        got = lean._forward(ids, attention, positions, caches[1])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        ids = expected.argmax(dim=-1, keepdim=True)
+        attention = torch.cat([attention, torch.ones_like(ids)], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="packing is used for bf16 on CPUs with fast bf16")
+@pytest.mark.parametrize("lean", [True, False])
+def test_packed_linear_layers_match_the_plain_model(tiny_model: Path, lean: bool) -> None:
+    plain = Engine.load(str(tiny_model), dtype="bf16", batch_hint=0, lean=False)
+    packed = Engine.load(str(tiny_model), dtype="bf16", batch_hint=8, lean=lean)
+    assert plain.packed_layers == 0 and packed.packed_layers == 2 * 4 + 1  # 4 per block + output head
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    attention = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    expected = plain._forward(ids, attention, positions, GrowingCache())
+    got = packed._forward(ids, attention, positions, GrowingCache())
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

@@ -22,7 +22,7 @@ import torch
 from kubelm_contract.protocol import Decoding
 
 from ..train.precision import cpu_has_fast_bf16
-from . import packing
+from . import gpt2, packing
 from .kvcache import GrowingCache
 
 log = logging.getLogger(__name__)
@@ -78,20 +78,33 @@ class Engine:
     """Continuous batching: `join` prefills new rows into a running batch between steps, `step` picks
     one token for every row, hands back the rows that finished and runs the model once for the rest."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, batch_hint: int = 32):
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, batch_hint: int = 32, lean: bool = True):
+        # Measured before packing, which turns weights into buffers: what one decode step must read.
+        self.parameter_count = sum(p.numel() for p in model.parameters())
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.dtype = next(model.parameters()).dtype
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.eos = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
-        self.packed_layers = packing.pack_linears(self.model, batch_hint)
+        self.lean = gpt2.build(self.model, batch_hint) if lean else None
+        if self.lean is not None:
+            self.packed_layers = self.lean.packed_layers
+        else:
+            self.packed_layers = packing.pack_linears(self.model, batch_hint) if batch_hint > 0 else 0
         self._last_logit_only = ({"logits_to_keep": 1}
                                  if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
 
     @classmethod
     def load(cls, reference: str, revision: str | None = None, tokenizer_reference: str | None = None,
-             device: str = "auto", dtype: str = "auto", batch_hint: int = 32) -> Engine:
+             device: str = "auto", dtype: str = "auto", batch_hint: int = 32, lean: bool = True) -> Engine:
+        """`batch_hint`: the batch size linear layers are packed for (0: leave them unpacked); `lean`: use
+        the lean forward pass where there is one for the architecture (GPT-2), else transformers'.
+
+        With the lean GPT-2 pass on packed weights, `engine.model` no longer holds the block weights."""
         from ..models import load_causal_lm, load_tokenizer
 
         target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -100,9 +113,9 @@ class Engine:
         started = time.perf_counter()
         model = load_causal_lm(reference, revision, dtype=chosen).to(target)
         tokenizer = load_tokenizer(tokenizer_reference or reference, None if tokenizer_reference else revision)
-        engine = cls(model, tokenizer, target, batch_hint)
-        log.info("loaded %s (%s, %s, %d packed linear layers) in %.1fs", reference, target, chosen,
-                 engine.packed_layers, time.perf_counter() - started)
+        engine = cls(model, tokenizer, target, batch_hint, lean)
+        log.info("loaded %s (%s, %s, %s forward, %d packed linear layers) in %.1fs", reference, target, chosen,
+                 "lean" if engine.lean else "transformers", engine.packed_layers, time.perf_counter() - started)
         return engine
 
     def count_tokens(self, prompt: str) -> int:
@@ -125,10 +138,10 @@ class Engine:
         encoded = self.tokenizer([item.prompt for _, item in entries], add_special_tokens=False)["input_ids"]
         rows = [Row(key, item, list(ids), self._generator(item.decoding))
                 for (key, item), ids in zip(entries, encoded, strict=True)]
-        # An empty prompt starts from EOS, as GPT-2 does for unconditional text.
-        inputs = [r.prompt_ids or [self.eos] for r in rows]
+        # An empty prompt starts from BOS (EOS for GPT-2), as for unconditional text.
+        inputs = [r.prompt_ids or [self.bos] for r in rows]
         width = max(len(ids) for ids in inputs)
-        input_ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(inputs):
             input_ids[i, width - len(ids):] = torch.tensor(ids)
@@ -136,9 +149,7 @@ class Engine:
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         cache = GrowingCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                         past_key_values=cache, use_cache=True, **self._last_logit_only)
-        logits = out.logits[:, -1, :].float()
+        logits = self._forward(input_ids, attention, positions, cache)
         following = positions[:, -1:] + 1
         self._compact(batch)
         if batch.attention is None or batch.positions is None or batch.logits is None:
@@ -173,11 +184,18 @@ class Engine:
             return finished
         assert tokens is not None and batch.attention is not None and batch.positions is not None
         attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=batch.positions,
-                         past_key_values=batch.cache, use_cache=True)
+        batch.logits = self._forward(tokens[:, None], attention, batch.positions, batch.cache)
         batch.attention, batch.positions = attention, batch.positions + 1
-        batch.logits = out.logits[:, -1, :].float()
         return finished
+
+    def _forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                 cache: GrowingCache) -> torch.Tensor:
+        """float32 logits of each row's last position; `attention` covers the cache and the new tokens."""
+        if self.lean is not None:
+            return self.lean(input_ids, positions, attention, cache)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                         past_key_values=cache, use_cache=True, **self._last_logit_only)
+        return out.logits[:, -1, :].float()
 
     def _advance(self, row: Row, token: int) -> None:
         if token == self.eos:
@@ -265,14 +283,18 @@ class Engine:
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(1, order, sorted_scores)
         probabilities = scores.softmax(dim=-1)
-        # Seeded rows draw from their own generator (reproducible whatever the batch); the rest in one call.
+        # Drawing from p as argmax(p / E) with E ~ Exp(1) (the exponential race): the same distribution as
+        # multinomial, several times faster here. Seeded rows draw E from their own generator, so their
+        # tokens do not depend on the batch; the others share one draw.
+        race = torch.empty_like(probabilities)
         shared = [j for j, i in enumerate(sampling) if rows[i].generator is None]
         if shared:
-            picks = torch.multinomial(probabilities[shared], 1)[:, 0]
-            chosen[torch.tensor([sampling[j] for j in shared], device=logits.device)] = picks
+            race[shared] = torch.rand((len(shared), vocabulary), device=logits.device)
         for j, i in enumerate(sampling):
             if rows[i].generator is not None:
-                chosen[i] = torch.multinomial(probabilities[j], 1, generator=rows[i].generator)[0]
+                race[j] = torch.rand(vocabulary, generator=rows[i].generator, device=logits.device)
+        picks = (probabilities / race.log_().neg_()).argmax(dim=-1)
+        chosen[torch.tensor(sampling, device=logits.device)] = picks
         return chosen
 
 

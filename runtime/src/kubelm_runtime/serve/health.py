@@ -21,7 +21,8 @@ class WorkerMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_wait = Histogram("kubelm_batch_wait_seconds", "Time from delivery to joining the running batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.generation = Histogram("kubelm_generation_seconds", "Time from joining the batch to the request's last token",
+        self.generation = Histogram("kubelm_generation_seconds",
+                                    "Time from joining the batch to the request's last token",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("kubelm_batch_size", "Rows decoded together, per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
