@@ -22,11 +22,26 @@ class StoreUnavailable(RuntimeError):
     """Redis could not be reached or timed out; callers decide whether that is fatal."""
 
 
+# KEYS[1]: a stats hash; KEYS[2..]: documents. All of them, or nil when one is missing; counts hits/misses.
+LOOKUP_ALL_OR_NONE = """
+local found = redis.call('MGET', unpack(KEYS, 2))
+for i = 1, #found do
+  if not found[i] then
+    redis.call('HINCRBY', KEYS[1], 'misses', 1)
+    return nil
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'hits', 1)
+return found
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, timeout: float = 5.0):
         self.url = url
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
+        self._lookup = self._client.register_script(LOOKUP_ALL_OR_NONE)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -68,6 +83,12 @@ class RedisStore:
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return list(self._call(self._client.mget, list(keys))) if keys else []
+
+    def get_json_all_or_none(self, keys: Sequence[str], stats: str) -> list[Any] | None:
+        """The JSON documents at every key, or None if one is missing; counts a hit or a miss in the
+        `stats` hash. One round trip (a server-side script), so a cache hit costs a single exchange."""
+        found = self._call(self._lookup, keys=[stats, *keys])
+        return None if found is None else [json.loads(raw) for raw in found]
 
     def hset_json(self, name: str, field: str, value: Any) -> None:
         self._call(self._client.hset, name, field, json.dumps(value, separators=(",", ":")))

@@ -25,12 +25,8 @@ def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list
 def lookup(redis: OptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
     """The cached choices when every prompt is cached (counted as a hit), else None (a miss)."""
     response_keys = [keys.response(model, m) for m in material]
-    found = redis.call(lambda s: [s.get_json(k) for k in response_keys], None)
-    if not redis.available:
-        return None
-    hit = found is not None and all(found)
-    redis.call(lambda s: s.hincrby(keys.cache_stats(model), "hits" if hit else "misses"), 0)
-    return tuple(Choice(**c) for c in found) if hit else None  # type: ignore[union-attr]
+    found = redis.call(lambda s: s.get_json_all_or_none(response_keys, keys.cache_stats(model)), None)
+    return None if found is None else tuple(Choice(**c) for c in found)
 
 
 def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:
