@@ -187,8 +187,10 @@ def rabbitmq_env(layout: Layout) -> dict[str, str]:
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
         "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
-        # Never start an epmd daemon of its own (it would outlive the cluster): use ours.
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-start_epmd false",
+        # Never start an epmd daemon of its own (it would outlive the cluster): use ours. The Erlang
+        # schedulers must not spin while idle: on a developer machine they share cores with the
+        # workers, whose decode steps they would slow down.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-start_epmd false +sbwt none +sbwtdcpu none +sbwtdio none",
     }
 
 

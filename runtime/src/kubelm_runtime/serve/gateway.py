@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kubelm_contract import keys, protocol, queues
 from kubelm_contract.protocol import Decoding, Limits, ProtocolError
 
-from ..broker import BrokerError, NoSuchQueue, QueueFull, RpcClient, new_request_id
+from ..broker import BrokerError, NoSuchQueue, QueueFull, RpcPool, new_request_id
 from ..redis_store import OptionalRedis, RedisStore
 from . import response_cache
 from .settings import GatewayConfig
@@ -76,7 +76,7 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, rpc: RpcClient, redis_url: str | None):
+    def __init__(self, config: GatewayConfig, rpc: RpcPool, redis_url: str | None):
         self.config = config
         self.rpc = rpc
         self.redis = OptionalRedis(redis_url, "the model registry and asynchronous results", retry_after=5)
@@ -327,7 +327,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 def run(config: GatewayConfig, amqp_url: str, redis_url: str | None) -> None:
     import uvicorn
 
-    rpc = RpcClient(amqp_url)
+    rpc = RpcPool(amqp_url, config.publish_connections)
     rpc.start()
     app = create_app(Gateway(config, rpc, redis_url))
     try:

@@ -109,5 +109,12 @@ class GatewayConfig:
     max_concurrency: int = 512
     request_timeout_seconds: float = 60.0
     result_ttl_seconds: int = 3600
+    publish_connections: int = 4
+    """AMQP connections publishing requests; each waits for one confirm at a time, so several let
+    simultaneous requests reach the queue within a worker's batching wait."""
     auth_token_file: str | None = None
     """File holding the bearer token clients must send (a mounted Secret); no auth when unset."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.publish_connections <= 64:
+            raise SettingsError("publishConnections must be between 1 and 64")
