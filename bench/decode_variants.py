@@ -1,5 +1,7 @@
 """Decode-step time of the serving engine's options, in one run: dtype, dynamic or static KV cache,
-eager or torch.compile. GPT-2 124M shapes (vocabulary 2048), 16-token prompts, greedy.
+eager or torch.compile, then what the engine uses: the cache that grows in place, linear weights
+packed for oneDNN, and the lean GPT-2 forward. GPT-2 124M shapes (vocabulary 2048), 16-token
+prompts, greedy.
 
     python bench/decode_variants.py [--steps 32]
 
@@ -14,7 +16,40 @@ import subprocess
 import sys
 import time
 
-VARIANTS = [("float32", "dynamic"), ("bfloat16", "dynamic"), ("bfloat16", "static"), ("bfloat16", "compiled")]
+VARIANTS = [("float32", "dynamic"), ("bfloat16", "dynamic"), ("bfloat16", "static"), ("bfloat16", "compiled"),
+            ("bfloat16", "growing"), ("bfloat16", "packed"), ("bfloat16", "lean")]
+
+
+def measure_engine(model: object, batch: int, mode: str, steps: int, warmup: int) -> float:
+    """Seconds per step with the serving engine's cache, packing and (for "lean") forward pass."""
+    import torch
+
+    from kubelm_runtime.serve import gpt2, packing
+    from kubelm_runtime.serve.kvcache import GrowingCache
+
+    lean = gpt2.build(model, batch) if mode == "lean" else None
+    if mode == "packed":
+        packing.pack_linears(model, batch)  # type: ignore[arg-type]
+
+    def forward(ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                cache: GrowingCache) -> torch.Tensor:
+        if lean is not None:
+            return lean(ids, positions, attention, cache)
+        return model(input_ids=ids, attention_mask=attention, position_ids=positions,  # type: ignore[operator]
+                     past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+    cache = GrowingCache()
+    attention = torch.ones(batch, 16, dtype=torch.long)
+    positions = torch.arange(16).expand(batch, 16)
+    token = forward(torch.randint(0, 2048, (batch, 16)), attention, positions, cache).argmax(-1)
+    position = torch.full((batch, 1), 16)
+    for i in range(warmup + steps):
+        if i == warmup:
+            started = time.perf_counter()
+        attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
+        token = forward(token[:, None], attention, position, cache).argmax(-1)
+        position = position + 1
+    return (time.perf_counter() - started) / steps
 
 
 def measure(batch: int, dtype_name: str, mode: str, steps: int) -> dict:
@@ -31,6 +66,8 @@ def measure(batch: int, dtype_name: str, mode: str, steps: int) -> dict:
     warmup, compile_seconds = 3, 0.0
 
     with torch.inference_mode():
+        if mode in ("growing", "packed", "lean"):
+            return {"ms": measure_engine(model, batch, mode, steps, warmup) * 1000, "warmup_s": 0.0}
         if mode == "dynamic":
             out = model(input_ids=prompt, use_cache=True)
             cache = out.past_key_values
