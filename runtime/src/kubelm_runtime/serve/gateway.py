@@ -331,6 +331,9 @@ def run(config: GatewayConfig, amqp_url: str, redis_url: str | None) -> None:
     rpc.start()
     app = create_app(Gateway(config, rpc, redis_url))
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+        # Keep idle client connections longer than the usual 60 s of load balancers in front, which
+        # would otherwise reuse a connection the gateway just closed (a 502 for the client).
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                    timeout_keep_alive=75)
     finally:
         rpc.close()
