@@ -168,8 +168,7 @@ class Engine:
         """One token for every row; returns the rows that finished with it."""
         if batch.logits is None:
             return []
-        tokens: torch.Tensor | None = self._select(batch)
-        assert tokens is not None
+        tokens = self._select(batch)
         finished: list[tuple[Any, Output]] = []
         for row, token in zip(batch.rows, tokens.tolist(), strict=True):
             if row.finish is not None:
@@ -179,10 +178,11 @@ class Engine:
                 finished.append((row.key, self._output(row)))
         dead = len(batch.rows) - len(batch)
         if dead and 2 * dead >= len(batch.rows):
-            tokens = self._compact(batch, tokens)
+            kept = self._compact(batch)
+            tokens = tokens if kept is None else tokens[kept]
         if not len(batch):
             return finished
-        assert tokens is not None and batch.attention is not None and batch.positions is not None
+        assert batch.attention is not None and batch.positions is not None
         attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=1)
         batch.logits = self._forward(tokens[:, None], attention, batch.positions, batch.cache)
         batch.attention, batch.positions = attention, batch.positions + 1
@@ -214,25 +214,26 @@ class Engine:
                                  row.item.decoding.stop)
         return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated))
 
-    def _compact(self, batch: Batch, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Drops finished rows, and the leading columns that only they needed; returns their tokens kept."""
+    def _compact(self, batch: Batch) -> torch.Tensor | None:
+        """Drops finished rows, and the leading columns that only they needed; returns the indices of
+        the rows kept, or None when there was nothing to drop."""
         if batch.attention is None or batch.positions is None or batch.logits is None:
-            return tokens
+            return None
         live = [i for i, r in enumerate(batch.rows) if r.finish is None]
         if len(live) == len(batch.rows):
-            return tokens
+            return None
+        index = torch.tensor(live, dtype=torch.long, device=batch.attention.device)
         if not live:
             batch.rows, batch.cache = [], GrowingCache()
             batch.attention = batch.positions = batch.logits = None
-            return tokens
-        index = torch.tensor(live, device=batch.attention.device)
+            return index
         attention = batch.attention[index]
         start = int((attention.sum(dim=0) > 0).nonzero()[0])
         batch.cache.keep(index, start)
         batch.attention = attention[:, start:]
         batch.positions, batch.logits = batch.positions[index], batch.logits[index]
         batch.rows = [batch.rows[i] for i in live]
-        return None if tokens is None else tokens[index]
+        return index
 
     def _generator(self, decoding: Decoding) -> torch.Generator | None:
         if decoding.seed is None or decoding.temperature == 0:
