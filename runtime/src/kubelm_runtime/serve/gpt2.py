@@ -38,9 +38,10 @@ class Product:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, packed: bool):
         self.bias = None if bias is None else bias.detach()
-        self.weight = weight.detach()  # a transposed view of GPT-2's [in, out] weight needs no copy
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight.contiguous(), batch_hint)
+        # Either the packed copy or the weight itself (a transposed view of GPT-2's [in, out] needs no copy).
+        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
                        if packed else None)
+        self.weight = None if packed else weight.detach()
 
     def __call__(self, x: torch.Tensor, gelu: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
@@ -49,6 +50,7 @@ class Product:
             if gelu is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], gelu)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        assert self.weight is not None
         y = F.linear(x, self.weight, self.bias)
         if gelu is not None:
             y = F.gelu(y, approximate=gelu)
@@ -69,7 +71,6 @@ class Gpt2:
     def __init__(self, model: Any, batch_hint: int):
         config, body = model.config, model.transformer
         packed = packing.available(model) and batch_hint > 0
-        self.dtype = next(model.parameters()).dtype
         self.heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
@@ -97,10 +98,6 @@ class Gpt2:
             for b in body.h:
                 for layer in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
                     layer.weight.data = layer.weight.data.new_empty(0)
-        for product_ in [self.head] + [p for b in self.blocks for p in (b.attention, b.attention_out, b.mlp_in,
-                                                                           b.mlp_out)]:
-            if product_.packed is not None:
-                product_.weight = product_.packed
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor,
