@@ -70,3 +70,49 @@ def test_a_failing_decode_step_answers_every_request_in_the_batch_and_dead_lette
     assert {headers[queues.ERROR_TYPE_HEADER] for headers, _ in dead} == {protocol.INTERNAL}
     errors = worker.metrics.registry.get_sample_value("kubelm_errors_total", {"type": protocol.INTERNAL})
     assert errors == 2
+
+
+def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    """Continuous batching in the worker: a short request sent while a long one decodes joins the
+    running batch at the next step (no wait for the batch to end) and is answered when it is done."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    config = load(ServeConfig, {"name": "joins", "namespace": namespace, "model": {"uri": str(tiny_model)},
+                                "cacheDir": str(tmp_path), "dtype": "fp32", "limits": {"maxNewTokens": 200},
+                                "batching": {"maxBatchSize": 4, "maxWaitMillis": 0}})
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    engine.eos = -1  # a tiny model may pick EOS early; decode every row to its length
+    worker = Worker(config, cluster.amqp_url, None, engine, "digest")
+    running = threading.Thread(target=worker.run, daemon=True)
+    running.start()
+    client = RpcClient(cluster.amqp_url)
+    client.start()
+    order: list[str] = []
+
+    async def ask(prompt: str, tokens: int) -> dict[str, Any]:
+        request_id = new_request_id()
+        body = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": [prompt], "model": "joins",
+                           "params": {"max_new_tokens": tokens, "temperature": 0},
+                           "deadline": time.time() + 60}).encode()
+        reply = json.loads(await client.call(queues.request_queue(namespace, "joins"), body, request_id, 60))
+        order.append(prompt)
+        return reply  # type: ignore[no-any-return]
+
+    async def long_then_short() -> tuple[dict[str, Any], dict[str, Any]]:
+        long = asyncio.ensure_future(ask("long", 200))
+        while not worker.in_flight:
+            await asyncio.sleep(0.001)
+        short = await ask("short", 2)
+        return await long, short
+
+    try:
+        eventually(lambda: worker.health.ready, timeout=30, what="worker consuming")
+        long, short = asyncio.run(long_then_short())
+    finally:
+        client.close()
+        worker.draining = True
+        running.join(30)
+    assert order == ["short", "long"]
+    assert short["ok"] and short["choices"][0]["completion_tokens"] == 2 and short["timings"]["batch_size"] == 2
+    assert long["ok"] and long["choices"][0]["completion_tokens"] == 200 and long["timings"]["batch_size"] == 1
+    assert not worker.channel.unacked
