@@ -2,7 +2,7 @@
 
 transformers' dynamic cache appends each token with `torch.cat`, which copies the
 whole cache of every layer on every decode step; at batch 32 that copying alone
-took as long as the matrix products. Here each layer keeps its keys and values in
+took longer than the matrix products. Here each layer keeps its keys and values in
 a buffer with spare room (a quarter more, at least 16 columns, when full), a step
 writes one column in place and the model sees a view of the filled part. The room
 is kept modest because the lean GPT-2 attention reads whole buffers.
