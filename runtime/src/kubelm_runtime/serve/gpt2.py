@@ -39,17 +39,12 @@ class Product:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, packed: bool):
         self.bias = None if bias is None else bias.detach()
         # Either the packed copy or the weight itself (a transposed view of GPT-2's [in, out] needs no copy).
-        self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
-                       if packed else None)
+        self.packed = packing.pack(weight, batch_hint) if packed else None
         self.weight = None if packed else weight.detach()
 
     def __call__(self, x: torch.Tensor, gelu: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
-            if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
-            if gelu is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], gelu)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packing.packed_linear(x, self.packed, self.bias, gelu, residual)
         assert self.weight is not None
         y = F.linear(x, self.weight, self.bias)
         if gelu is not None:
