@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 import yaml
 
+from kubelm_contract import queues
 from kubelm_devcluster.probes import http_get
 from support import ClusterEnv, eventually
 
@@ -137,3 +139,17 @@ def rabbit_queue(cluster: ClusterEnv, name: str) -> dict[str, Any]:
     status, body = http_get(f"{cluster.rabbitmq_api_url}/api/queues/%2F/{name}")
     assert status == 200, body
     return json.loads(body)
+
+
+def dead_letters(cluster: ClusterEnv, namespace: str, model: str) -> list[tuple[dict[str, Any], bytes]]:
+    """Takes every message from a model's dead-letter queue: (headers, body) each."""
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    channel = connection.channel()
+    found = []
+    while True:
+        method, properties, body = channel.basic_get(queues.dead_letter_queue(namespace, model), auto_ack=True)
+        if method is None:
+            break
+        found.append((dict(properties.headers or {}), body))
+    connection.close()
+    return found

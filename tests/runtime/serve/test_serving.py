@@ -18,7 +18,7 @@ from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
 
-from .conftest import Launcher, get, post, rabbit_queue
+from .conftest import Launcher, dead_letters, get, post, rabbit_queue
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -69,19 +69,6 @@ def _send_raw(cluster: ClusterEnv, queue: str, body: bytes, reply_to: str | None
     channel.basic_publish("", queue, body, pika.BasicProperties(
         correlation_id=uuid.uuid4().hex, reply_to=reply_to, expiration=expiration, delivery_mode=2))
     connection.close()
-
-
-def _dead_letters(cluster: ClusterEnv, namespace: str, model: str) -> list[tuple[dict, bytes]]:
-    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
-    channel = connection.channel()
-    found = []
-    while True:
-        method, properties, body = channel.basic_get(queues.dead_letter_queue(namespace, model), auto_ack=True)
-        if method is None:
-            break
-        found.append((dict(properties.headers or {}), body))
-    connection.close()
-    return found
 
 
 def test_sigkill_mid_batch_loses_nothing(launcher: Launcher) -> None:
@@ -150,7 +137,7 @@ def test_malformed_messages_are_refused_and_dead_lettered(launcher: Launcher) ->
     errors = [protocol.Reply.from_json(r).error for r in replies]
     assert {e[0] for e in errors if e} == {protocol.INVALID_REQUEST, protocol.PROMPT_TOO_LONG}
     collected: list[tuple[dict, bytes]] = []
-    eventually(lambda: _collect(collected, _dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 200,
+    eventually(lambda: _collect(collected, dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 200,
                timeout=30, what="200 dead letters")
     assert len(collected) == 200
     assert all(queues.ERROR_TYPE_HEADER in headers for headers, _ in collected)
@@ -170,7 +157,7 @@ def test_expired_requests_are_dead_lettered(launcher: Launcher) -> None:
     past = protocol.Request("late", ("x",), protocol.Decoding(), deadline=time.time() - 5)
     _send_raw(launcher.cluster, queue, past.to_json())
     dead = []
-    eventually(lambda: _collect(dead, _dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 1,
+    eventually(lambda: _collect(dead, dead_letters(launcher.cluster, launcher.namespace, "tiny")) >= 1,
                timeout=30, what="expired request dead-lettered")
     headers, body = dead[0]
     assert headers[queues.ERROR_TYPE_HEADER] == protocol.EXPIRED and json.loads(body)["id"] == "late"
@@ -184,7 +171,7 @@ def test_broker_dead_letters_a_message_that_expires_in_the_queue(launcher: Launc
     request = protocol.Request("ttl", ("x",), protocol.Decoding())
     _send_raw(launcher.cluster, queue, request.to_json(), expiration="1")
     dead = []
-    eventually(lambda: _collect(dead, _dead_letters(launcher.cluster, launcher.namespace, "idle")) >= 1,
+    eventually(lambda: _collect(dead, dead_letters(launcher.cluster, launcher.namespace, "idle")) >= 1,
                timeout=30, what="broker dead-letters the expired message")
     assert dead[0][0]["x-death"][0]["reason"] in (b"expired", "expired")
 

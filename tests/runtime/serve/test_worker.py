@@ -1,4 +1,4 @@
-"""A worker in this process, on the real RabbitMQ, with an engine whose decode step breaks."""
+"""A worker in this process, on the real RabbitMQ, with its engine adjusted for the case under test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,53 +22,65 @@ from kubelm_runtime.serve.settings import ServeConfig
 from kubelm_runtime.serve.worker import Worker
 from support import ClusterEnv, eventually
 
-from .test_serving import _dead_letters
+from .conftest import dead_letters
 
 pytestmark = [pytest.mark.services]
 
+Ask = Callable[[str, int], Awaitable[dict[str, Any]]]
 
-def test_a_failing_decode_step_answers_every_request_in_the_batch_and_dead_letters_it(
-        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+
+@contextmanager
+def running_worker(cluster: ClusterEnv, engine: Engine, tmp_path: Path, name: str,
+                   **overrides: Any) -> Iterator[tuple[Worker, Ask]]:
+    """A Worker looping in a thread and `ask(prompt, max_new_tokens)`, which sends a request the way the
+    gateway does and returns the reply; the worker drains when the block ends."""
     namespace = f"t{uuid.uuid4().hex[:8]}"
-    config = load(ServeConfig, {"name": "broken", "namespace": namespace, "model": {"uri": str(tiny_model)},
-                                "cacheDir": str(tmp_path), "dtype": "fp32",
-                                "batching": {"maxBatchSize": 4, "maxWaitMillis": 200}})
-    engine = Engine.load(str(tiny_model), dtype="fp32")
-
-    def broken_step(batch: Batch) -> list[Any]:
-        raise RuntimeError("simulated device failure")
-
-    engine.step = broken_step  # type: ignore[method-assign]  # the prefill works, decoding fails
+    config = load(ServeConfig, {"name": name, "namespace": namespace, "model": {"uri": "unused"},
+                                "cacheDir": str(tmp_path), "dtype": "fp32", **overrides})
     worker = Worker(config, cluster.amqp_url, None, engine, "digest")
     running = threading.Thread(target=worker.run, daemon=True)
     running.start()
     client = RpcClient(cluster.amqp_url)
     client.start()
 
-    async def ask(prompt: str) -> dict[str, Any]:
+    async def ask(prompt: str, tokens: int) -> dict[str, Any]:
         request_id = new_request_id()
-        body = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": [prompt], "model": "broken",
-                           "params": {"max_new_tokens": 4}, "deadline": time.time() + 60}).encode()
-        return json.loads(await client.call(queues.request_queue(namespace, "broken"), body, request_id, 30))
-
-    async def ask_together() -> list[dict[str, Any]]:
-        return list(await asyncio.gather(ask("the old fox"), ask("two")))
+        body = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": [prompt], "model": name,
+                           "params": {"max_new_tokens": tokens, "temperature": 0},
+                           "deadline": time.time() + 60}).encode()
+        return json.loads(await client.call(queues.request_queue(namespace, name), body, request_id, 60))
 
     try:
         eventually(lambda: worker.health.ready, timeout=30, what="worker consuming")
-        replies = asyncio.run(ask_together())
+        yield worker, ask
     finally:
         client.close()
         worker.draining = True
         running.join(30)
     assert not running.is_alive() and not worker.channel.unacked
+
+
+def test_a_failing_decode_step_answers_every_request_in_the_batch_and_dead_letters_it(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+
+    def broken_step(batch: Batch) -> list[Any]:
+        raise RuntimeError("simulated device failure")
+
+    engine.step = broken_step  # type: ignore[method-assign]  # the prefill works, decoding fails
+    with running_worker(cluster, engine, tmp_path, "broken",
+                        batching={"maxBatchSize": 4, "maxWaitMillis": 200}) as (worker, ask):
+        async def together() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(ask("the old fox", 4), ask("two", 4)))
+
+        replies = asyncio.run(together())
     for reply in replies:
         assert reply["ok"] is False
         assert reply["error"]["type"] == protocol.INTERNAL
         assert "simulated device failure" in reply["error"]["message"]
     dead: list[tuple[dict, bytes]] = []
-    eventually(lambda: len(dead.__iadd__(_dead_letters(cluster, namespace, "broken"))) >= 2, timeout=10,
-               what="both requests dead-lettered")
+    eventually(lambda: len(dead.__iadd__(dead_letters(cluster, worker.config.namespace, "broken"))) >= 2,
+               timeout=10, what="both requests dead-lettered")
     assert {headers[queues.ERROR_TYPE_HEADER] for headers, _ in dead} == {protocol.INTERNAL}
     errors = worker.metrics.registry.get_sample_value("kubelm_errors_total", {"type": protocol.INTERNAL})
     assert errors == 2
@@ -76,43 +90,24 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
     """Continuous batching in the worker: a short request sent while a long one decodes joins the
     running batch at the next step (no wait for the batch to end) and is answered when it is done."""
-    namespace = f"t{uuid.uuid4().hex[:8]}"
-    config = load(ServeConfig, {"name": "joins", "namespace": namespace, "model": {"uri": str(tiny_model)},
-                                "cacheDir": str(tmp_path), "dtype": "fp32", "limits": {"maxNewTokens": 200},
-                                "batching": {"maxBatchSize": 4, "maxWaitMillis": 0}})
     engine = Engine.load(str(tiny_model), dtype="fp32")
     engine.eos = -1  # a tiny model may pick EOS early; decode every row to its length
-    worker = Worker(config, cluster.amqp_url, None, engine, "digest")
-    running = threading.Thread(target=worker.run, daemon=True)
-    running.start()
-    client = RpcClient(cluster.amqp_url)
-    client.start()
     order: list[str] = []
+    with running_worker(cluster, engine, tmp_path, "joins", limits={"maxNewTokens": 200},
+                        batching={"maxBatchSize": 4, "maxWaitMillis": 0}) as (worker, ask):
+        async def answered(prompt: str, tokens: int) -> dict[str, Any]:
+            reply = await ask(prompt, tokens)
+            order.append(prompt)
+            return reply
 
-    async def ask(prompt: str, tokens: int) -> dict[str, Any]:
-        request_id = new_request_id()
-        body = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": [prompt], "model": "joins",
-                           "params": {"max_new_tokens": tokens, "temperature": 0},
-                           "deadline": time.time() + 60}).encode()
-        reply = json.loads(await client.call(queues.request_queue(namespace, "joins"), body, request_id, 60))
-        order.append(prompt)
-        return reply  # type: ignore[no-any-return]
+        async def long_then_short() -> tuple[dict[str, Any], dict[str, Any]]:
+            long = asyncio.ensure_future(answered("long", 200))
+            while not worker.in_flight:
+                await asyncio.sleep(0.001)
+            short = await answered("short", 2)
+            return await long, short
 
-    async def long_then_short() -> tuple[dict[str, Any], dict[str, Any]]:
-        long = asyncio.ensure_future(ask("long", 200))
-        while not worker.in_flight:
-            await asyncio.sleep(0.001)
-        short = await ask("short", 2)
-        return await long, short
-
-    try:
-        eventually(lambda: worker.health.ready, timeout=30, what="worker consuming")
         long, short = asyncio.run(long_then_short())
-    finally:
-        client.close()
-        worker.draining = True
-        running.join(30)
     assert order == ["short", "long"]
     assert short["ok"] and short["choices"][0]["completion_tokens"] == 2 and short["timings"]["batch_size"] == 2
     assert long["ok"] and long["choices"][0]["completion_tokens"] == 200 and long["timings"]["batch_size"] == 1
-    assert not worker.channel.unacked
