@@ -90,6 +90,9 @@ def measure(batch: int, dtype_name: str, mode: str, steps: int) -> dict:
 
 
 def main() -> None:
+    from kubelm_runtime import allocator
+
+    allocator.reexec_with_jemalloc()  # as the serving worker runs (the variants inherit it)
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--one", nargs=3, metavar=("BATCH", "DTYPE", "MODE"))
@@ -98,7 +101,8 @@ def main() -> None:
         batch, dtype, mode = args.one
         print(json.dumps(measure(int(batch), dtype, mode, args.steps)))
         return
-    print(f"ms per decode step, GPT-2 124M shapes (vocabulary 2048), {args.steps} steps after 3 warm-up")
+    print(f"ms per decode step, GPT-2 124M shapes (vocabulary 2048), {args.steps} steps after 3 warm-up, "
+          f"{allocator.in_use()} malloc")
     for batch in (1, 32):
         base = None
         for dtype, mode in VARIANTS:

@@ -102,6 +102,7 @@ def run_trainer(model_dir: Path, out: Path, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
+    global SHAPE, BATCH, LENGTH
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=6)
@@ -114,7 +115,6 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--out")
     args = parser.parse_args()
-    global SHAPE, BATCH, LENGTH
     SHAPE, BATCH, LENGTH = SHAPES[args.shape], args.batch, args.length
     if args.only:
         model, out = Path(args.model), Path(args.out)

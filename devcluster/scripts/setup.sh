@@ -8,7 +8,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 venv=${KUBELM_VENV:-$root/.venv}
 cache=${KUBELM_CACHE:-$HOME/.cache/kubelm}
-apt_packages=(redis-server rabbitmq-server erlang-base openssl ca-certificates make)
+apt_packages=(redis-server rabbitmq-server erlang-base libjemalloc2 openssl ca-certificates make)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

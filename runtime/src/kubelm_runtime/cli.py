@@ -22,7 +22,11 @@ from pathlib import Path
 from kubelm_contract import env
 from kubelm_contract.settings import SettingsError
 
+from . import allocator
 from .artifacts import ArtifactError
+
+TORCH_COMMANDS = ("serve",)
+"""Subcommands whose speed depends on the allocator (kubelm_runtime.allocator): they re-execute with jemalloc."""
 
 
 def _setup_logging() -> None:
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             args.name, args.path = args.first, args.second
     _setup_logging()
     try:
+        if args.command in TORCH_COMMANDS:
+            allocator.reexec_with_jemalloc()
         return int(args.handler(args))
     except SettingsError as e:
         print(f"kubelm-runtime: invalid configuration: {e}", file=sys.stderr)

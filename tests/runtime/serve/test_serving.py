@@ -48,6 +48,13 @@ def test_openai_client_gets_completions(launcher: Launcher) -> None:
         client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
 
 
+def test_worker_reexecutes_itself_on_jemalloc(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny")
+    maps = Path(f"/proc/{worker.process.pid}/maps").read_text()
+    assert "libjemalloc" in maps
+    assert "memory allocator: jemalloc" in worker.output()
+
+
 def test_200_concurrent_requests_are_answered_in_batches(launcher: Launcher) -> None:
     worker = launcher.worker("tiny", batching={"maxBatchSize": 32, "maxWaitMillis": 50})
     gateway = launcher.gateway()
