@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             args.name, args.path = args.first, args.second
     _setup_logging()
     try:
-        if args.command in TORCH_COMMANDS:
+        if argv is None and args.command in TORCH_COMMANDS:  # a program of its own, not a caller's function
             allocator.reexec_with_jemalloc()
         return int(args.handler(args))
     except SettingsError as e:
