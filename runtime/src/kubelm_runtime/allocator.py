@@ -8,8 +8,8 @@ negligible); under jemalloc it is ~12 µs, and a batch-1 decode step of a GPT-2
 be swapped before the process starts, so the runtime re-executes itself once with
 the library preloaded: the process keeps its PID, arguments and environment.
 
-`KUBELM_MALLOC=system` keeps the system allocator. Training keeps it too: one pair of
-training benchmark runs was slower on jemalloc.
+`KUBELM_MALLOC=system` keeps the system allocator. Training keeps it too: the training
+benchmark ran slower on jemalloc, and only on par with its page decay turned off.
 """
 
 from __future__ import annotations
