@@ -35,6 +35,17 @@ def test_greedy_batch_matches_transformers_generate_one_by_one(engine: Engine) -
             assert output.completion_tokens == 6 + i
 
 
+def test_token_ids_given_with_an_item_are_used_as_they_are(engine: Engine) -> None:
+    greedy = Decoding(max_new_tokens=8, temperature=0)
+    ids = engine.encode("the old fox")
+    assert ids and all(isinstance(i, int) for i in ids)
+    # The worker encodes prompts once (length check) and hands the ids on: the text is then not read.
+    given, encoded, other = engine.generate([Item("two", greedy, ids), Item("the old fox", greedy),
+                                             Item("two", greedy)])
+    assert given == encoded
+    assert given.prompt_tokens == len(ids) != other.prompt_tokens
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine: Engine) -> None:
     seeded = Item("the", Decoding(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=1234))
     alone = engine.generate([seeded])[0]

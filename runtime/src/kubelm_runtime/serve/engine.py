@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 class Item:
     prompt: str
     decoding: Decoding
+    ids: tuple[int, ...] | None = None
+    """The prompt's token ids (`Engine.encode`) when the caller already has them: not encoded again."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class Engine:
                  "lean" if engine.lean else "transformers", engine.packed_layers, time.perf_counter() - started)
         return engine
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def encode(self, prompt: str) -> tuple[int, ...]:
+        """A prompt's token ids, as `join` feeds them to the model."""
+        return tuple(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def generate(self, items: list[Item]) -> list[Output]:
         """All items as one batch, decoded to the end; outputs in the items' order."""
@@ -135,9 +138,10 @@ class Engine:
         """Prefills the new rows' prompts and appends them to the batch, right-aligned with its rows."""
         if not entries:
             return
-        encoded = self.tokenizer([item.prompt for _, item in entries], add_special_tokens=False)["input_ids"]
-        rows = [Row(key, item, list(ids), self._generator(item.decoding))
-                for (key, item), ids in zip(entries, encoded, strict=True)]
+        unknown = [item.prompt for _, item in entries if item.ids is None]
+        encoded = iter(self.tokenizer(unknown, add_special_tokens=False)["input_ids"] if unknown else [])
+        rows = [Row(key, item, list(item.ids if item.ids is not None else next(encoded)),
+                    self._generator(item.decoding)) for key, item in entries]
         # An empty prompt starts from BOS (EOS for GPT-2), as for unconditional text.
         inputs = [r.prompt_ids or [self.bos] for r in rows]
         width = max(len(ids) for ids in inputs)

@@ -41,6 +41,8 @@ class Pending:
     request: Request
     material: list[str] | None
     """Response-cache key material per prompt; None when not cacheable."""
+    prompt_ids: list[tuple[int, ...]]
+    """Each prompt's token ids, encoded once for the length check and reused by the prefill."""
 
 
 @dataclass
@@ -97,10 +99,10 @@ class Worker:
             request_id = request.id
             if request.expired():
                 raise ProtocolError(protocol.EXPIRED, "the request's deadline passed before it was served")
-            for prompt in request.prompts:
-                tokens = self.engine.count_tokens(prompt)
-                if tokens > self.limits.max_input_tokens:
-                    raise ProtocolError(protocol.PROMPT_TOO_LONG, f"prompt has {tokens} tokens; this model accepts "
+            prompt_ids = [self.engine.encode(prompt) for prompt in request.prompts]
+            for ids in prompt_ids:
+                if len(ids) > self.limits.max_input_tokens:
+                    raise ProtocolError(protocol.PROMPT_TOO_LONG, f"prompt has {len(ids)} tokens; this model accepts "
                                                                   f"at most {self.limits.max_input_tokens}")
         except ProtocolError as e:
             self._refuse(delivery, request_id, e.kind, str(e))
@@ -115,7 +117,7 @@ class Worker:
             self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name))
             self.metrics.requests.labels("cached").inc()
             return
-        self.batcher.add(Pending(delivery, request, material), time.monotonic())
+        self.batcher.add(Pending(delivery, request, material, prompt_ids), time.monotonic())
 
     def _refuse(self, delivery: Delivery, request_id: str, kind: str, message: str) -> None:
         log.info("refusing request %s: %s: %s", request_id, kind, message)
@@ -177,8 +179,8 @@ class Worker:
             self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
             self.in_flight[id(pending)] = InFlight(pending, [None] * len(pending.request.prompts), now,
                                                    started_wall)
-            entries += [((id(pending), i), Item(p, pending.request.decoding))
-                        for i, p in enumerate(pending.request.prompts)]
+            entries += [((id(pending), i), Item(p, pending.request.decoding, ids))
+                        for i, (p, ids) in enumerate(zip(pending.request.prompts, pending.prompt_ids, strict=True))]
         try:
             self.engine.join(self.batch, entries)
         except Exception as e:  # a failed prefill fails what is in the batch, not the worker
