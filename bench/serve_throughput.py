@@ -149,6 +149,16 @@ def p50(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def fastest(run: Callable[[], object], repeats: int = 3) -> float:
+    """Seconds of the fastest of a few runs: what a probe of the machine reports."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def memory_bandwidth() -> Callable[[], float]:
     """A probe: bytes per second the engine's threads move to and from memory, the better of a copy
     (read + write, as STREAM counts it) and a read-only sum over 512 MiB; best of 3 each."""
@@ -156,17 +166,9 @@ def memory_bandwidth() -> Callable[[], float]:
     target = torch.empty_like(source)
     whole = torch.ones(512 * 2**20 // 4)
 
-    def best(run: Callable[[], object]) -> float:
-        fastest = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            run()
-            fastest = min(fastest, time.perf_counter() - started)
-        return fastest
-
     def probe() -> float:
-        copy = 2 * source.nbytes / best(lambda: target.copy_(source))
-        read = whole.nbytes / best(whole.sum)
+        copy = 2 * source.nbytes / fastest(lambda: target.copy_(source))
+        read = whole.nbytes / fastest(whole.sum)
         return max(copy, read)
 
     return probe
@@ -177,16 +179,7 @@ def matmul_peak(dtype: torch.dtype) -> Callable[[], float]:
     a = torch.randn(2048, 2048, dtype=dtype)
     b = torch.randn(2048, 2048, dtype=dtype)
     a @ b
-
-    def probe() -> float:
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - started)
-        return 2 * 2048**3 / best
-
-    return probe
+    return lambda: 2 * 2048**3 / fastest(lambda: a @ b)
 
 
 def hf_sequential(model_dir: Path, n: int, tokens: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kubelm_contract import env
@@ -38,4 +40,5 @@ def test_unknown_choice_is_a_configuration_error() -> None:
 
 
 def test_this_process_allocator_is_read_from_its_map() -> None:
-    assert allocator.in_use() in (allocator.JEMALLOC, allocator.SYSTEM)
+    preloaded = "libjemalloc" in os.environ.get("LD_PRELOAD", "")
+    assert allocator.in_use() == (allocator.JEMALLOC if preloaded else allocator.SYSTEM)

@@ -15,5 +15,5 @@ CONFIG_FILE = "KUBELM_CONFIG"
 """Path of the runtime's JSON or YAML configuration (docs/runtime-contract.md)."""
 LOG_LEVEL = "KUBELM_LOG_LEVEL"
 MALLOC = "KUBELM_MALLOC"
-"""Memory allocator of the runtime's torch processes: "jemalloc" (the default; used when installed,
-by re-executing the process with it preloaded) or "system"."""
+"""Memory allocator of serving workers: "jemalloc" (the default; used when installed, by
+re-executing the process with it preloaded) or "system"."""

@@ -81,9 +81,6 @@ class RedisStore:
         if pending:
             self._call(pipe.execute)
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(self._call(self._client.mget, list(keys))) if keys else []
-
     def get_json_all_or_none(self, keys: Sequence[str], stats: str) -> list[Any] | None:
         """The JSON documents at every key, or None if one is missing; counts a hit or a miss in the
         `stats` hash. One round trip (a server-side script), so a cache hit costs a single exchange."""
@@ -96,9 +93,6 @@ class RedisStore:
     def hget_json(self, name: str, field: str) -> Any:
         raw = self._call(self._client.hget, name, field)
         return None if raw is None else json.loads(raw)
-
-    def hincrby(self, name: str, field: str, amount: int = 1) -> int:
-        return int(self._call(self._client.hincrby, name, field, amount))
 
     def hgetall_json(self, name: str) -> dict[str, Any]:
         raw = self._call(self._client.hgetall, name)
