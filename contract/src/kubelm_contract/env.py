@@ -17,3 +17,18 @@ LOG_LEVEL = "KUBELM_LOG_LEVEL"
 MALLOC = "KUBELM_MALLOC"
 """Memory allocator of serving workers: "jemalloc" (the default; used when installed, by
 re-executing the process with it preloaded) or "system"."""
+
+# The operator's own settings (docs/operator.md).
+RUNTIME_IMAGE = "KUBELM_RUNTIME_IMAGE"
+"""Image the workloads run when a spec names none."""
+NAMESPACES = "KUBELM_NAMESPACES"
+"""Comma-separated namespaces (globs allowed) the operator watches; empty: every namespace."""
+LOG_FORMAT = "KUBELM_LOG_FORMAT"
+METRICS_PORT = "KUBELM_METRICS_PORT"
+HEALTH_PORT = "KUBELM_HEALTH_PORT"
+PROGRESS_INTERVAL = "KUBELM_PROGRESS_INTERVAL_SECONDS"
+WATCH_SERVER_TIMEOUT = "KUBELM_WATCH_SERVER_TIMEOUT_SECONDS"
+WATCH_CLIENT_TIMEOUT = "KUBELM_WATCH_CLIENT_TIMEOUT_SECONDS"
+REQUEST_TIMEOUT = "KUBELM_REQUEST_TIMEOUT_SECONDS"
+PEERING = "KUBELM_PEERING"
+"""Name of a kopf peering object: replicas sharing it run one at a time; empty: standalone."""

@@ -17,14 +17,11 @@ import yaml
 
 from kubelm_contract import env
 from kubelm_contract.settings import SettingsError, load
+from kubelm_contract.training import HubModel
+
+__all__ = ["HubModel", "ModelSource", "load_config", "read_document"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class HubModel:
-    id: str
-    revision: str = "main"
 
 
 @dataclass(frozen=True)

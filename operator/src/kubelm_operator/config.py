@@ -1,0 +1,74 @@
+"""The operator's settings, read once from the environment (docs/operator.md lists them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from kubelm_contract import env
+
+DEFAULT_RUNTIME_IMAGE = "kubelm/runtime:0.1.0"
+FIELD_MANAGER = "kubelm-operator"
+
+
+class ConfigError(ValueError):
+    """An operator setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    redis_url: str | None = None
+    amqp_url: str | None = None
+    rabbitmq_api_url: str | None = None
+    namespaces: tuple[str, ...] = ()
+    """Empty: every namespace."""
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    metrics_port: int = 8080
+    """0 turns the Prometheus endpoint off."""
+    health_port: int = 8081
+    progress_interval_seconds: float = 10.0
+    watch_server_timeout_seconds: int = 300
+    watch_client_timeout_seconds: int = 330
+    request_timeout_seconds: float = 30.0
+    peering: str | None = None
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, cast: type = float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
+    log_format = environ.get(env.LOG_FORMAT, "text").strip() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{env.LOG_FORMAT}={log_format!r}: expected text or json")
+    interval = _number(environ, env.PROGRESS_INTERVAL, 10.0)
+    if interval == 0:
+        raise ConfigError(f"{env.PROGRESS_INTERVAL} must be more than 0")
+    return OperatorConfig(
+        runtime_image=environ.get(env.RUNTIME_IMAGE, "").strip() or DEFAULT_RUNTIME_IMAGE,
+        redis_url=environ.get(env.REDIS_URL) or None,
+        amqp_url=environ.get(env.AMQP_URL) or None,
+        rabbitmq_api_url=environ.get(env.RABBITMQ_API_URL) or None,
+        namespaces=tuple(n.strip() for n in environ.get(env.NAMESPACES, "").split(",") if n.strip()),
+        log_format=log_format,  # type: ignore[arg-type]
+        log_level=(environ.get(env.LOG_LEVEL, "INFO").strip() or "INFO").upper(),
+        metrics_port=int(_number(environ, env.METRICS_PORT, 8080, int)),
+        health_port=int(_number(environ, env.HEALTH_PORT, 8081, int)),
+        progress_interval_seconds=interval,
+        watch_server_timeout_seconds=int(_number(environ, env.WATCH_SERVER_TIMEOUT, 300, int)),
+        watch_client_timeout_seconds=int(_number(environ, env.WATCH_CLIENT_TIMEOUT, 330, int)),
+        request_timeout_seconds=_number(environ, env.REQUEST_TIMEOUT, 30.0),
+        peering=environ.get(env.PEERING, "").strip() or None,
+    )

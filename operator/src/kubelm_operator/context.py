@@ -1,0 +1,35 @@
+"""What every handler shares: settings, the API and Redis clients, per-object locks, written statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import Cache
+from .config import OperatorConfig
+from .kube import Kube
+
+
+@dataclass
+class Context:
+    config: OperatorConfig
+    kube: Kube
+    cache: Cache
+    locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    """One reconciliation at a time per object, whatever triggered it."""
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """object uid -> the status last written, newer than a watch event may yet show."""
+
+    @classmethod
+    def create(cls, config: OperatorConfig) -> Context:
+        return cls(config, Kube(timeout=config.request_timeout_seconds), Cache(config.redis_url))
+
+    def forget(self, key: str, uid: str) -> None:
+        self.locks.pop(key, None)
+        self.written.pop(uid, None)
+
+    async def close(self) -> None:
+        await self.kube.close()
+        await self.cache.close()

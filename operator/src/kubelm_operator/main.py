@@ -1,0 +1,90 @@
+"""`kubelm-operator`: reads its settings, registers the handlers and runs kopf.
+
+`kopf run -m kubelm_operator` does the same: importing the package's `__main__`
+registers everything on kopf's default registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from .config import ConfigError, OperatorConfig, from_environ
+from .context import Context
+from .handlers import trainingjob
+from .kube import login
+
+FINALIZER = "kubelm.io/cleanup"
+ANNOTATION_PREFIX = "kubelm.io"
+
+
+def configure_logging(config: OperatorConfig) -> None:
+    kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL)
+    logging.getLogger().setLevel(config.log_level)
+    # aiohttp's access noise and kopf's per-event debug lines stay out of INFO.
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context:
+    ctx = Context.create(config)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        # kopf's own bookkeeping lives in annotations under our prefix; status belongs to the CRD's schema.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+        # Our handlers post the Events that matter; kopf posts only its warnings and errors.
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = config.watch_server_timeout_seconds
+        settings.watching.client_timeout = config.watch_client_timeout_seconds
+        settings.watching.connect_timeout = 30
+        settings.networking.request_timeout = config.request_timeout_seconds
+        settings.networking.connect_timeout = 30
+
+    @kopf.on.login(registry=registry)
+    def credentials(**_: Any) -> kopf.ConnectionInfo:
+        return login()
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await ctx.close()
+
+    trainingjob.register(ctx, registry)
+    return ctx
+
+
+def run(config: OperatorConfig) -> None:
+    configure_logging(config)
+    registry = kopf.OperatorRegistry()
+    register(config, registry)
+    if config.metrics_port:
+        start_http_server(config.metrics_port)
+    kopf.run(
+        registry=registry,
+        standalone=config.peering is None,
+        peering_name=config.peering,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None,
+    )
+
+
+def main() -> int:
+    try:
+        config = from_environ(os.environ)
+    except ConfigError as e:
+        print(f"kubelm-operator: {e}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the operator (served on KUBELM_METRICS_PORT)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Histogram
+
+RECONCILES = Counter("kubelm_operator_reconciles_total", "Reconciliations by kind and result",
+                     ["kind", "trigger", "result"])
+DURATION = Histogram("kubelm_operator_reconcile_seconds", "Time one reconciliation took", ["kind"],
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+ERRORS = Counter("kubelm_operator_errors_total", "Reconciliation errors by kind and reason", ["kind", "reason"])
+STATUS_WRITES = Counter("kubelm_operator_status_writes_total", "Status writes (only when something changed)",
+                        ["kind"])
+
+
+@contextmanager
+def reconciling(kind: str, trigger: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException as e:
+        RECONCILES.labels(kind, trigger, "error").inc()
+        ERRORS.labels(kind, type(e).__name__).inc()
+        raise
+    else:
+        RECONCILES.labels(kind, trigger, "ok").inc()
+    finally:
+        DURATION.labels(kind).observe(time.perf_counter() - started)

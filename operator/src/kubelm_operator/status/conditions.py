@@ -1,0 +1,40 @@
+"""Kubernetes-style conditions (kstatus: Ready, Reconciling, Stalled) and the diff that decides a write."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+from typing import Any
+
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+MESSAGE_LIMIT = 1024
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def condition(type_: str, status: bool, reason: str, message: str, generation: int,
+              previous: Iterable[dict[str, Any]], at: str) -> dict[str, Any]:
+    """A condition whose lastTransitionTime moves only when its status does."""
+    value = "True" if status else "False"
+    before = next((c for c in previous if c.get("type") == type_), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == value and \
+        before.get("lastTransitionTime") else at
+    return {"type": type_, "status": value, "reason": reason, "message": clip(message),
+            "lastTransitionTime": since, "observedGeneration": generation}
+
+
+def find(conditions: Iterable[dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def is_true(conditions: Iterable[dict[str, Any]], type_: str) -> bool:
+    found = find(conditions, type_)
+    return bool(found and found.get("status") == "True")
