@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes import client, config
 
 from kubelm_contract import env as contract_env
 from support import REPO, ClusterEnv
@@ -64,3 +66,26 @@ def crds(cluster: ClusterEnv) -> None:
     cluster.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/languagemodels.kubelm.io", "crd/trainingjobs.kubelm.io")
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: ClusterEnv) -> client.ApiClient:
+    return config.new_client_from_config(config_file=cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def custom(api_client: client.ApiClient, crds: None) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
+def namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A namespace per test, deleted afterwards (the namespace controller empties it)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    # No kubelet confirms that a pod stopped: remove pods at once so the namespace can go.
+    for pod in core.list_namespaced_pod(name).items:
+        core.delete_namespaced_pod(pod.metadata.name, name, grace_period_seconds=0)
+    core.delete_namespace(name)

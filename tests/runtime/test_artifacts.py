@@ -102,3 +102,21 @@ def test_delete_removes_every_key(store: RedisStore, tiny_model: Path, tmp_path:
 def test_chunk_size_bounds(store: RedisStore, tmp_path: Path, chunk_bytes: int) -> None:
     with pytest.raises(ValueError, match="chunk size"):
         artifacts.publish(store, tmp_path, "x", chunk_bytes=chunk_bytes)
+
+
+def test_cli_deletes_every_version_of_an_artifact(private_redis: RedisServer, store: RedisStore, tiny_model: Path,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from kubelm_runtime import cli
+
+    monkeypatch.setenv("KUBELM_REDIS_URL", private_redis.url)
+    for _ in range(2):
+        assert cli.main(["artifact", "publish", str(tiny_model), "--name", "ns/old"]) == 0
+    artifacts.publish(store, tiny_model, "ns/kept")
+    assert cli.main(["artifact", "delete", "artifact://ns/old"]) == 0
+    assert '"name": "ns/old"' in capsys.readouterr().out
+    assert store.hget_json(keys.ARTIFACT_REGISTRY, "ns/old") is None
+    assert cli.main(["artifact", "fetch", "ns/old@1", str(tmp_path / "gone")]) == 1
+    assert "ns/old" in capsys.readouterr().err
+    assert artifacts.describe(store, "ns/kept").version == 1
+    assert cli.main(["artifact", "delete", "ns/old"]) == 1  # nothing left to remove

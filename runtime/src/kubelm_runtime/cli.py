@@ -92,6 +92,11 @@ def _artifact(args: argparse.Namespace) -> int:
     if args.action == "publish":
         stored = artifacts.publish(store, Path(args.path), args.name)
         print(json.dumps({"uri": stored.uri, "digest": stored.digest, "size": stored.size}))
+    elif args.action == "delete":
+        name = args.name.removeprefix("artifact://")
+        removed = artifacts.delete(store, name)
+        print(json.dumps({"name": name, "keysRemoved": removed}))
+        return 0 if removed else 1
     else:
         name, version = artifacts.parse_artifact_uri(
             args.name if args.name.startswith("artifact://") else f"artifact://{args.name}")
@@ -125,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--config", help=f"JSON or YAML file (default: ${env.CONFIG_FILE}; optional)")
     gateway.set_defaults(handler=_gateway)
 
-    artifact = sub.add_parser("artifact", help="publish or fetch artifact cache entries")
-    artifact.add_argument("action", choices=["publish", "fetch"])
+    artifact = sub.add_parser("artifact", help="publish, fetch or delete artifact cache entries")
+    artifact.add_argument("action", choices=["publish", "fetch", "delete"])
     artifact.add_argument("first", metavar="DIR|NAME[@VERSION]")
     artifact.add_argument("second", nargs="?", metavar="DEST")
     artifact.add_argument("--name", dest="publish_name")
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.publish_name:
                 parser.error("artifact publish needs --name")
             args.path, args.name = args.first, args.publish_name
+        elif args.action == "delete":
+            args.name = args.first
         else:
             if not args.second:
                 parser.error("artifact fetch needs NAME[@VERSION] DEST")

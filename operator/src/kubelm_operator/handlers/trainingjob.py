@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -39,7 +39,7 @@ def snapshot(body: Any) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-                         "generation": meta.get("generation", 1)},
+                         "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp")},
             "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
 
 
@@ -103,6 +103,8 @@ async def reconcile(ctx: Context, body: dict[str, Any], indexes: dict[str, kopf.
 
 
 async def _reconcile(ctx: Context, owner: Owner, body: dict[str, Any], indexes: dict[str, kopf.Index]) -> None:
+    if body["metadata"].get("deletionTimestamp"):
+        return  # going away: the finalizer cleans up, the garbage collector takes the children
     old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
     generation = int(body["metadata"].get("generation") or 1)
     try:
@@ -162,7 +164,7 @@ async def _write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: d
     metrics.STATUS_WRITES.labels(KIND).inc()
     ctx.written[owner.uid] = new
     for event in status.transitions(old, new):
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
 
 
 async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
@@ -172,38 +174,43 @@ async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
         await ctx.cache.delete_progress(owner.id)
     except CacheUnavailable as e:
         delay = min(60, 2 ** min(retry, 6))
-        message = (f"cannot remove the Redis progress key yet, retrying in {delay}s: {e}. Without the operator, "
-                   f"remove the finalizer by hand (docs/operator.md)")
-        kopf.event(body, type="Warning", reason="CleanupFailed", message=message)
+        message = (f"cannot remove the Redis progress key yet, retrying in {delay}s ({e}); if the operator is gone "
+                   f"for good, remove the finalizer by hand (docs/operator.md)")
+        kopf.event(cast(kopf.Body, body), type="Warning", reason="CleanupFailed", message=message)
+        # The whole status goes with it: an apply that left fields out would remove them.
+        old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+        stalled = conditions.condition(conditions.STALLED, True, "CleanupFailed", message,
+                                       int(body["metadata"].get("generation") or 1), [], conditions.now())
+        new = {**old, "conditions": [c for c in old.get("conditions") or [] if c.get("type") != conditions.STALLED]
+               + [stalled]}
         await ctx.kube.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                              "metadata": {"name": owner.name, "namespace": owner.namespace},
-                              "status": {"conditions": [conditions.condition(
-                                  conditions.STALLED, True, "CleanupFailed", message,
-                                  int(body["metadata"].get("generation") or 1), [], conditions.now())]}},
+                              "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
                              subresource="status")
+        ctx.written[owner.uid] = new
         raise kopf.TemporaryError(message, delay=delay) from e
     ctx.forget(owner.id, owner.uid)
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
-    return (body.get("status") or {}).get("phase") not in status.FINISHED
+    return not body["metadata"].get("deletionTimestamp") and (body.get("status") or {}).get("phase") \
+        not in status.FINISHED
 
 
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     resource = (GROUP, VERSION, PLURAL)
 
     @kopf.index(*resource, id="kubelm_trainingjobs", registry=registry)
-    def kubelm_trainingjobs(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    def kubelm_trainingjobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): snapshot(body)}
 
     @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, id="kubelm_jobs", registry=registry)
-    def kubelm_jobs(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    def kubelm_jobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
         owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND), None)
         return {(namespace, name): (owner, ObservedJob.from_body(body))} if owner else {}
 
     @kopf.index("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id="kubelm_pods",
                 registry=registry)
-    def kubelm_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    def kubelm_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[JOB_NAME_LABEL]): (body["metadata"]["name"], ObservedPod.from_body(body))}
 
     def indexes(kwargs: dict[str, Any]) -> dict[str, kopf.Index]:
@@ -227,14 +234,14 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
             await reconcile(ctx, owner, indexes(kwargs), "child")
 
     @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, id="trainingjob-job", registry=registry)
-    async def job_event(namespace: str, name: str, type: str, **kwargs: Any) -> None:
-        if type is not None:  # None: the initial listing, which resume already covers
+    async def job_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
+        if type is not None and namespace:  # None: the initial listing, which resume already covers
             await owner_changed(namespace, name, kwargs)
 
     @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id="trainingjob-pod",
                    registry=registry)
-    async def pod_event(namespace: str, labels: kopf.Labels, type: str, **kwargs: Any) -> None:
-        if type is not None:
+    async def pod_event(namespace: str | None, labels: kopf.Labels, type: str, **kwargs: Any) -> None:
+        if type is not None and namespace:
             await owner_changed(namespace, labels[JOB_NAME_LABEL], kwargs)
 
     @kopf.on.delete(*resource, id="trainingjob-cleanup", registry=registry)
