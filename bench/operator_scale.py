@@ -76,6 +76,7 @@ def main() -> None:
                 jobs = len(batch.list_namespaced_job(ns).items)
                 return done == args.count and jobs == args.count
 
+            cpu_before = operator.cpu_seconds()
             started = time.perf_counter()
             create_s = _timed(args.count, args.clients, lambda i: custom.create_namespaced_custom_object(
                 "kubelm.io", "v1alpha1", ns, "trainingjobs",
@@ -83,6 +84,7 @@ def main() -> None:
                  "spec": SPEC}))
             wait_for("every TrainingJob converged", converged, timeout=600, interval=0.25)
             converge_s = time.perf_counter() - started
+            operator_cpu_s = operator.cpu_seconds() - cpu_before
             rss = operator.rss_bytes()
         finally:
             if operator is not None:
@@ -95,6 +97,8 @@ def main() -> None:
     print(f"baseline ConfigMaps: {args.count} created in {baseline_s:.2f}s = {baseline_rate:.1f}/s "
           f"(same client, {args.clients} concurrent)")
     print(f"ratio:               {operator_rate / baseline_rate:.2f}x of the API server's own create rate")
+    print(f"operator CPU:        {operator_cpu_s:.2f}s in those {converge_s:.2f}s "
+          f"({1000 * operator_cpu_s / args.count:.1f} ms per TrainingJob)")
     print(f"operator RSS after:  {rss / 2**20:.0f} MiB (goal <= 150 MB)")
 
 

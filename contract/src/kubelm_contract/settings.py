@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -89,14 +90,22 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise SettingsError(f"{where}: unsupported type {_describe(tp)}")
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """Type hints and camelCase fields of a dataclass, resolved once: resolving string annotations
+    is by far the slowest part of loading, and an operator loads the same classes for every object."""
+    hints = typing.get_type_hints(cls)
+    fields = {camel(f.name): f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return hints, fields
+
+
 def load(cls: type[T], data: Any, where: str = "") -> T:
     """Builds dataclass `cls` from a camelCase mapping; missing keys take the dataclass defaults."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SettingsError(f"{where or 'document'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {camel(f.name): f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints, fields = _schema(cls)  # type: ignore[arg-type]
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]

@@ -123,6 +123,12 @@ class OperatorProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS line for the operator process")
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the operator process has used so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_file.exists():
             return ""

@@ -24,6 +24,8 @@ REDIS_URL_KEY = "redis-url"
 INVALID_CONFIGURATION_EXIT_CODE = 2
 """kubelm-runtime exits 2 on invalid configuration: retrying such a pod cannot help."""
 SHM_SIZE = "1Gi"
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's dumper when PyYAML has it: the pure-Python one was a tenth of the operator's CPU at scale."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def config_map(owner: Owner, config: dict[str, Any]) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(owner, names(owner).config_map, COMPONENT),
-        "data": {training.CONFIG_FILE_NAME: yaml.safe_dump(config, sort_keys=False)},
+        "data": {training.CONFIG_FILE_NAME: yaml.dump(config, Dumper=_DUMPER, sort_keys=False)},
     }
 
 

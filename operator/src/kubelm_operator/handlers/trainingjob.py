@@ -7,6 +7,7 @@ Every trigger runs the same level-based `reconcile` under the object's lock.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import Any, cast
@@ -85,14 +86,16 @@ def _from_reference(spec: TrainingJobSpec, artifact: str | None) -> tuple[Traini
     return replace(spec, base_model=replace(spec.base_model, training_job_ref=None, uri=artifact)), None
 
 
-async def _create_children(ctx: Context, owner: Owner, spec: TrainingJobSpec, artifact: str | None) -> None:
+async def _create_children(ctx: Context, owner: Owner, spec: TrainingJobSpec,
+                           artifact: str | None) -> ObservedJob | None:
+    """Applies what the pods mount, then creates the Job; returns the Job when this call created it."""
     objects = build.children(owner, spec, image=ctx.config.runtime_image, redis_url=ctx.config.redis_url,
                              artifact_uri=artifact, progress_interval_seconds=ctx.config.progress_interval_seconds)
     *others, job = objects
-    for obj in others:
-        await ctx.kube.apply(obj)
+    await asyncio.gather(*(ctx.kube.apply(obj) for obj in others))
     # The Job's pod template is immutable: create it once; only suspend changes afterwards.
-    await ctx.kube.create(job)
+    created = await ctx.kube.create(job)
+    return ObservedJob.from_body(created) if created else None
 
 
 async def reconcile(ctx: Context, body: dict[str, Any], indexes: dict[str, kopf.Index], trigger: str) -> None:
@@ -124,7 +127,9 @@ async def _reconcile(ctx: Context, owner: Owner, body: dict[str, Any], indexes: 
         blocker = blocker or await _claims_blocker(ctx, owner.namespace, effective)
         if blocker is None:
             try:
-                await _create_children(ctx, owner, effective, artifact)
+                # The watch will bring the Job too; the answer lets this status say Suspended or
+                # Pending already instead of writing "Creating" first.
+                observed_job = await _create_children(ctx, owner, effective, artifact)
             except ApiError as e:
                 if not e.invalid:
                     raise
@@ -191,9 +196,14 @@ async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
     ctx.forget(owner.id, owner.uid)
 
 
-def _unfinished(body: kopf.Body, **_: Any) -> bool:
-    return not body["metadata"].get("deletionTimestamp") and (body.get("status") or {}).get("phase") \
-        not in status.FINISHED
+def _needs_polling(body: kopf.Body, **_: Any) -> bool:
+    """Workers report progress to Redis, and blockers resolve without an event the operator watches
+    (a claim created, another job succeeding): those are polled. Everything else arrives as events."""
+    if body["metadata"].get("deletionTimestamp"):
+        return False
+    current = body.get("status") or {}
+    ready = conditions.find(current.get("conditions") or [], conditions.READY) or {}
+    return current.get("phase") in (None, status.RUNNING) or ready.get("reason") in status.WAITING_REASONS
 
 
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
@@ -223,7 +233,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
         await reconcile(ctx, snapshot(body), indexes(kwargs), str(reason))
 
     @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds, id="trainingjob-tick",
-                when=_unfinished, registry=registry)
+                when=_needs_polling, registry=registry)
     async def trainingjob_tick(body: kopf.Body, **kwargs: Any) -> None:
         await reconcile(ctx, snapshot(body), indexes(kwargs), "timer")
 
