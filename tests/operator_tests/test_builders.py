@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kubelm_contract.settings import load
+from kubelm_contract import training
 from kubelm_operator.builders import training as build
 from kubelm_operator.builders.common import Owner
 from kubelm_operator.spec import parse_trainingjob
+from kubelm_runtime.config import load_config
 from kubelm_runtime.train.settings import TrainConfig
 from support import REPO
 
@@ -59,7 +61,7 @@ def test_gpu_sample_gives_this_indexed_job() -> None:
                     "containers": [{
                         "name": "train", "image": IMAGE, "args": ["train"],
                         "env": [
-                            {"name": "KUBELM_CONFIG", "value": "/etc/kubelm/train.yaml"},
+                            {"name": "KUBELM_CONFIG", "value": "/etc/kubelm/train.json"},
                             {"name": "KUBELM_VOLUMES_ROOT", "value": "/mnt/kubelm/volumes"},
                             {"name": "HOME", "value": "/tmp"},
                             {"name": "HF_HOME", "value": "/var/cache/kubelm/hf"},
@@ -110,7 +112,7 @@ def test_gpu_sample_gives_this_configuration_secret_and_service() -> None:
                  "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}]}}
     config_map = children["ConfigMap"]
     assert config_map["metadata"] == {"name": "gpt2-chat-gpu-train", **meta}
-    assert yaml.safe_load(config_map["data"]["train.yaml"]) == {
+    assert yaml.safe_load(config_map["data"]["train.json"]) == {
         "jobId": "team-a/gpt2-chat-gpu",
         "outputDir": "/mnt/kubelm/volumes/gpt2-chat-checkpoints/kubelm/team-a/gpt2-chat-gpu",
         "baseModel": {"hub": {"id": "openai-community/gpt2-medium", "revision": "main"}},
@@ -152,13 +154,13 @@ def test_ephemeral_storage_without_redis() -> None:
     container = children["Job"]["spec"]["template"]["spec"]["containers"][0]
     assert not any(v["name"] == "KUBELM_REDIS_URL" for v in container["env"])
     assert {"name": "output", "mountPath": "/var/lib/kubelm/job"} in container["volumeMounts"]
-    config = yaml.safe_load(children["ConfigMap"]["data"]["train.yaml"])
+    config = yaml.safe_load(children["ConfigMap"]["data"]["train.json"])
     assert config["outputDir"] == "/var/lib/kubelm/job" and config["device"] == "cpu"
 
 
 def test_training_job_ref_becomes_the_artifact() -> None:
     spec = {"baseModel": {"trainingJobRef": {"name": "first"}, "tokenizer": "gpt2"}, "dataset": {"train": "/d"}}
-    config = yaml.safe_load(_children(spec, artifact="artifact://team-a/first@3")["ConfigMap"]["data"]["train.yaml"])
+    config = yaml.safe_load(_children(spec, artifact="artifact://team-a/first@3")["ConfigMap"]["data"]["train.json"])
     assert config["baseModel"] == {"artifact": "artifact://team-a/first@3", "tokenizer": "gpt2"}
     with pytest.raises(ValueError, match="resolves only once that job has an artifact"):
         _children(spec, artifact=None)
@@ -174,14 +176,17 @@ def test_a_long_name_gives_valid_child_names() -> None:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
-def test_runtime_reads_the_rendered_configuration(sample: Any) -> None:
+def test_runtime_reads_the_rendered_configuration(sample: Any, tmp_path: Path) -> None:
     """The contract: what the operator writes is what the trainer's own reader accepts, field for field."""
-    spec = parse_trainingjob(yaml.safe_load(sample.read_text())["spec"])
-    document = yaml.safe_load(_children(yaml.safe_load(sample.read_text())["spec"])["ConfigMap"]["data"]["train.yaml"])
-    config = load(TrainConfig, document)
+    raw = yaml.safe_load(sample.read_text())["spec"]
+    spec = parse_trainingjob(raw)
+    config_map = _children(raw)["ConfigMap"]
+    (path := tmp_path / training.CONFIG_FILE_NAME).write_text(config_map["data"][training.CONFIG_FILE_NAME])
+    config = load_config(TrainConfig, path)
     assert config.dataset == spec.dataset
     assert config.hyperparameters == spec.hyperparameters
     assert config.checkpointing == spec.checkpointing
     assert (config.publish.artifact_cache, config.publish.name) == (spec.publish.artifact_cache, spec.publish.name)
     assert config.job_id == "team-a/gpt2-chat-gpu"
     assert config.base_model.hub == spec.base_model.hub
+    assert config.device == ("cuda" if spec.resources.gpus else "cpu")

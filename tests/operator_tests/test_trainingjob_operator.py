@@ -53,7 +53,7 @@ def test_trainingjob_trains_to_success_in_a_restricted_namespace(
         assert [r.to_dict() for r in child.metadata.owner_references] == [
             {"api_version": owner["apiVersion"], "kind": "TrainingJob", "name": name, "uid": owner["uid"],
              "controller": True, "block_owner_deletion": True}]
-    assert "jobId: " + f"{ns}/{name}" in config_map.data["train.yaml"]
+    assert json.loads(config_map.data["train.json"])["jobId"] == f"{ns}/{name}"
     pod_spec = pods[0].spec
     assert pod_spec.security_context.run_as_non_root
     assert pod_spec.containers[0].security_context.read_only_root_filesystem
@@ -176,8 +176,8 @@ def test_training_job_ref_waits_then_trains_from_the_artifact(
     api.finish_pod(namespace, pod.metadata.name, exit_code=0, reason="Completed")
     eventually(lambda: bool(api.batch.list_namespaced_job(namespace, label_selector="kubelm.io/trainingjob=second")
                             .items), timeout=60, what="the second job created once the first succeeded")
-    config = api.core.read_namespaced_config_map("second-train", namespace).data["train.yaml"]
-    assert f"artifact: artifact://{namespace}/first@7" in config
+    config = api.core.read_namespaced_config_map("second-train", namespace).data["train.json"]
+    assert json.loads(config)["baseModel"] == {"artifact": f"artifact://{namespace}/first@7"}
 
 
 def test_deletion_removes_the_progress_key_and_the_children(

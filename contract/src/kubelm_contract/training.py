@@ -15,7 +15,7 @@ from .settings import SettingsError
 OUTPUT_DIR = "/var/lib/kubelm/job"
 """Where a training pod's checkpoints and final model go (the storage volume's mount)."""
 CONFIG_DIR = "/etc/kubelm"
-CONFIG_FILE_NAME = "train.yaml"
+CONFIG_FILE_NAME = "train.json"
 """The training configuration inside the ConfigMap, mounted at CONFIG_DIR."""
 CACHE_DIR = "/var/cache/kubelm"
 """Writable cache of the runtime image (Hugging Face files, fetched artifacts)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import kopf
@@ -33,6 +33,7 @@ KIND = "TrainingJob"
 PLURAL = "trainingjobs"
 CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER, "app.kubernetes.io/component": build.COMPONENT}
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+PODS_INDEX = "kubelm_pods"
 
 
 def snapshot(body: Any) -> dict[str, Any]:
@@ -55,7 +56,7 @@ async def _claims_blocker(ctx: Context, namespace: str, spec: TrainingJobSpec) -
     return None
 
 
-def _resolve_reference(owner: Owner, spec: TrainingJobSpec, trainingjobs: kopf.Index) -> tuple[
+async def _resolve_reference(ctx: Context, observed: Observed, owner: Owner, spec: TrainingJobSpec) -> tuple[
         str | None, status.Blocker | None]:
     """(artifact uri, None) once the referenced job succeeded with an artifact, else (None, why not)."""
     ref = spec.base_model.training_job_ref
@@ -64,11 +65,12 @@ def _resolve_reference(owner: Owner, spec: TrainingJobSpec, trainingjobs: kopf.I
     where = "spec.baseModel.trainingJobRef"
     if ref.name == owner.name:
         return None, status.Blocker("InvalidReference", f"{where}: a TrainingJob cannot start from itself", True)
-    found = next(iter(trainingjobs.get((owner.namespace, ref.name), ())), None)
+    found = observed.trainingjobs.get((owner.namespace, ref.name)) or \
+        await ctx.kube.get(f"{GROUP}/{VERSION}", KIND, owner.namespace, ref.name)
     if found is None:
         return None, status.Blocker("TrainingJobNotFound", f"{where}: TrainingJob {ref.name!r} not found in "
                                                            f"namespace {owner.namespace}", True)
-    other = found["status"]
+    other = found.get("status") or {}
     artifact = (other.get("artifact") or {}).get("uri")
     if other.get("phase") == status.FAILED:
         why = (conditions.find(other.get("conditions") or [], conditions.STALLED) or {}).get("message", "")
@@ -88,24 +90,42 @@ def _from_reference(spec: TrainingJobSpec, artifact: str | None) -> tuple[Traini
 
 async def _create_children(ctx: Context, owner: Owner, spec: TrainingJobSpec,
                            artifact: str | None) -> ObservedJob | None:
-    """Applies what the pods mount, then creates the Job; returns the Job when this call created it."""
+    """Applies what the pods mount, then creates the Job (once) and returns it."""
     objects = build.children(owner, spec, image=ctx.config.runtime_image, redis_url=ctx.config.redis_url,
                              artifact_uri=artifact, progress_interval_seconds=ctx.config.progress_interval_seconds)
     *others, job = objects
     await asyncio.gather(*(ctx.kube.apply(obj) for obj in others))
     # The Job's pod template is immutable: create it once; only suspend changes afterwards.
     created = await ctx.kube.create(job)
+    if created is None:  # it exists: the watch has not shown it yet (a restart, a burst)
+        created = await ctx.kube.get("batch/v1", "Job", owner.namespace, job["metadata"]["name"])
     return ObservedJob.from_body(created) if created else None
 
 
-async def reconcile(ctx: Context, body: dict[str, Any], indexes: dict[str, kopf.Index], trigger: str) -> None:
+@dataclass
+class Observed:
+    """TrainingJobs and their Jobs as the watches last showed them, in plain dicts.
+
+    Pods stay in a kopf index, whose start-up guarantee (complete before any handler runs)
+    keeps a restarted operator from reporting a running job as waiting for its pods. These
+    two kinds do without it: a Job the watch has not shown yet is read when creating it
+    answers that it exists. Every new object of an indexed kind wakes every waiting
+    worker, which at a few hundred objects cost more than the reconciliations themselves.
+    """
+
+    trainingjobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[tuple[str, str], tuple[str, ObservedJob]] = field(default_factory=dict)
+
+
+async def reconcile(ctx: Context, observed: Observed, pods: kopf.Index, body: dict[str, Any], trigger: str) -> None:
     owner = Owner.of(body)
     with metrics.reconciling(KIND, trigger):
         async with ctx.locks[owner.id]:
-            await _reconcile(ctx, owner, body, indexes)
+            await _reconcile(ctx, observed, pods, owner, body)
 
 
-async def _reconcile(ctx: Context, owner: Owner, body: dict[str, Any], indexes: dict[str, kopf.Index]) -> None:
+async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, owner: Owner,
+                     body: dict[str, Any]) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return  # going away: the finalizer cleans up, the garbage collector takes the children
     old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
@@ -118,11 +138,11 @@ async def _reconcile(ctx: Context, owner: Owner, body: dict[str, Any], indexes: 
         await _write_status(ctx, owner, body, old, obs)
         return
     names = build.names(owner)
-    job = next(iter(indexes["kubelm_jobs"].get((owner.namespace, names.job), ())), None)
+    job = observed.jobs.get((owner.namespace, names.job))
     observed_job: ObservedJob | None = job[1] if job else None
     blocker = None
     if observed_job is None and old.get("phase") not in status.FINISHED:
-        artifact, blocker = _resolve_reference(owner, spec, indexes["kubelm_trainingjobs"])
+        artifact, blocker = await _resolve_reference(ctx, observed, owner, spec)
         effective, artifact = _from_reference(spec, artifact)
         blocker = blocker or await _claims_blocker(ctx, owner.namespace, effective)
         if blocker is None:
@@ -137,7 +157,7 @@ async def _reconcile(ctx: Context, owner: Owner, body: dict[str, Any], indexes: 
     elif observed_job is not None and observed_job.suspended != spec.suspend and \
             old.get("phase") not in status.FINISHED:
         await ctx.kube.merge_patch("batch/v1", "Job", owner.namespace, names.job, {"spec": {"suspend": spec.suspend}})
-    pods = [pod for _, pod in indexes["kubelm_pods"].get((owner.namespace, names.job), ())]
+    pods = [pod for _, pod in pods_index.get((owner.namespace, names.job), ())]
     progress = await _progress(ctx, owner, old, observed_job)
     obs = status.Observation(generation, spec.suspend, spec.workers, observed_job, pods, progress, blocker)
     await _write_status(ctx, owner, body, old, obs)
@@ -209,50 +229,54 @@ def _needs_polling(body: kopf.Body, **_: Any) -> bool:
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     resource = (GROUP, VERSION, PLURAL)
 
-    @kopf.index(*resource, id="kubelm_trainingjobs", registry=registry)
-    def kubelm_trainingjobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): snapshot(body)}
+    observed = Observed()
 
-    @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, id="kubelm_jobs", registry=registry)
-    def kubelm_jobs(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-        owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND), None)
-        return {(namespace, name): (owner, ObservedJob.from_body(body))} if owner else {}
-
-    @kopf.index("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id="kubelm_pods",
+    @kopf.index("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id=PODS_INDEX,
                 registry=registry)
     def kubelm_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[JOB_NAME_LABEL]): (body["metadata"]["name"], ObservedPod.from_body(body))}
-
-    def indexes(kwargs: dict[str, Any]) -> dict[str, kopf.Index]:
-        return {k: kwargs[k] for k in ("kubelm_trainingjobs", "kubelm_jobs", "kubelm_pods")}
 
     @kopf.on.resume(*resource, id="trainingjob", registry=registry)
     @kopf.on.create(*resource, id="trainingjob", registry=registry)
     @kopf.on.update(*resource, field="spec", id="trainingjob", registry=registry)
     async def trainingjob_changed(body: kopf.Body, reason: str, **kwargs: Any) -> None:
-        await reconcile(ctx, snapshot(body), indexes(kwargs), str(reason))
+        await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), str(reason))
 
     @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds, id="trainingjob-tick",
                 when=_needs_polling, registry=registry)
     async def trainingjob_tick(body: kopf.Body, **kwargs: Any) -> None:
-        await reconcile(ctx, snapshot(body), indexes(kwargs), "timer")
+        await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), "timer")
 
-    async def owner_changed(namespace: str, job_name: str, kwargs: dict[str, Any]) -> None:
-        job = next(iter(kwargs["kubelm_jobs"].get((namespace, job_name), ())), None)
-        owner = next(iter(kwargs["kubelm_trainingjobs"].get((namespace, job[0]), ())), None) if job else None
-        if owner is not None:
-            await reconcile(ctx, owner, indexes(kwargs), "child")
+    @kopf.on.event(*resource, id="trainingjob-seen", registry=registry)
+    def trainingjob_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+        if type == "DELETED":
+            observed.trainingjobs.pop((str(namespace), name), None)
+        else:
+            observed.trainingjobs[(str(namespace), name)] = snapshot(body)
+
+    async def owner_changed(namespace: str, job_name: str, kubelm_pods: kopf.Index) -> None:
+        job = observed.jobs.get((namespace, job_name))
+        owner = observed.trainingjobs.get((namespace, job[0])) if job else None
+        if owner is not None:  # not yet seen: its own resume or create handler reconciles it
+            await reconcile(ctx, observed, kubelm_pods, owner, "child")
 
     @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, id="trainingjob-job", registry=registry)
-    async def job_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
-        if type is not None and namespace:  # None: the initial listing, which resume already covers
-            await owner_changed(namespace, name, kwargs)
+    async def job_event(body: kopf.Body, namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
+        if not namespace:
+            return
+        owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND), None)
+        if type == "DELETED" or owner is None:
+            observed.jobs.pop((namespace, name), None)
+        else:
+            observed.jobs[(namespace, name)] = (owner, ObservedJob.from_body(body))
+        if type is not None:  # None: the initial listing, which the owners' resume handlers cover
+            await owner_changed(namespace, name, kwargs[PODS_INDEX])
 
     @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id="trainingjob-pod",
                    registry=registry)
     async def pod_event(namespace: str | None, labels: kopf.Labels, type: str, **kwargs: Any) -> None:
         if type is not None and namespace:
-            await owner_changed(namespace, labels[JOB_NAME_LABEL], kwargs)
+            await owner_changed(namespace, labels[JOB_NAME_LABEL], kwargs[PODS_INDEX])
 
     @kopf.on.delete(*resource, id="trainingjob-cleanup", registry=registry)
     async def trainingjob_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
