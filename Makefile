@@ -21,6 +21,7 @@ demo: setup
 bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/artifact_fetch.py
+	$(PY) bench/operator_scale.py
 
 up: setup
 	$(VENV)/bin/kubelm-dev up
