@@ -39,10 +39,11 @@ def installed(cluster: ClusterEnv, crds: None) -> None:
     install(_kubectl(cluster), field_manager="kubelm-tests")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(cluster: ClusterEnv, installed: None,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """One operator process for the session, on a token of the shipped ServiceAccount (never admin)."""
+    """One operator process for these tests, on a token of the shipped ServiceAccount (never admin).
+    It stops when they end: it would otherwise write the status of objects other tests set by hand."""
     directory = tmp_path_factory.mktemp("operator")
     kubeconfig = service_account_kubeconfig(_kubectl(cluster), Path(cluster.kubeconfig), directory / "kubeconfig")
     process = OperatorProcess(kubeconfig, cluster.redis_url, directory, env={

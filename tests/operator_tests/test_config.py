@@ -35,3 +35,12 @@ def test_every_setting_is_read() -> None:
 def test_bad_settings_name_the_variable(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_environ(environ)
+
+
+def test_operator_refuses_to_start_on_a_bad_setting(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from kubelm_operator.main import main
+
+    monkeypatch.setenv("KUBELM_HEALTH_PORT", "not-a-port")
+    assert main() == 2
+    assert "kubelm-operator: KUBELM_HEALTH_PORT='not-a-port' is not a number" in capsys.readouterr().err

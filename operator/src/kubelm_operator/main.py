@@ -24,7 +24,11 @@ ANNOTATION_PREFIX = "kubelm.io"
 
 
 def configure_logging(config: OperatorConfig) -> None:
-    kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL)
+    if config.log_format == "json":
+        # Each line about an object names it under "object" (apiVersion, kind, namespace, name, uid).
+        kopf.configure(log_format=kopf.LogFormat.JSON, log_refkey="object")
+    else:
+        kopf.configure(log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(config.log_level)
     # aiohttp's access noise and kopf's per-event debug lines stay out of INFO.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
@@ -33,7 +37,7 @@ def configure_logging(config: OperatorConfig) -> None:
 def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context:
     ctx = Context.create(config)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure", registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         # kopf's own bookkeeping lives in annotations under our prefix; status belongs to the CRD's schema.
@@ -48,11 +52,11 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context
         settings.networking.request_timeout = config.request_timeout_seconds
         settings.networking.connect_timeout = 30
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def credentials(**_: Any) -> kopf.ConnectionInfo:
         return login()
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="close", registry=registry)
     async def close(**_: Any) -> None:
         await ctx.close()
 

@@ -223,7 +223,8 @@ def _needs_polling(body: kopf.Body, **_: Any) -> bool:
         return False
     current = body.get("status") or {}
     ready = conditions.find(current.get("conditions") or [], conditions.READY) or {}
-    return current.get("phase") in (None, status.RUNNING) or ready.get("reason") in status.WAITING_REASONS
+    # A new object has no status yet: its create handler reconciles it, and kopf retries that on errors.
+    return current.get("phase") == status.RUNNING or ready.get("reason") in status.WAITING_REASONS
 
 
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
