@@ -44,3 +44,13 @@ def test_operator_refuses_to_start_on_a_bad_setting(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("KUBELM_HEALTH_PORT", "not-a-port")
     assert main() == 2
     assert "kubelm-operator: KUBELM_HEALTH_PORT='not-a-port' is not a number" in capsys.readouterr().err
+
+
+def test_kopf_run_module_registers_the_same_handlers_on_kopfs_registry() -> None:
+    import kopf
+
+    import kubelm_operator.kopf_entry  # noqa: F401 (registers on import)
+
+    registry = kopf.get_default_registry()
+    ids = {h.id for h in registry._changing.get_all_handlers()}  # kopf has no public listing of handlers
+    assert {"trainingjob", "trainingjob-cleanup"} <= ids

@@ -15,6 +15,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from kubelm_contract import keys
+from kubelm_runtime.progress import ProgressReporter
 from support import REPO, ClusterEnv, eventually
 
 from .conftest import GROUP, OPERATOR_NAMESPACE, SERVICE_ACCOUNT, VERSION, Api, OperatorProcess
@@ -40,7 +41,7 @@ def _event_reasons(api: Api, namespace: str, name: str) -> set[str]:
 
 
 def test_trainingjob_trains_to_success_in_a_restricted_namespace(
-        running_operator: OperatorProcess, api: Api, restricted_namespace: str, redis_client: Any) -> None:
+        running_operator: OperatorProcess, api: Api, cluster: ClusterEnv, restricted_namespace: str) -> None:
     ns, name = restricted_namespace, "story"
     tj = api.create_tj(ns, name, SMALL)
     owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob", "name": name,
@@ -61,18 +62,18 @@ def test_trainingjob_trains_to_success_in_a_restricted_namespace(
 
     api.run_pod(ns, pods[0].metadata.name)
     api.wait_status(ns, name, lambda s: s.get("phase") == "Running", "phase Running")
-    progress_key = keys.progress(f"{ns}/{name}")
-    redis_client.set(progress_key, json.dumps({"phase": "Running", "step": 5, "totalSteps": 10, "epoch": 0.5,
-                                               "loss": 2.5, "tokensPerSecond": 900.0, "percent": 50.0,
-                                               "etaSeconds": 12, "updated": time.time()}))
+    # Reported the way the trainer reports it: the runtime's own reporter, to the key the job's id names.
+    reporter = ProgressReporter(cluster.redis_url, f"{ns}/{name}")
+    assert reporter.report({"phase": "Running", "step": 5, "totalSteps": 10, "epoch": 0.5, "loss": 2.5,
+                            "tokensPerSecond": 900.0, "percent": 50.0, "etaSeconds": 12, "worldSize": 1}, force=True)
     status = api.wait_status(ns, name, lambda s: (s.get("progress") or {}).get("step") == 5, "progress mirrored")
     assert status["progress"] == {"step": 5, "totalSteps": 10, "epoch": 0.5, "loss": 2.5, "tokensPerSecond": 900.0,
                                   "percent": 50.0, "etaSeconds": 12}
 
     artifact = {"uri": f"artifact://{ns}/{name}@1", "version": 1, "digest": "sha256:" + "ab" * 32,
                 "metrics": {"evalLoss": 1.25}}
-    redis_client.set(progress_key, json.dumps({"phase": "Succeeded", "step": 10, "totalSteps": 10, "percent": 100.0,
-                                               "etaSeconds": 0, "loss": 1.5, "artifact": artifact}))
+    assert reporter.report({"phase": "Succeeded", "step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0,
+                            "loss": 1.5, "artifact": artifact}, force=True)
     api.finish_pod(ns, pods[0].metadata.name, exit_code=0, reason="Completed")
     status = api.wait_status(ns, name, lambda s: s.get("phase") == "Succeeded", "phase Succeeded")
     assert status["artifact"] == artifact
@@ -124,6 +125,23 @@ def test_suspend_and_resume(running_operator: OperatorProcess, api: Api, namespa
                what="Job suspended again")
 
 
+def test_two_workers_get_a_rendezvous_service_a_pod_per_rank_and_an_owned_claim(
+        running_operator: OperatorProcess, api: Api, namespace: str) -> None:
+    name = "pair"
+    tj = api.create_tj(namespace, name, {**SMALL, "workers": 2, "storage": {"type": "pvc", "size": "1Gi"}})
+    pods = _wait_pods(api, namespace, name, count=2)
+    ranks = sorted(p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods)
+    assert ranks == ["0", "1"]
+    assert {p.spec.hostname for p in pods} == {"pair-train-0", "pair-train-1"}
+    assert {p.spec.subdomain for p in pods} == {"pair-train"}
+    service = api.core.read_namespaced_service("pair-train", namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    claim = api.core.read_namespaced_persistent_volume_claim("pair-checkpoints", namespace)
+    assert claim.spec.access_modes == ["ReadWriteMany"]
+    for child in (service, claim):
+        assert child.metadata.owner_references[0].uid == tj["metadata"]["uid"]
+
+
 def test_a_gpu_count_no_node_offers_is_stalled_with_the_schedulers_reason(
         running_operator: OperatorProcess, api: Api, namespace: str) -> None:
     name = "greedy"
@@ -148,10 +166,14 @@ def test_a_missing_claim_is_named_then_the_job_starts_once_it_exists(
     eventually(lambda: any(e.reason == "ClaimNotFound" and "spec.dataset.train" in e.message
                            for e in api.events(namespace, name)), timeout=30, what="an Event naming the field")
 
+    # The operator keeps reconciling everything else meanwhile.
+    api.create_tj(namespace, "healthy", {**SMALL, "suspend": True})
+    api.wait_status(namespace, "healthy", lambda s: s.get("phase") == "Suspended", "a healthy job beside it")
+
     api.core.create_namespaced_persistent_volume_claim(namespace, {
         "metadata": {"name": "corpus"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
-    eventually(lambda: bool(api.batch.list_namespaced_job(namespace).items), timeout=60,
+    eventually(lambda: len(api.batch.list_namespaced_job(namespace).items) == 2, timeout=60,
                what="the Job created once the claim exists")
     volumes = api.batch.read_namespaced_job(_job_name(name), namespace).spec.template.spec.volumes
     assert any(v.persistent_volume_claim and v.persistent_volume_claim.claim_name == "corpus" for v in volumes)
@@ -178,6 +200,21 @@ def test_training_job_ref_waits_then_trains_from_the_artifact(
                             .items), timeout=60, what="the second job created once the first succeeded")
     config = api.core.read_namespaced_config_map("second-train", namespace).data["train.json"]
     assert json.loads(config)["baseModel"] == {"artifact": f"artifact://{namespace}/first@7"}
+
+
+def test_training_job_ref_to_a_failed_job_is_stalled(running_operator: OperatorProcess, api: Api,
+                                                     namespace: str) -> None:
+    api.create_tj(namespace, "broken", SMALL)
+    pod = _wait_pods(api, namespace, "broken")[0]
+    api.finish_pod(namespace, pod.metadata.name, exit_code=1, reason="Error", message="ValueError: bad data")
+    api.wait_status(namespace, "broken", lambda s: s.get("phase") == "Failed", "first job failed")
+    api.create_tj(namespace, "after", {**SMALL, "baseModel": {"trainingJobRef": {"name": "broken"}}})
+    api.wait_status(namespace, "after", lambda s: any(
+        c["type"] == "Stalled" and c["reason"] == "TrainingJobFailed" for c in s.get("conditions", [])),
+        "TrainingJobFailed")
+    message = api.condition(namespace, "after", "Stalled")["message"]
+    assert message.startswith("spec.baseModel.trainingJobRef: TrainingJob 'broken' failed:")
+    assert "ValueError: bad data" in message
 
 
 def test_deletion_removes_the_progress_key_and_the_children(
