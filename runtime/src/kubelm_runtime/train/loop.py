@@ -257,8 +257,8 @@ class Training:
                     state.update(global_step=step, epoch=epoch, step_in_epoch=step_in_epoch,
                                  total_steps=total_steps, world_size=world.size)
                     self._checkpoint(step, raw_model, optimizer, scheduler, scaler, state)
-            if step_in_epoch >= steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
+                if end_of_epoch:
+                    break  # the next epoch draws its own order in the outer loop
 
         # The DDP wrapper sits in reference cycles; collect it now, while its process group is alive,
         # rather than at interpreter exit, where its gloo work objects abort the process.
