@@ -67,34 +67,33 @@ def _run(config: TrainConfig, monkeypatch: pytest.MonkeyPatch, kill_at: set[int]
         return loop.run(config, None)
 
 
-def test_each_epoch_consumes_its_own_order_once(tmp_path: Path, tiny_model: Path, small_corpus: Path,
-                                                corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_each_epoch_consumes_its_own_order_once(accumulation: int, tmp_path: Path, tiny_model: Path,
+                                                small_corpus: Path, corpus: dict[str, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     epochs = 3
-    for accumulation in (1, 2):
-        calls: list[tuple[Blocks, np.ndarray]] = []
-        original = Blocks.batch
+    calls: list[tuple[Blocks, np.ndarray]] = []
+    original = Blocks.batch
 
-        def recording(self: Blocks, indices: np.ndarray) -> np.ndarray:
-            calls.append((self, np.array(indices)))
-            return original(self, indices)
+    def recording(self: Blocks, indices: np.ndarray) -> np.ndarray:
+        calls.append((self, np.array(indices)))
+        return original(self, indices)
 
-        out = tmp_path / f"accumulate-{accumulation}"
-        config = _config(out, tiny_model, small_corpus, corpus, epochs=epochs, gradientAccumulationSteps=accumulation)
-        with monkeypatch.context() as patch:
-            patch.setattr(Blocks, "batch", recording)
-            result = loop.run(config, None)
-        train = calls[0][0]  # the first batch is a training one; evaluation batches come from another Blocks
-        used = [indices for blocks, indices in calls if blocks is train]
-        steps = int(result["steps"])
-        assert len(used) == steps * accumulation and steps % epochs == 0
-        per_epoch = len(used) // epochs
-        orders = [epoch_order(train.count, 7, epoch, 0, 1, BATCH) for epoch in range(epochs)]
-        for epoch, order in enumerate(orders):
-            consumed = np.concatenate(used[epoch * per_epoch:(epoch + 1) * per_epoch])
-            assert np.array_equal(consumed, order[:len(consumed)]), (accumulation, epoch)
-            assert len(set(consumed.tolist())) == len(consumed), "a block used twice in one epoch"
-        assert not np.array_equal(orders[0], orders[1])
-
+    config = _config(tmp_path, tiny_model, small_corpus, corpus, epochs=epochs,
+                     gradientAccumulationSteps=accumulation)
+    monkeypatch.setattr(Blocks, "batch", recording)
+    result = loop.run(config, None)
+    train = calls[0][0]  # the first batch is a training one; evaluation batches come from another Blocks
+    used = [indices for blocks, indices in calls if blocks is train]
+    steps = int(result["steps"])
+    assert len(used) == steps * accumulation and steps % epochs == 0
+    per_epoch = len(used) // epochs
+    orders = [epoch_order(train.count, 7, epoch, 0, 1, BATCH) for epoch in range(epochs)]
+    for epoch, order in enumerate(orders):
+        consumed = np.concatenate(used[epoch * per_epoch:(epoch + 1) * per_epoch])
+        assert np.array_equal(consumed, order[:len(consumed)]), epoch
+        assert len(set(consumed.tolist())) == len(consumed), "a block used twice in one epoch"
+    assert not np.array_equal(orders[0], orders[1])
 
 EPOCHS = 3
 
