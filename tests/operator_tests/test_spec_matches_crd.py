@@ -1,4 +1,4 @@
-"""The typed TrainingJob spec walks the CRD's schema field by field: names, defaults, enums, nesting."""
+"""The typed specs walk the CRDs' schemas field by field: names, defaults, enums, nesting."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from kubelm_contract.settings import SettingsError, camel
-from kubelm_operator.spec import TrainingJobSpec, parse_trainingjob
+from kubelm_operator.spec import LanguageModelSpec, TrainingJobSpec, parse_languagemodel, parse_trainingjob
 from support import REPO
 
-CRD = yaml.safe_load((REPO / "crds" / "trainingjobs.kubelm.io.yaml").read_text())
-SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+def _spec_schema(crd: str) -> dict[str, Any]:
+    loaded = yaml.safe_load((REPO / "crds" / f"{crd}.kubelm.io.yaml").read_text())
+    return dict(loaded["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"])
 
 
 def _unwrap(tp: Any) -> Any:
@@ -52,16 +54,26 @@ def _walk(cls: type, schema: dict[str, Any], where: str, seen: list[str]) -> Non
             _walk(inner, sub["items"] if sub.get("type") == "array" else sub, f"{where}.{key}", seen)  # type: ignore[arg-type]
 
 
-def test_python_spec_walks_the_whole_crd_schema() -> None:
+def test_trainingjob_spec_walks_the_whole_crd_schema() -> None:
     seen: list[str] = []
-    _walk(TrainingJobSpec, SPEC_SCHEMA, "spec", seen)
+    _walk(TrainingJobSpec, _spec_schema("trainingjobs"), "spec", seen)
     assert "spec.baseModel.trainingJobRef.name" in seen and "spec.tolerations.tolerationSeconds" in seen
+
+
+def test_languagemodel_spec_walks_the_whole_crd_schema() -> None:
+    seen: list[str] = []
+    _walk(LanguageModelSpec, _spec_schema("languagemodels"), "spec", seen)
+    assert {"spec.model.trainingJobRef.name", "spec.queue.deletionPolicy", "spec.cache.responses.ttlSeconds",
+            "spec.autoscaling.scaleDownStabilizationSeconds", "spec.gateway.authSecretRef.key"} <= set(seen)
 
 
 def test_every_sample_parses() -> None:
     for path in sorted((REPO / "manifests" / "samples").glob("trainingjob-*.yaml")):
         spec = parse_trainingjob(yaml.safe_load(path.read_text())["spec"])
         assert spec.dataset.train.startswith("pvc://"), path
+    for path in sorted((REPO / "manifests" / "samples").glob("languagemodel-*.yaml")):
+        model = parse_languagemodel(yaml.safe_load(path.read_text())["spec"])
+        assert model.autoscaling.min_replicas <= model.autoscaling.max_replicas, path
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -74,3 +86,16 @@ def test_every_sample_parses() -> None:
 def test_what_the_crd_cannot_catch_is_named(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         parse_trainingjob(spec).claims()
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"model": {"uri": "/m", "hub": {"id": "gpt2"}}}, "spec.model: needs exactly one of hub, uri or trainingJobRef"),
+    ({"model": {"uri": "/m"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+     "spec.autoscaling: minReplicas must not exceed maxReplicas"),
+    ({"model": {"uri": "/m"}, "generation": {"maxNewTokens": 600}},
+     "spec.generation.maxNewTokens must not exceed spec.limits.maxNewTokens"),
+    ({"model": {"uri": "/m"}, "gateway": {"authSecretRef": {}}}, "spec.gateway.authSecretRef.name: required"),
+])
+def test_languagemodel_spec_errors_name_the_field(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        parse_languagemodel(spec)

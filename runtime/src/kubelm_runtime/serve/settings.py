@@ -8,69 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kubelm_contract.protocol import Decoding, Limits
-from kubelm_contract.queues import QueueSpec
+from kubelm_contract.serving import Artifacts, Batching, Cache, Generation, LimitsSpec, Queue, Responses
 from kubelm_contract.settings import SettingsError
 
 from ..config import ModelSource
 
-
-@dataclass(frozen=True)
-class Generation:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-
-    def decoding(self) -> Decoding:
-        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
-                        tuple(self.stop))
-
-
-@dataclass(frozen=True)
-class LimitsSpec:
-    max_input_tokens: int = 1024
-    max_new_tokens: int = 512
-
-    def limits(self) -> Limits:
-        return Limits(self.max_input_tokens, self.max_new_tokens)
-
-
-@dataclass(frozen=True)
-class Batching:
-    max_batch_size: int = 16
-    max_wait_millis: int = 10
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_wait_millis < 0:
-            raise SettingsError("batching.maxBatchSize must be >= 1 and maxWaitMillis >= 0")
-
-
-@dataclass(frozen=True)
-class Queue(QueueSpec):
-    """The spec's queue section: the arguments the queue is declared with, plus what happens on deletion."""
-
-    deletion_policy: Literal["Delete", "Retain"] = "Delete"
-
-
-@dataclass(frozen=True)
-class Responses:
-    enabled: bool = True
-    ttl_seconds: int = 3600
-
-
-@dataclass(frozen=True)
-class Artifacts:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class Cache:
-    responses: Responses = field(default_factory=Responses)
-    artifacts: Artifacts = field(default_factory=Artifacts)
-    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+__all__ = ["Artifacts", "Batching", "Cache", "GatewayConfig", "Generation", "LimitsSpec", "Queue", "Responses",
+           "ServeConfig"]
 
 
 @dataclass(frozen=True)
