@@ -1,0 +1,171 @@
+"""Golden tests of the LanguageModel builders, the runtime reading what they render, and the API server
+accepting them (server-side dry-run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, utils
+
+from kubelm_operator.builders import serving as build
+from kubelm_operator.builders.common import Owner
+from kubelm_operator.spec import parse_languagemodel
+from kubelm_runtime.config import load_config
+from kubelm_runtime.serve.settings import GatewayConfig, ServeConfig
+from support import REPO
+
+IMAGE = "kubelm/runtime:0.1.0"
+HUB = {"hub": {"id": "openai-community/gpt2", "revision": "main"}}
+OWNER = Owner("LanguageModel", "team-a", "gpt2", "uid-2")
+SAMPLES = sorted((REPO / "manifests" / "samples").glob("languagemodel-*.yaml"))
+
+
+def _labels(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubelm", "app.kubernetes.io/instance": "gpt2",
+            "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "kubelm-operator",
+            "kubelm.io/languagemodel": "gpt2"}
+
+
+def _meta(name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": "team-a", "labels": _labels(component), "ownerReferences": [
+        {"apiVersion": "kubelm.io/v1alpha1", "kind": "LanguageModel", "name": "gpt2", "uid": "uid-2",
+         "controller": True, "blockOwnerDeletion": True}]}
+
+
+RESTRICTED = {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False,
+              "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+              "seccompProfile": {"type": "RuntimeDefault"}}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _env(config_file: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "KUBELM_CONFIG", "value": f"/etc/kubelm/{config_file}"},
+        {"name": "KUBELM_VOLUMES_ROOT", "value": "/mnt/kubelm/volumes"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/var/cache/kubelm/hf"},
+        {"name": "KUBELM_AMQP_URL", "valueFrom": {"secretKeyRef": {"name": "gpt2-serve-env", "key": "amqp-url"}}},
+        {"name": "KUBELM_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "gpt2-serve-env", "key": "redis-url"}}},
+    ]
+
+
+def _children(spec: dict[str, Any], source: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    objects = build.children(OWNER, parse_languagemodel(spec), image=IMAGE, model_source=source or HUB,
+                             amqp_url="amqp://u:p@rabbitmq:5672/%2F", redis_url="redis://redis:6379/0")
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+
+
+def test_cpu_sample_gives_this_worker_deployment() -> None:
+    spec = yaml.safe_load((REPO / "manifests/samples/languagemodel-cpu.yaml").read_text())["spec"]
+    children = _children(spec)
+    assert sorted(children) == ["ConfigMap/gpt2-serve", "Deployment/gpt2-gateway", "Deployment/gpt2-worker",
+                                "Secret/gpt2-serve-env", "Service/gpt2-gateway"]
+    worker_labels = _labels("serving-worker")
+    assert children["Deployment/gpt2-worker"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("gpt2-worker", "serving-worker"),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": "gpt2",
+                                         "app.kubernetes.io/component": "serving-worker",
+                                         "kubelm.io/languagemodel": "gpt2"}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "8e912fcf603f1804"}},
+                "spec": {
+                    "automountServiceAccountToken": False, "enableServiceLinks": False,
+                    "securityContext": POD_SECURITY, "terminationGracePeriodSeconds": 120,
+                    "containers": [{
+                        "name": "worker", "image": IMAGE, "args": ["serve"], "env": _env("serve.json"),
+                        "ports": [{"name": "health", "containerPort": 8081}],
+                        "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
+                                      "limits": {"cpu": "2", "memory": "4Gi"}},
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/kubelm", "readOnly": True},
+                                         {"name": "cache", "mountPath": "/var/cache/kubelm"},
+                                         {"name": "tmp", "mountPath": "/tmp"},
+                                         {"name": "shm", "mountPath": "/dev/shm"}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "health"}, "periodSeconds": 5},
+                        "livenessProbe": {"httpGet": {"path": "/livez", "port": "health"}, "periodSeconds": 20,
+                                          "timeoutSeconds": 5, "failureThreshold": 3},
+                        "securityContext": RESTRICTED,
+                        "terminationMessagePolicy": "FallbackToLogsOnError"}],
+                    "volumes": [{"name": "config", "configMap": {"name": "gpt2-serve"}},
+                                {"name": "cache", "emptyDir": {}},
+                                {"name": "tmp", "emptyDir": {}},
+                                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]}}}}
+    assert children["Secret/gpt2-serve-env"]["stringData"] == {"amqp-url": "amqp://u:p@rabbitmq:5672/%2F",
+                                                               "redis-url": "redis://redis:6379/0"}
+
+
+def test_gateway_with_a_bearer_token_and_its_service() -> None:
+    children = _children({"model": {"uri": "pvc://models/gpt2"},
+                          "gateway": {"replicas": 2, "serviceType": "LoadBalancer",
+                                      "authSecretRef": {"name": "gpt2-clients"}}},
+                         source={"uri": "pvc://models/gpt2"})
+    gateway = children["Deployment/gpt2-gateway"]
+    assert gateway["spec"]["replicas"] == 2
+    pod = gateway["spec"]["template"]["spec"]
+    assert {"name": "auth", "secret": {"secretName": "gpt2-clients"}} in pod["volumes"]
+    container = pod["containers"][0]
+    assert container["args"] == ["gateway"] and container["env"] == _env("gateway.json")
+    assert {"name": "auth", "mountPath": "/etc/kubelm/auth", "readOnly": True} in container["volumeMounts"]
+    assert json.loads(children["ConfigMap/gpt2-serve"]["data"]["gateway.json"]) == {
+        "namespace": "team-a", "models": ["gpt2"], "port": 8080, "authTokenFile": "/etc/kubelm/auth/token"}
+    assert children["Service/gpt2-gateway"] == {
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta("gpt2-gateway", "serving-gateway"),
+        "spec": {"type": "LoadBalancer", "selector": {"app.kubernetes.io/instance": "gpt2",
+                                                      "app.kubernetes.io/component": "serving-gateway",
+                                                      "kubelm.io/languagemodel": "gpt2"},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": "http"}]}}
+    worker = children["Deployment/gpt2-worker"]["spec"]["template"]["spec"]
+    assert {"name": "claim-0", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in worker["volumes"]
+    assert build.endpoint(OWNER) == "http://gpt2-gateway.team-a.svc:8080/v1"
+
+
+@pytest.mark.parametrize(("autoscaling", "suspend", "replicas"), [
+    ({"engine": "builtin"}, False, None), ({"engine": "keda"}, False, None),
+    ({"engine": "none", "minReplicas": 3}, False, 3), ({"engine": "none", "minReplicas": 3}, True, 0),
+])
+def test_replicas_are_set_only_when_nothing_else_scales(autoscaling: dict[str, Any], suspend: bool,
+                                                         replicas: int | None) -> None:
+    worker = _children({"model": {"hub": {"id": "gpt2"}}, "autoscaling": autoscaling,
+                        "suspend": suspend})["Deployment/gpt2-worker"]
+    assert worker["spec"].get("replicas") == replicas
+
+
+def test_no_gateway_when_disabled() -> None:
+    assert sorted(_children({"model": {"hub": {"id": "gpt2"}}, "gateway": {"enabled": False}})) == [
+        "ConfigMap/gpt2-serve", "Deployment/gpt2-worker", "Secret/gpt2-serve-env"]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+def test_runtime_reads_the_rendered_configurations(sample: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load(sample.read_text())["spec"]
+    spec = parse_languagemodel(raw)
+    source = HUB if spec.model.training_job_ref else {k: v for k, v in
+                                                      (("hub", raw["model"].get("hub")),
+                                                       ("uri", raw["model"].get("uri"))) if v}
+    data = _children(raw, source)["ConfigMap/gpt2-serve"]["data"]
+    for name in ("serve.json", "gateway.json"):
+        (tmp_path / name).write_text(data[name])
+    serve = load_config(ServeConfig, tmp_path / "serve.json")
+    assert (serve.name, serve.namespace) == ("gpt2", "team-a")
+    assert (serve.generation, serve.limits, serve.batching) == (spec.generation, spec.limits, spec.batching)
+    assert (serve.queue, serve.cache) == (spec.queue, spec.cache)
+    assert serve.device == ("cuda" if spec.resources.gpus else "cpu")
+    gateway = load_config(GatewayConfig, tmp_path / "gateway.json")
+    assert gateway.models == ["gpt2"] and gateway.namespace == "team-a"
+
+
+@pytest.mark.cluster
+def test_the_api_server_accepts_every_child(api_client: client.ApiClient, namespace: str) -> None:
+    for sample in SAMPLES:
+        raw = yaml.safe_load(sample.read_text())["spec"]
+        objects = build.children(Owner("LanguageModel", namespace, "gpt2", "uid-2"), parse_languagemodel(raw),
+                                 image=IMAGE, model_source=HUB, amqp_url="amqp://a", redis_url="redis://r")
+        for obj in objects:
+            obj["metadata"].pop("ownerReferences")  # the owner does not exist: only the objects are checked
+            utils.create_from_dict(api_client, obj, namespace=namespace, dry_run="All")
