@@ -7,7 +7,7 @@ is idempotent when the arguments match), so a worker also runs stand-alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 DEAD_LETTER_EXCHANGE = "kubelm.dead-letter"
 """A direct exchange; each model's dead-letter queue is bound with its own routing key."""
@@ -59,3 +59,17 @@ def request_queue_arguments(namespace: str, model: str, spec: QueueSpec) -> dict
         args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
         args["x-dead-letter-routing-key"] = dead_letter_queue(namespace, model)
     return args
+
+
+def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSpec) -> str:
+    """Declares the dead-letter exchange and queue and the request queue on an AMQP channel (pika's
+    interface; idempotent while the arguments match) and returns the request queue's name. Workers and
+    the operator both call this, so a queue is declared the same way whoever comes first."""
+    name = request_queue(namespace, model)
+    if spec.dead_letter:
+        dead = dead_letter_queue(namespace, model)
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="direct", durable=True)
+        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "classic"})
+        channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=dead)
+    channel.queue_declare(name, durable=True, arguments=request_queue_arguments(namespace, model, spec))
+    return name

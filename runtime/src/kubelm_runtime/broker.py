@@ -59,18 +59,6 @@ def _parameters(url: str, heartbeat: int = 60) -> pika.URLParameters:
     return parameters
 
 
-def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSpec) -> str:
-    """Declares the dead-letter exchange and queue and the request queue (idempotent); returns its name."""
-    name = queues.request_queue(namespace, model)
-    if spec.dead_letter:
-        dead = queues.dead_letter_queue(namespace, model)
-        channel.exchange_declare(queues.DEAD_LETTER_EXCHANGE, exchange_type="direct", durable=True)
-        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "classic"})
-        channel.queue_bind(dead, queues.DEAD_LETTER_EXCHANGE, routing_key=dead)
-    channel.queue_declare(name, durable=True, arguments=queues.request_queue_arguments(namespace, model, spec))
-    return name
-
-
 class WorkerChannel:
     def __init__(self, url: str, prefetch: int, heartbeat: int = 60):
         self.connection = pika.BlockingConnection(_parameters(url, heartbeat))
@@ -83,7 +71,7 @@ class WorkerChannel:
         """Delivery tags received and not yet acknowledged (must be empty after a drain)."""
 
     def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
-        return declare_model_queues(self.channel, namespace, model, spec)
+        return queues.declare_model_queues(self.channel, namespace, model, spec)
 
     def consume(self, queue_name: str, on_delivery: Callable[[Delivery], None]) -> None:
         def callback(channel: Any, method: Any, properties: Any, body: bytes) -> None:

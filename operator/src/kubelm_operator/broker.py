@@ -1,0 +1,182 @@
+"""The operator's only door to RabbitMQ: declaring and deleting a model's queues (AMQP) and reading
+their figures (the management API).
+
+pika's BlockingConnection is not thread-safe and blocks, so every AMQP call runs on one worker
+thread of its own, away from the event loop; the connection is opened on first use and again
+after any failure. Queues are declared with the contract's `declare_model_queues`, the same
+function the workers call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+import pika
+import pika.exceptions
+
+from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
+
+# Which spec field sets each queue argument, to name it when RabbitMQ refuses a change.
+ARGUMENT_FIELDS = {
+    "x-queue-type": "spec.queue.type",
+    "x-max-length": "spec.queue.maxLength",
+    "x-overflow": "spec.queue.maxLength",
+    "x-message-ttl": "spec.queue.messageTtlSeconds",
+    "x-delivery-limit": "spec.queue.deliveryLimit",
+    "x-dead-letter-exchange": "spec.queue.deadLetter",
+    "x-dead-letter-routing-key": "spec.queue.deadLetter",
+}
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ or its management API could not be reached; the message says which."""
+
+
+class QueueConflict(Exception):
+    """The queue exists with arguments the spec would change (RabbitMQ cannot change them in place)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    name: str
+    ready: int
+    unacked: int
+    consumers: int
+    dead_lettered: int
+    publish_rate: float
+    deliver_rate: float
+
+    @property
+    def depth(self) -> int:
+        return self.ready + self.unacked
+
+
+def conflict(reply_text: str) -> QueueConflict:
+    """The spec field behind a PRECONDITION_FAILED reply, with RabbitMQ's own words."""
+    found = _INEQUIVALENT.search(reply_text)
+    field = ARGUMENT_FIELDS.get(found.group(1), "spec.queue") if found else "spec.queue"
+    return QueueConflict(field, f"the existing queue was declared otherwise and RabbitMQ cannot change it "
+                                f"({reply_text}); delete the queue, or keep the old value")
+
+
+class Broker:
+    def __init__(self, amqp_url: str | None, api_url: str | None, timeout: float = 10.0):
+        self.amqp_url, self.api_url = amqp_url, api_url
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqp")
+        self._connection: Any = None
+        self._channel: Any = None
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.amqp_url)
+
+    # -- AMQP, on the worker thread -------------------------------------------------------------
+    def _open_channel(self) -> Any:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        if self._connection is None or not self._connection.is_open:
+            parameters = pika.URLParameters(self.amqp_url)
+            parameters.socket_timeout = self._timeout
+            parameters.blocked_connection_timeout = self._timeout
+            self._connection = pika.BlockingConnection(parameters)
+        self._channel = self._connection.channel()
+        return self._channel
+
+    def _call(self, work: Any) -> Any:
+        try:
+            return work(self._open_channel())
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self._channel = None  # the broker closed the channel; the connection stays
+            if e.reply_code == 406:
+                raise conflict(e.reply_text) from e
+            raise BrokerUnavailable(f"RabbitMQ refused: {e.reply_code} {e.reply_text}") from e
+        except pika.exceptions.AMQPError as e:
+            self._channel = self._connection = None
+            raise BrokerUnavailable(f"RabbitMQ: {type(e).__name__}: {e}") from e
+        except OSError as e:
+            self._channel = self._connection = None
+            raise BrokerUnavailable(f"RabbitMQ: {e}") from e
+
+    async def _run(self, work: Any) -> Any:
+        if not self.amqp_url:
+            raise BrokerUnavailable("no RabbitMQ URL configured (KUBELM_AMQP_URL)")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, work)
+
+    async def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
+        """The model's request queue (and dead-letter queue) exist with the spec's arguments."""
+        return str(await self._run(lambda channel: queues.declare_model_queues(channel, namespace, model, spec)))
+
+    async def delete(self, namespace: str, model: str) -> None:
+        """Removes the model's queues, with any messages left in them."""
+        def work(channel: Any) -> None:
+            channel.queue_delete(queues.request_queue(namespace, model))
+            channel.queue_delete(queues.dead_letter_queue(namespace, model))
+        await self._run(work)
+
+    # -- management API -------------------------------------------------------------------------
+    def _vhost(self) -> str:
+        path = urlsplit(self.amqp_url or "").path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        if not self.api_url:
+            raise BrokerUnavailable("no RabbitMQ management URL configured (KUBELM_RABBITMQ_API_URL)")
+        parts = urlsplit(self.api_url)
+        if self._http is None:
+            auth = aiohttp.BasicAuth(unquote(parts.username or "guest"), unquote(parts.password or "guest")).encode()
+            self._http = aiohttp.ClientSession(headers={"Authorization": auth},
+                                               timeout=aiohttp.ClientTimeout(total=self._timeout))
+        base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
+        try:
+            async with self._http.get(base + path) as response:
+                if response.status == 404:
+                    return None
+                if response.status >= 400:
+                    raise BrokerUnavailable(f"RabbitMQ management API: {response.status} {await response.text()}")
+                return dict(await response.json())
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise BrokerUnavailable(f"RabbitMQ management API: {type(e).__name__}: {e}") from e
+
+    async def stats(self, namespace: str, model: str) -> QueueStats | None:
+        """The request queue's figures, or None when it does not exist."""
+        vhost = quote(self._vhost(), safe="")
+        name = queues.request_queue(namespace, model)
+        found = await self._get(f"/api/queues/{vhost}/{quote(name, safe='')}")
+        if found is None:
+            return None
+        dead = await self._get(f"/api/queues/{vhost}/{quote(queues.dead_letter_queue(namespace, model), safe='')}")
+        rates = found.get("message_stats") or {}
+        return QueueStats(
+            name=name,
+            ready=int(found.get("messages_ready") or 0),
+            unacked=int(found.get("messages_unacknowledged") or 0),
+            consumers=int(found.get("consumers") or 0),
+            dead_lettered=int((dead or {}).get("messages") or 0),
+            publish_rate=float((rates.get("publish_details") or {}).get("rate") or 0.0),
+            deliver_rate=float((rates.get("deliver_get_details") or {}).get("rate") or 0.0),
+        )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+        def shut(_: Any) -> None:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        if self.amqp_url and self._connection is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, shut, None)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,108 @@
+"""The operator's AMQP module against the real RabbitMQ: the contract's queues, figures from the
+management API, an argument RabbitMQ cannot change named by its spec field, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pika
+import pytest
+
+from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
+from kubelm_operator.broker import Broker, BrokerUnavailable, QueueConflict, conflict
+from support import ClusterEnv
+
+pytestmark = pytest.mark.services
+
+
+def _run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def test_precondition_failed_names_the_spec_field() -> None:
+    error = conflict("PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'kubelm.a.b.requests' in "
+                     "vhost '/': received the value '10' of type 'signedint' but current is none")
+    assert error.field == "spec.queue.maxLength"
+    assert str(error).startswith("spec.queue.maxLength: the existing queue was declared otherwise")
+    assert conflict("something else").field == "spec.queue"
+
+
+@pytest.mark.cluster
+def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: ClusterEnv) -> None:
+    namespace, model = f"t-{uuid.uuid4().hex[:6]}", "gpt2"
+    spec = QueueSpec(type="quorum", max_length=100, message_ttl_seconds=60, delivery_limit=2)
+
+    async def scenario() -> None:
+        broker = Broker(cluster.amqp_url, cluster.rabbitmq_api_url)
+        try:
+            name = await broker.declare(namespace, model, spec)
+            assert name == queues.request_queue(namespace, model)
+            assert await broker.declare(namespace, model, spec) == name  # idempotent
+
+            connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+            channel = connection.channel()
+            for i in range(5):
+                channel.basic_publish("", name, json.dumps({"i": i}).encode())
+            connection.close()
+
+            async def five_ready() -> bool:
+                stats = await broker.stats(namespace, model)
+                return stats is not None and stats.ready == 5
+            for _ in range(200):  # the management API refreshes its figures every second
+                if await five_ready():
+                    break
+                await asyncio.sleep(0.1)
+            stats = await broker.stats(namespace, model)
+            assert stats is not None and (stats.ready, stats.unacked, stats.depth, stats.consumers) == (5, 0, 5, 0)
+
+            with pytest.raises(QueueConflict) as info:
+                await broker.declare(namespace, model, QueueSpec(type="quorum", max_length=10, delivery_limit=2,
+                                                                 message_ttl_seconds=60))
+            assert info.value.field == "spec.queue.maxLength"
+            assert await broker.declare(namespace, model, spec) == name  # the channel is usable again
+
+            await broker.delete(namespace, model)
+            assert await broker.stats(namespace, model) is None
+        finally:
+            await broker.close()
+
+    _run(scenario())
+
+
+def test_unreachable_broker_is_an_error_that_says_so() -> None:
+    async def scenario() -> None:
+        broker = Broker("amqp://guest:guest@127.0.0.1:1/%2F", "http://guest:guest@127.0.0.1:1", timeout=2)
+        try:
+            with pytest.raises(BrokerUnavailable, match="RabbitMQ"):
+                await broker.declare("ns", "m", QueueSpec())
+            with pytest.raises(BrokerUnavailable, match="management API"):
+                await broker.stats("ns", "m")
+        finally:
+            await broker.close()
+    _run(scenario())
+
+
+@pytest.mark.cluster
+def test_the_queue_has_exactly_the_contracts_arguments(cluster: ClusterEnv) -> None:
+    """Read back from the management API, not compared as dicts in Python."""
+    namespace, model = f"t-{uuid.uuid4().hex[:6]}", "args"
+    spec = QueueSpec(type="quorum", max_length=7, message_ttl_seconds=30, delivery_limit=4)
+
+    async def scenario() -> dict[str, Any]:
+        broker = Broker(cluster.amqp_url, cluster.rabbitmq_api_url)
+        try:
+            await broker.declare(namespace, model, spec)
+            vhost = "%2F"
+            found = await broker._get(f"/api/queues/{vhost}/{queues.request_queue(namespace, model)}")
+            await broker.delete(namespace, model)
+            assert found is not None
+            return dict(found["arguments"])
+        finally:
+            await broker.close()
+
+    arguments = _run(scenario())
+    assert arguments == queues.request_queue_arguments(namespace, model, spec)
