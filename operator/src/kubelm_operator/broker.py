@@ -137,7 +137,7 @@ class Broker:
             raise BrokerUnavailable("no RabbitMQ management URL configured (KUBELM_RABBITMQ_API_URL)")
         parts = urlsplit(self.api_url)
         if self._http is None:
-            auth = aiohttp.BasicAuth(unquote(parts.username or "guest"), unquote(parts.password or "guest")).encode()
+            auth = aiohttp.encode_basic_auth(unquote(parts.username or "guest"), unquote(parts.password or "guest"))
             self._http = aiohttp.ClientSession(headers={"Authorization": auth},
                                                timeout=aiohttp.ClientTimeout(total=self._timeout))
         base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"

@@ -154,7 +154,7 @@ class Kube:
             if info.token:
                 headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
             elif info.username and info.password:
-                headers["Authorization"] = aiohttp.BasicAuth(info.username, info.password).encode()
+                headers["Authorization"] = aiohttp.encode_basic_auth(info.username, info.password)
             connector = aiohttp.TCPConnector(ssl=_ssl_context(info), limit=self._connections)
             http = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
             self._session = _Session(http, info.server.rstrip("/"), headers)
