@@ -14,6 +14,20 @@ from redis.exceptions import RedisError
 
 from kubelm_contract import keys
 
+# Writes the operator's fields of a registry entry and keeps the digest a worker measured, atomically:
+# a worker registering itself at the same moment can neither lose nor overwrite the other's part.
+_REGISTER = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+local entry = cjson.decode(ARGV[2])
+if current then
+  local previous = cjson.decode(current)
+  if previous['digest'] and not entry['digestKnown'] then entry['digest'] = previous['digest'] end
+end
+entry['digestKnown'] = nil
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
+return 1
+"""
+
 
 class CacheUnavailable(Exception):
     """Redis could not be reached or answered with an error; the message says which."""
@@ -57,3 +71,55 @@ class Cache:
             return bool(await self._client.delete(keys.progress(job_id)))
         except RedisError as e:
             raise CacheUnavailable(f"deleting the training progress key from Redis: {e}") from e
+
+    async def register_model(self, model_id: str, entry: dict[str, Any], digest_known: bool) -> None:
+        """Writes a model's routing entry for the gateway. Without `digest_known` the digest a worker
+        already recorded (from the files it loaded) is kept."""
+        if self._client is None:
+            return
+        try:
+            await self._client.eval(_REGISTER, 1, keys.MODEL_REGISTRY, model_id,  # type: ignore[misc]
+                                    json.dumps({**entry, "digestKnown": digest_known}))
+        except RedisError as e:
+            raise CacheUnavailable(f"writing the model registry entry to Redis: {e}") from e
+
+    async def registry_entry(self, model_id: str) -> dict[str, Any] | None:
+        if self._client is None:
+            return None
+        try:
+            raw = await self._client.hget(keys.MODEL_REGISTRY, model_id)  # type: ignore[misc]
+        except RedisError as e:
+            raise CacheUnavailable(f"reading the model registry from Redis: {e}") from e
+        return json.loads(raw) if raw else None
+
+    async def cache_counters(self, model_id: str) -> dict[str, int]:
+        """The response cache's hits and misses for a model."""
+        if self._client is None:
+            return {}
+        try:
+            raw = await self._client.hgetall(keys.cache_stats(model_id))  # type: ignore[misc]
+        except RedisError as e:
+            raise CacheUnavailable(f"reading the response cache counters from Redis: {e}") from e
+        return {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
+
+    async def delete_model(self, model_id: str, *, registry: bool, responses: bool) -> int:
+        """Removes what Redis holds for a model: its registry entry, and its cached responses and counters."""
+        if self._client is None:
+            return 0
+        try:
+            removed = 0
+            if registry:
+                removed += int(await self._client.hdel(keys.MODEL_REGISTRY, model_id))  # type: ignore[misc]
+            if responses:
+                batch: list[Any] = []
+                async for key in self._client.scan_iter(match=keys.response_pattern(model_id), count=500):
+                    batch.append(key)
+                    if len(batch) == 500:
+                        removed += int(await self._client.delete(*batch))
+                        batch = []
+                if batch:
+                    removed += int(await self._client.delete(*batch))
+                removed += int(await self._client.delete(keys.cache_stats(model_id)))
+            return removed
+        except RedisError as e:
+            raise CacheUnavailable(f"deleting the model's keys from Redis: {e}") from e
