@@ -47,7 +47,9 @@ def operator(cluster: ClusterEnv, installed: None,
     directory = tmp_path_factory.mktemp("operator")
     kubeconfig = service_account_kubeconfig(_kubectl(cluster), Path(cluster.kubeconfig), directory / "kubeconfig")
     process = OperatorProcess(kubeconfig, cluster.redis_url, directory, env={
-        "KUBELM_PROGRESS_INTERVAL_SECONDS": "1", "KUBELM_RUNTIME_IMAGE": "kubelm/runtime:test"})
+        "KUBELM_PROGRESS_INTERVAL_SECONDS": "1", "KUBELM_AUTOSCALE_INTERVAL_SECONDS": "1",
+        "KUBELM_RUNTIME_IMAGE": "kubelm/runtime:test", "KUBELM_AMQP_URL": cluster.amqp_url,
+        "KUBELM_RABBITMQ_API_URL": cluster.rabbitmq_api_url})
     process.start()
     process.wait_healthy()
     yield process
@@ -93,6 +95,10 @@ class Api:
         return client.CoreV1Api(self.api_client)
 
     @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api_client)
+
+    @property
     def batch(self) -> client.BatchV1Api:
         return client.BatchV1Api(self.api_client)
 
@@ -112,7 +118,7 @@ class Api:
         return next((c for c in self.status(namespace, name).get("conditions", []) if c["type"] == type_), {})
 
     def wait_status(self, namespace: str, name: str, check: Callable[[dict[str, Any]], bool], what: str,
-                    timeout: float = 90) -> dict[str, Any]:
+                    timeout: float = 120) -> dict[str, Any]:
         eventually(lambda: check(self.status(namespace, name)), timeout=timeout, what=f"{name}: {what}")
         return self.status(namespace, name)
 

@@ -16,13 +16,15 @@ def test_every_setting_is_read() -> None:
         "KUBELM_REDIS_URL": "redis://r:6379/0", "KUBELM_AMQP_URL": "amqp://a", "KUBELM_RABBITMQ_API_URL": "http://m",
         "KUBELM_NAMESPACES": "team-a, team-b ,", "KUBELM_LOG_FORMAT": "json", "KUBELM_LOG_LEVEL": "debug",
         "KUBELM_METRICS_PORT": "0", "KUBELM_HEALTH_PORT": "9000", "KUBELM_PROGRESS_INTERVAL_SECONDS": "2.5",
+        "KUBELM_AUTOSCALE_INTERVAL_SECONDS": "0.5",
         "KUBELM_WATCH_SERVER_TIMEOUT_SECONDS": "60", "KUBELM_WATCH_CLIENT_TIMEOUT_SECONDS": "90",
         "KUBELM_REQUEST_TIMEOUT_SECONDS": "5", "KUBELM_PEERING": "kubelm",
     })
     assert config == OperatorConfig(
         runtime_image="registry.example/kubelm/runtime:1", redis_url="redis://r:6379/0", amqp_url="amqp://a",
         rabbitmq_api_url="http://m", namespaces=("team-a", "team-b"), log_format="json", log_level="DEBUG",
-        metrics_port=0, health_port=9000, progress_interval_seconds=2.5, watch_server_timeout_seconds=60,
+        metrics_port=0, health_port=9000, progress_interval_seconds=2.5, autoscale_interval_seconds=0.5,
+        watch_server_timeout_seconds=60,
         watch_client_timeout_seconds=90, request_timeout_seconds=5.0, peering="kubelm")
 
 

@@ -30,6 +30,7 @@ class OperatorConfig:
     """0 turns the Prometheus endpoint off."""
     health_port: int = 8081
     progress_interval_seconds: float = 10.0
+    autoscale_interval_seconds: float = 2.0
     watch_server_timeout_seconds: int = 300
     watch_client_timeout_seconds: int = 330
     request_timeout_seconds: float = 30.0
@@ -54,8 +55,10 @@ def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
     if log_format not in ("text", "json"):
         raise ConfigError(f"{env.LOG_FORMAT}={log_format!r}: expected text or json")
     interval = _number(environ, env.PROGRESS_INTERVAL, 10.0)
-    if interval == 0:
-        raise ConfigError(f"{env.PROGRESS_INTERVAL} must be more than 0")
+    autoscale = _number(environ, env.AUTOSCALE_INTERVAL, 2.0)
+    for name, value in ((env.PROGRESS_INTERVAL, interval), (env.AUTOSCALE_INTERVAL, autoscale)):
+        if value == 0:
+            raise ConfigError(f"{name} must be more than 0")
     return OperatorConfig(
         runtime_image=environ.get(env.RUNTIME_IMAGE, "").strip() or DEFAULT_RUNTIME_IMAGE,
         redis_url=environ.get(env.REDIS_URL) or None,
@@ -67,6 +70,7 @@ def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
         metrics_port=int(_number(environ, env.METRICS_PORT, 8080, int)),
         health_port=int(_number(environ, env.HEALTH_PORT, 8081, int)),
         progress_interval_seconds=interval,
+        autoscale_interval_seconds=autoscale,
         watch_server_timeout_seconds=int(_number(environ, env.WATCH_SERVER_TIMEOUT, 300, int)),
         watch_client_timeout_seconds=int(_number(environ, env.WATCH_CLIENT_TIMEOUT, 330, int)),
         request_timeout_seconds=_number(environ, env.REQUEST_TIMEOUT, 30.0),

@@ -33,6 +33,7 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("v1", "Pod"): "pods",
     ("batch/v1", "Job"): "jobs",
+    ("apps/v1", "Deployment"): "deployments",
     ("kubelm.io/v1alpha1", "TrainingJob"): "trainingjobs",
     ("kubelm.io/v1alpha1", "LanguageModel"): "languagemodels",
 }
@@ -213,6 +214,12 @@ class Kube:
         return await self.request(  # type: ignore[no-any-return]
             "PATCH", path(api_version, kind, namespace, name), patch,
             content_type="application/merge-patch+json", params={"fieldManager": FIELD_MANAGER})
+
+    async def scale(self, api_version: str, kind: str, namespace: str, name: str, replicas: int) -> None:
+        """Sets replicas through the scale subresource, the only part of a Deployment the autoscaler owns."""
+        await self.request("PATCH", path(api_version, kind, namespace, name, "scale"),
+                           {"spec": {"replicas": replicas}}, content_type="application/merge-patch+json",
+                           params={"fieldManager": FIELD_MANAGER + "-autoscaler"})
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

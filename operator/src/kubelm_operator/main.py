@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from .config import ConfigError, OperatorConfig, from_environ
 from .context import Context
-from .handlers import trainingjob
+from .handlers import languagemodel, trainingjob
 from .kube import login
 
 FINALIZER = "kubelm.io/cleanup"
@@ -61,6 +61,7 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context
         await ctx.close()
 
     trainingjob.register(ctx, registry)
+    languagemodel.register(ctx, registry)
     return ctx
 
 

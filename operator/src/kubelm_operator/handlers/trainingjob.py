@@ -158,18 +158,18 @@ async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, o
             old.get("phase") not in status.FINISHED:
         await ctx.kube.merge_patch("batch/v1", "Job", owner.namespace, names.job, {"spec": {"suspend": spec.suspend}})
     pods = [pod for _, pod in pods_index.get((owner.namespace, names.job), ())]
-    progress = await _progress(ctx, owner, old, observed_job)
+    progress = await _progress(ctx, owner, observed_job)
     obs = status.Observation(generation, spec.suspend, spec.workers, observed_job, pods, progress, blocker)
     await _write_status(ctx, owner, body, old, obs)
 
 
-async def _progress(ctx: Context, owner: Owner, old: dict[str, Any], job: ObservedJob | None) -> dict[str, Any] | None:
-    """The trainer's report, read while workers run and once more when the Job finishes."""
+async def _progress(ctx: Context, owner: Owner, job: ObservedJob | None) -> dict[str, Any] | None:
+    """The trainer's report, read while workers run and whenever a finished Job is looked at: its pods'
+    events may come after the Job's, and each status computed then needs the trainer's last words too.
+    (A finished job is not polled, so this is a read per event of its Job or pods.)"""
     if job is None:
         return None
-    finishing = (job.condition("Complete") or job.condition("Failed")) and old.get("phase") not in status.FINISHED
-    missing_artifact = job.condition("Complete") is not None and not old.get("artifact")
-    if not (job.active or finishing or missing_artifact):
+    if not (job.active or job.condition("Complete") or job.condition("Failed")):
         return None
     try:
         return await ctx.cache.progress(owner.id)

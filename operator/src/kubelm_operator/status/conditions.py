@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 READY = "Ready"
@@ -38,3 +39,31 @@ def find(conditions: Iterable[dict[str, Any]], type_: str) -> dict[str, Any] | N
 def is_true(conditions: Iterable[dict[str, Any]], type_: str) -> bool:
     found = find(conditions, type_)
     return bool(found and found.get("status") == "True")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An Event to post."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def phase_transitions(old: dict[str, Any], new: dict[str, Any], warning_phases: tuple[str, ...]) -> list[Transition]:
+    """The Events a status change deserves: a new phase, and a new reason to be stalled."""
+    events = []
+    stalled_now = find(new.get("conditions") or [], STALLED) or {}
+    if old.get("phase") != new.get("phase"):
+        phase = new.get("phase")
+        ready = find(new.get("conditions") or [], READY) or {}
+        warning = phase in warning_phases
+        message = stalled_now.get("message") if warning and stalled_now.get("status") == "True" \
+            else ready.get("message")
+        events.append(Transition("Warning" if warning else "Normal", str(phase),
+                                 clip(f"{old.get('phase') or 'New'} -> {phase}: {message}")))
+    before = find(old.get("conditions") or [], STALLED) or {}
+    if stalled_now.get("status") == "True" and new.get("phase") not in warning_phases and (
+            before.get("status") != "True" or before.get("reason") != stalled_now.get("reason")):
+        events.append(Transition("Warning", str(stalled_now.get("reason")), str(stalled_now.get("message"))))
+    return events

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT
 
-from .conditions import READY, RECONCILING, STALLED, clip, condition, find
+from .conditions import READY, RECONCILING, STALLED, Transition, condition, phase_transitions
 from .observed import ObservedJob, ObservedPod
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
@@ -44,13 +44,6 @@ class Observation:
     progress: dict[str, Any] | None = None
     """The trainer's progress document from Redis, when it could be read."""
     blocker: Blocker | None = None
-
-
-@dataclass(frozen=True)
-class Transition:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
 
 
 def _progress(document: dict[str, Any]) -> dict[str, Any]:
@@ -201,17 +194,4 @@ def compute(old: dict[str, Any], obs: Observation, at: str) -> dict[str, Any]:
 
 def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[Transition]:
     """The Events a status change deserves: a new phase, and a new reason to be stalled."""
-    events = []
-    if old.get("phase") != new.get("phase"):
-        phase = new.get("phase")
-        ready = find(new.get("conditions") or [], READY) or {}
-        stalled = find(new.get("conditions") or [], STALLED) or {}
-        message = stalled.get("message") if phase == FAILED else ready.get("message")
-        events.append(Transition("Warning" if phase == FAILED else "Normal", str(phase),
-                                 clip(f"{old.get('phase') or 'New'} -> {phase}: {message}")))
-    before = find(old.get("conditions") or [], STALLED) or {}
-    after = find(new.get("conditions") or [], STALLED) or {}
-    if after.get("status") == "True" and new.get("phase") != FAILED and (
-            before.get("status") != "True" or before.get("reason") != after.get("reason")):
-        events.append(Transition("Warning", str(after.get("reason")), str(after.get("message"))))
-    return events
+    return phase_transitions(old, new, warning_phases=(FAILED,))

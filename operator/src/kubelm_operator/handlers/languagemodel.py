@@ -1,0 +1,279 @@
+"""LanguageModel: queues declared, registry entry written, workers and gateway applied, the workers
+scaled from the queue, status kept from all of it.
+
+Triggers: create/update/resume (render and apply), any event of its Deployments, and a timer every
+KUBELM_AUTOSCALE_INTERVAL_SECONDS (queue figures, the builtin autoscaler, a newer artifact of the
+referenced TrainingJob). All run the same `reconcile` under the object's lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+
+from kubelm_contract import queues
+from kubelm_contract.settings import SettingsError
+
+from .. import autoscaling, metrics
+from ..broker import BrokerUnavailable, QueueConflict
+from ..builders import serving as build
+from ..builders.common import GROUP, VERSION, Owner
+from ..cache import CacheUnavailable
+from ..config import FIELD_MANAGER
+from ..context import Context
+from ..hashing import digest
+from ..kube import ApiError
+from ..spec import LanguageModelSpec, parse_languagemodel
+from ..status import conditions
+from ..status import serving as status
+from . import trainingjob
+
+log = logging.getLogger(__name__)
+KIND, PLURAL = "LanguageModel", "languagemodels"
+CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+
+
+@dataclass
+class ServingState:
+    """What the watches showed and what this operator decided, per LanguageModel (in memory)."""
+
+    models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    deployments: dict[tuple[str, str], tuple[str, status.ObservedDeployment]] = field(default_factory=dict)
+    applied: dict[str, str] = field(default_factory=dict)
+    """uid -> digest of the children last applied: unchanged children are not sent again."""
+    scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
+    """uid -> recent recommendations, for the stabilization windows."""
+    deleting: set[str] = field(default_factory=set)
+    """uids whose finalizer ran or runs: a reconciliation from an older event must not declare the queue again."""
+
+
+def snapshot(body: Any) -> dict[str, Any]:
+    return trainingjob.snapshot(body) | {"kind": KIND}
+
+
+async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple[
+        dict[str, Any] | None, status.ModelInfo | None, bool, status.Problem | None]:
+    """(runtime model source, what status says about it, whether the digest is known, or the problem)."""
+    model = spec.model
+    if model.hub is not None:
+        description = f"hub:{model.hub.id}@{model.hub.revision}"
+        return ({"hub": dataclasses.asdict(model.hub)}, status.ModelInfo(description, model.hub.revision,
+                                                                        f"source:{description}"), False, None)
+    if model.uri is not None:
+        return {"uri": model.uri}, status.ModelInfo(model.uri, None, f"source:{model.uri}"), False, None
+    assert model.training_job_ref is not None
+    name, where = model.training_job_ref.name, "spec.model.trainingJobRef"
+    job = await ctx.kube.get(f"{GROUP}/{VERSION}", "TrainingJob", owner.namespace, name)
+    if job is None:
+        return None, None, False, status.Problem(
+            "TrainingJobNotFound", f"{where}: TrainingJob {name!r} not found in namespace {owner.namespace}")
+    job_status = job.get("status") or {}
+    artifact = job_status.get("artifact") or {}
+    if job_status.get("phase") == "Failed":
+        return None, None, False, status.Problem("TrainingJobFailed", f"{where}: TrainingJob {name!r} failed")
+    if job_status.get("phase") != "Succeeded" or not artifact.get("uri"):
+        return None, None, False, status.Problem(
+            "WaitingForTrainingJob", f"{where}: waiting for TrainingJob {name!r} to succeed "
+                                     f"(phase {job_status.get('phase') or 'Pending'})", stalled=False)
+    uri = str(artifact["uri"])
+    source = {"artifact": uri} if uri.startswith("artifact://") else {"uri": uri}
+    revision = f"v{artifact['version']}" if artifact.get("version") else None
+    return source, status.ModelInfo(uri, revision, artifact.get("digest")), bool(artifact.get("digest")), None
+
+
+def registry_entry(owner: Owner, spec: LanguageModelSpec, model: status.ModelInfo, phase: str) -> dict[str, Any]:
+    """The gateway's routing entry, as the workers write it (runtime: Worker.register)."""
+    decoding = spec.generation.decoding()
+    return {"queue": queues.request_queue(owner.namespace, owner.name), "namespace": owner.namespace,
+            "digest": model.digest, "source": model.source, "maxNewTokens": spec.limits.max_new_tokens,
+            "maxInputTokens": spec.limits.max_input_tokens,
+            "defaults": {**dataclasses.asdict(decoding), "stop": list(decoding.stop)},
+            "responseCache": spec.cache.responses.enabled, "status": phase}
+
+
+async def reconcile(ctx: Context, state: ServingState, body: dict[str, Any], trigger: str) -> None:
+    owner = Owner.of(body)
+    with metrics.reconciling(KIND, trigger):
+        async with ctx.locks[owner.id]:
+            await _reconcile(ctx, state, owner, body)
+
+
+async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict[str, Any]) -> None:
+    if body["metadata"].get("deletionTimestamp") or owner.uid in state.deleting:
+        return
+    old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+    generation = int(body["metadata"].get("generation") or 1)
+    queue_name = queues.request_queue(owner.namespace, owner.name)
+    try:
+        spec = parse_languagemodel(body.get("spec"))
+    except SettingsError as e:
+        obs = status.ServingObservation(generation, False, 0, queue_name, None,
+                                        model_problem=status.Problem("InvalidSpec", str(e)))
+        await _write_status(ctx, owner, body, old, obs)
+        return
+    source, model, digest_known, model_problem = await _resolve(ctx, owner, spec)
+    queue_problem = cache_problem = None
+    try:
+        await ctx.broker.declare(owner.namespace, owner.name, spec.queue)
+    except QueueConflict as e:
+        queue_problem = status.Problem("QueueArgumentConflict", str(e))
+    except BrokerUnavailable as e:
+        queue_problem = status.Problem("BrokerUnavailable", str(e), stalled=False)
+    names = build.names(owner)
+    workers = state.deployments.get((owner.namespace, names.worker))
+    observed = workers[1] if workers else None
+    if source is not None and model is not None:
+        try:
+            await ctx.cache.register_model(owner.id, registry_entry(owner, spec, model, old.get("phase") or "Pending"),
+                                           digest_known)
+        except CacheUnavailable as e:
+            cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
+        children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
+                                  amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url)
+        rendered = digest(children)
+        if state.applied.get(owner.uid) != rendered:
+            try:
+                for child in children:
+                    await ctx.kube.apply(child)
+                state.applied[owner.uid] = rendered
+            except ApiError as e:
+                if not e.invalid:
+                    raise
+                model_problem = status.Problem("InvalidChild", f"the API server refused a child object: {e.message}")
+    scaling = await _autoscale(ctx, state, owner, spec, observed) if observed is not None else []
+    queue_figures, counters = await _figures(ctx, owner)
+    obs = status.ServingObservation(
+        generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
+        build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
+        cache_problem, observed, queue_figures, counters, scaling)
+    await _write_status(ctx, owner, body, old, obs)
+
+
+async def _figures(ctx: Context, owner: Owner) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+    figures = counters = None
+    try:
+        stats = await ctx.broker.stats(owner.namespace, owner.name)
+        if stats is not None:
+            figures = {"depth": stats.depth, "ready": stats.ready, "unacked": stats.unacked,
+                       "consumers": stats.consumers, "deadLettered": stats.dead_lettered}
+    except BrokerUnavailable as e:
+        log.warning("%s: %s", owner.id, e)
+    try:
+        counters = await ctx.cache.cache_counters(owner.id)
+    except CacheUnavailable as e:
+        log.warning("%s: %s", owner.id, e)
+    return figures, counters
+
+
+async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: LanguageModelSpec,
+                     workers: status.ObservedDeployment) -> list[dict[str, Any]]:
+    """The builtin autoscaler's tick: decide from the queue, write the Deployment's scale, record why."""
+    if spec.autoscaling.engine != "builtin":
+        return []
+    current = workers.replicas if workers.replicas is not None else 1
+    if spec.suspend:
+        figures = autoscaling.QueueFigures(0, 0)
+    else:
+        try:
+            stats = await ctx.broker.stats(owner.namespace, owner.name)
+        except BrokerUnavailable as e:
+            log.warning("%s: not scaling: %s", owner.id, e)
+            return []
+        if stats is None:
+            return []
+        figures = autoscaling.QueueFigures(stats.ready, stats.unacked, stats.consumers)
+    decision = autoscaling.decide(spec.autoscaling, current, figures, ctx.clock(),
+                                  state.scaling.get(owner.uid, ()), spec.suspend)
+    state.scaling[owner.uid] = decision.history
+    if not decision.changes(current):
+        return []
+    await ctx.kube.scale("apps/v1", "Deployment", owner.namespace, build.names(owner).worker, decision.desired)
+    record = {"time": conditions.now(), "from": current, "to": decision.desired, "reason": decision.reason}
+    return [record]
+
+
+async def _write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: dict[str, Any],
+                        obs: status.ServingObservation) -> None:
+    new = status.compute(old, obs, conditions.now())
+    if new == old:
+        return
+    await ctx.kube.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                          "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
+                         subresource="status")
+    metrics.STATUS_WRITES.labels(KIND).inc()
+    ctx.written[owner.uid] = new
+    for event in conditions.phase_transitions(old, new, warning_phases=(status.FAILED, status.DEGRADED)):
+        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
+    for record in obs.scaling:
+        kopf.event(cast(kopf.Body, body), type="Normal", reason="Scaled",
+                   message=f"workers {record['from']} -> {record['to']}: {record['reason']}")
+
+
+async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry: int) -> None:
+    """The finalizer: queues and Redis keys go unless their deletionPolicy is Retain."""
+    owner = Owner.of(body)
+    spec = body.get("spec") or {}
+    keep_queue = (spec.get("queue") or {}).get("deletionPolicy") == "Retain"
+    keep_cache = (spec.get("cache") or {}).get("deletionPolicy") == "Retain"
+    try:
+        async with ctx.locks[owner.id]:  # after any reconciliation under way, and before none
+            state.deleting.add(owner.uid)
+            if not keep_queue:
+                await ctx.broker.delete(owner.namespace, owner.name)
+            if not keep_cache:
+                await ctx.cache.delete_model(owner.id, registry=True, responses=True)
+    except (BrokerUnavailable, CacheUnavailable) as e:
+        delay = min(60, 2 ** min(retry, 6))
+        message = (f"cannot remove the model's queues or Redis keys yet, retrying in {delay}s ({e}); if the "
+                   f"operator is gone for good, remove the finalizer by hand (docs/operator.md)")
+        kopf.event(cast(kopf.Body, body), type="Warning", reason="CleanupFailed", message=message)
+        raise kopf.TemporaryError(message, delay=delay) from e
+    ctx.forget(owner.id, owner.uid)
+    state.applied.pop(owner.uid, None)
+    state.scaling.pop(owner.uid, None)
+
+
+def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
+    resource = (GROUP, VERSION, PLURAL)
+    state = ServingState()
+
+    @kopf.on.resume(*resource, id="languagemodel", registry=registry)
+    @kopf.on.create(*resource, id="languagemodel", registry=registry)
+    @kopf.on.update(*resource, field="spec", id="languagemodel", registry=registry)
+    async def languagemodel_changed(body: kopf.Body, reason: str, **_: Any) -> None:
+        await reconcile(ctx, state, snapshot(body), str(reason))
+
+    @kopf.timer(*resource, interval=ctx.config.autoscale_interval_seconds, id="languagemodel-tick",
+                when=lambda body, **_: not body["metadata"].get("deletionTimestamp"), registry=registry)
+    async def languagemodel_tick(body: kopf.Body, **_: Any) -> None:
+        await reconcile(ctx, state, snapshot(body), "timer")
+
+    @kopf.on.event(*resource, id="languagemodel-seen", registry=registry)
+    def languagemodel_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+        if type == "DELETED":
+            state.models.pop((str(namespace), name), None)
+        else:
+            state.models[(str(namespace), name)] = snapshot(body)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, id="languagemodel-deployment",
+                   registry=registry)
+    async def deployment_event(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+        if not namespace:
+            return
+        owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND),
+                     None)
+        if type == "DELETED" or owner is None:
+            state.deployments.pop((namespace, name), None)
+            return
+        state.deployments[(namespace, name)] = (owner, status.ObservedDeployment.from_body(body))
+        model = state.models.get((namespace, owner))
+        if type is not None and model is not None:
+            await reconcile(ctx, state, model, "child")
+
+    @kopf.on.delete(*resource, id="languagemodel-cleanup", registry=registry)
+    async def languagemodel_deleted(body: kopf.Body, retry: int, **_: Any) -> None:
+        await cleanup(ctx, state, snapshot(body), retry)

@@ -1,0 +1,140 @@
+"""A LanguageModel's status from what was observed: its model source, queue, Redis entry and workers.
+
+Pure, like the TrainingJob's: the same observations give the same status (timestamps included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .conditions import READY, RECONCILING, STALLED, condition
+
+PENDING, LOADING, READY_PHASE, DEGRADED, SUSPENDED, FAILED = \
+    "Pending", "Loading", "Ready", "Degraded", "Suspended", "Failed"
+QUEUE_READY, CACHE_READY, MODEL_READY = "QueueReady", "CacheReady", "ModelReady"
+HISTORY_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that keeps one part from working. `stalled`: a person must act."""
+
+    reason: str
+    message: str
+    stalled: bool = True
+
+
+@dataclass(frozen=True)
+class ObservedDeployment:
+    name: str
+    replicas: int | None
+    """What the Deployment asks for (spec.replicas)."""
+    ready: int = 0
+    updated: int = 0
+    available: int = 0
+
+    @classmethod
+    def from_body(cls, body: Any) -> ObservedDeployment:
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        return cls(str(body["metadata"]["name"]), spec.get("replicas"), int(status.get("readyReplicas") or 0),
+                   int(status.get("updatedReplicas") or 0), int(status.get("availableReplicas") or 0))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str
+    revision: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class ServingObservation:
+    generation: int
+    suspend: bool
+    min_replicas: int
+    queue_name: str
+    endpoint: str | None
+    model: ModelInfo | None = None
+    model_problem: Problem | None = None
+    queue_problem: Problem | None = None
+    cache_problem: Problem | None = None
+    workers: ObservedDeployment | None = None
+    queue: dict[str, int] | None = None
+    """name, depth, ready, unacked, consumers, deadLettered, from the management API."""
+    cache: dict[str, int] | None = None
+    scaling: Sequence[dict[str, Any]] = field(default_factory=tuple)
+    """New scaling decisions to append to the history: {time, from, to, reason}."""
+
+
+def _part(type_: str, problem: Problem | None, ok_reason: str, ok_message: str, generation: int,
+          previous: list[dict[str, Any]], at: str) -> dict[str, Any]:
+    if problem is None:
+        return condition(type_, True, ok_reason, ok_message, generation, previous, at)
+    return condition(type_, False, problem.reason, problem.message, generation, previous, at)
+
+
+def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, Any]:
+    previous = old.get("conditions") or []
+    workers = obs.workers
+    desired = 0 if obs.suspend else (workers.replicas if workers and workers.replicas is not None
+                                     else obs.min_replicas)
+    ready = workers.ready if workers else 0
+    problems = [p for p in (obs.model_problem, obs.queue_problem, obs.cache_problem) if p is not None]
+    stalled = next((p for p in problems if p.stalled), None)
+    if obs.suspend:
+        phase, reason, message = SUSPENDED, "Suspended", "spec.suspend is true: no workers run; the queue is kept"
+    elif stalled is not None:
+        phase, reason, message = (FAILED if obs.model_problem is stalled else DEGRADED), stalled.reason, \
+            stalled.message
+    elif problems:
+        phase, reason, message = PENDING, problems[0].reason, problems[0].message
+    elif workers is None:
+        phase, reason, message = PENDING, "Creating", "creating the workers"
+    elif desired == 0:
+        phase, reason, message = READY_PHASE, "ScaledToZero", "no backlog: no workers run until requests arrive"
+    elif ready == 0:
+        phase, reason, message = LOADING, "Loading", f"waiting for a worker to load the model (0/{desired} ready)"
+    elif ready < desired:
+        phase, reason, message = DEGRADED, "WorkersNotReady", f"{ready}/{desired} workers ready"
+    else:
+        phase, reason, message = READY_PHASE, "WorkersReady", f"{ready}/{desired} workers ready"
+
+    status: dict[str, Any] = {"phase": phase, "observedGeneration": obs.generation,
+                              "replicas": workers.available if workers else 0, "readyReplicas": ready,
+                              "desiredReplicas": desired}
+    queue = dict(old.get("queue") or {"name": obs.queue_name})
+    if obs.queue is not None:
+        queue = {"name": obs.queue_name, **obs.queue}
+    status["queue"] = queue
+    if obs.model is not None:
+        status["model"] = {k: v for k, v in (("source", obs.model.source), ("revision", obs.model.revision),
+                                             ("digest", obs.model.digest)) if v}
+    elif "model" in old:
+        status["model"] = old["model"]
+    if obs.endpoint:
+        status["endpoint"] = obs.endpoint
+    cache = obs.cache if obs.cache is not None else old.get("cache")
+    if cache:
+        status["cache"] = {"hits": int(cache.get("hits", 0)), "misses": int(cache.get("misses", 0))}
+    history = list(old.get("scalingHistory") or []) + list(obs.scaling)
+    if history:
+        status["scalingHistory"] = history[-HISTORY_LIMIT:]
+        status["lastScaleTime"] = history[-1]["time"]
+
+    is_ready = phase == READY_PHASE
+    in_progress = phase in (PENDING, LOADING) and stalled is None
+    g = obs.generation
+    status["conditions"] = [
+        condition(READY, is_ready, reason, message, g, previous, at),
+        condition(RECONCILING, in_progress, reason if in_progress else phase,
+                  message if in_progress else f"phase {phase}", g, previous, at),
+        condition(STALLED, stalled is not None, stalled.reason if stalled else phase,
+                  stalled.message if stalled else "nothing blocks the model", g, previous, at),
+        _part(QUEUE_READY, obs.queue_problem, "Declared", f"queue {obs.queue_name} declared", g, previous, at),
+        _part(CACHE_READY, obs.cache_problem, "Registered", "registry entry written", g, previous, at),
+        _part(MODEL_READY, obs.model_problem, "Resolved",
+              f"serving {obs.model.source}" if obs.model else "model resolved", g, previous, at),
+    ]
+    return status

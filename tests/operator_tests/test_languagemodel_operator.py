@@ -1,0 +1,171 @@
+"""The operator process reconciling LanguageModels on the real control plane (shipped RBAC), RabbitMQ
+and Redis: queues with the contract's arguments, the registry entry, workers and gateway, the builtin
+autoscaler, a queue argument RabbitMQ cannot change, and both deletion policies."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+from base64 import b64encode
+from typing import Any
+
+import pika
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubelm_contract import keys, queues
+from kubelm_contract.queues import QueueSpec
+from support import ClusterEnv, eventually
+
+from .conftest import GROUP, VERSION, Api, OperatorProcess
+
+pytestmark = [pytest.mark.cluster, pytest.mark.services]
+
+
+def _management(cluster: ClusterEnv, path: str) -> dict[str, Any] | None:
+    parts = urllib.parse.urlsplit(cluster.rabbitmq_api_url)
+    request = urllib.request.Request(f"{parts.scheme}://{parts.hostname}:{parts.port}{path}", headers={
+        "Authorization": "Basic " + b64encode(f"{parts.username}:{parts.password}".encode()).decode()})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
+def _queue(cluster: ClusterEnv, name: str) -> dict[str, Any] | None:
+    return _management(cluster, f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}")
+
+
+def _create_lm(api: Api, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return api.custom.create_namespaced_custom_object(  # type: ignore[no-any-return]
+        GROUP, VERSION, namespace, "languagemodels",
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LanguageModel", "metadata": {"name": name}, "spec": spec})
+
+
+def _lm_status(api: Api, namespace: str, name: str) -> dict[str, Any]:
+    return dict(api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name)
+                .get("status") or {})
+
+
+def _condition(found: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in found.get("conditions", []) if c["type"] == type_), {})
+
+
+def _replicas(api: Api, namespace: str, name: str) -> int:
+    return int(api.apps.read_namespaced_deployment(name, namespace).spec.replicas)
+
+
+def _publish(cluster: ClusterEnv, queue: str, count: int) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    channel = connection.channel()
+    for i in range(count):
+        channel.basic_publish("", queue, json.dumps({"v": 1, "id": f"r{i}", "prompt": "hi"}).encode())
+    connection.close()
+
+
+SCALING = {"minReplicas": 0, "maxReplicas": 4, "targetQueueLengthPerReplica": 2, "activationQueueLength": 0,
+           "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 2}
+
+
+def test_languagemodel_gets_queues_registry_workers_and_scales_with_the_backlog(
+        running_operator: OperatorProcess, api: Api, cluster: ClusterEnv, namespace: str, redis_client: Any) -> None:
+    name = "gpt2"
+    lm = _create_lm(api, namespace, name, {"model": {"hub": {"id": "openai-community/gpt2"}},
+                                           "resources": {"cpu": "10m", "memory": "32Mi"},
+                                           "queue": {"maxLength": 100, "deliveryLimit": 2},
+                                           "autoscaling": SCALING})
+    queue = queues.request_queue(namespace, name)
+    eventually(lambda: _queue(cluster, queue) is not None, timeout=120, what="request queue declared")
+    declared = _queue(cluster, queue)
+    assert declared is not None and declared["arguments"] == queues.request_queue_arguments(
+        namespace, name, QueueSpec(max_length=100, delivery_limit=2))
+    assert _queue(cluster, queues.dead_letter_queue(namespace, name)) is not None
+
+    entry = json.loads(redis_client.hget(keys.MODEL_REGISTRY, f"{namespace}/{name}"))
+    assert (entry["queue"], entry["source"], entry["digest"]) == (
+        queue, "hub:openai-community/gpt2@main", "source:hub:openai-community/gpt2@main")
+    for kind, child in (("worker", api.apps.read_namespaced_deployment("gpt2-worker", namespace)),
+                        ("gateway", api.apps.read_namespaced_deployment("gpt2-gateway", namespace)),
+                        ("service", api.core.read_namespaced_service("gpt2-gateway", namespace))):
+        assert child.metadata.owner_references[0].uid == lm["metadata"]["uid"], kind
+
+    # No backlog and minReplicas 0: the workers go to zero after the scale-down window.
+    eventually(lambda: _replicas(api, namespace, "gpt2-worker") == 0, timeout=120, what="scaled to zero")
+    status = _lm_status(api, namespace, name)
+    assert status["endpoint"] == f"http://gpt2-gateway.{namespace}.svc:8080/v1"
+    assert _condition(status, "QueueReady")["status"] == "True"
+
+    _publish(cluster, queue, 7)
+    eventually(lambda: _replicas(api, namespace, "gpt2-worker") == 4, timeout=120,
+               what="ceil(7 / 2) = 4 workers for the backlog")
+    eventually(lambda: any(h["to"] == 4 for h in _lm_status(api, namespace, name).get("scalingHistory", [])),
+               timeout=90, what="the decision recorded in status")
+    record = next(h for h in _lm_status(api, namespace, name)["scalingHistory"] if h["to"] == 4)
+    assert record["reason"].startswith("backlog 7 (ready 7, unacked 0) at 2 per worker wants 4")
+    eventually(lambda: (_lm_status(api, namespace, name).get("queue") or {}).get("depth") == 7, timeout=90,
+               what="queue depth in status")
+    eventually(lambda: any(e.reason == "Scaled" for e in api.events(namespace, name)), timeout=90,
+               what="a Scaled Event")
+
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    connection.channel().queue_purge(queue)
+    connection.close()
+    eventually(lambda: _replicas(api, namespace, "gpt2-worker") == 0, timeout=120,
+               what="back to zero after the window once the backlog is gone")
+
+
+def test_a_queue_argument_rabbitmq_cannot_change_is_a_condition_naming_the_field(
+        running_operator: OperatorProcess, api: Api, cluster: ClusterEnv, namespace: str) -> None:
+    name = "clash"
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    queues.declare_model_queues(connection.channel(), namespace, name, QueueSpec(max_length=5))
+    connection.close()
+    _create_lm(api, namespace, name, {"model": {"hub": {"id": "gpt2"}}, "queue": {"maxLength": 10},
+                                      "resources": {"cpu": "10m", "memory": "32Mi"}})
+
+    def conflicted() -> bool:
+        return _condition(_lm_status(api, namespace, name), "QueueReady").get("reason") == "QueueArgumentConflict"
+    eventually(conflicted, timeout=120, what="QueueReady False with QueueArgumentConflict")
+    found = _lm_status(api, namespace, name)
+    assert _condition(found, "QueueReady")["message"].startswith("spec.queue.maxLength:")
+    assert _condition(found, "Stalled")["status"] == "True" and found["phase"] == "Degraded"
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    connection.channel().queue_delete(queues.request_queue(namespace, name))
+    connection.close()
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Retain"])
+def test_deletion_policy(policy: str, running_operator: OperatorProcess, api: Api, cluster: ClusterEnv,
+                         namespace: str, redis_client: Any) -> None:
+    name = f"gone-{policy.lower()}"
+    _create_lm(api, namespace, name, {"model": {"hub": {"id": "gpt2"}}, "queue": {"deletionPolicy": policy},
+                                      "cache": {"deletionPolicy": policy},
+                                      "resources": {"cpu": "10m", "memory": "32Mi"}})
+    queue = queues.request_queue(namespace, name)
+    eventually(lambda: _queue(cluster, queue) is not None and
+               redis_client.hexists(keys.MODEL_REGISTRY, f"{namespace}/{name}"), timeout=120,
+               what="queue and registry entry")
+    redis_client.set(keys.response(f"{namespace}/{name}", "abc"), "cached")
+    api.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name)
+
+    def gone() -> bool:
+        try:
+            api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name)
+            return False
+        except ApiException as e:
+            return e.status == 404
+    eventually(gone, timeout=120, what="LanguageModel removed after its finalizer")
+    kept = policy == "Retain"
+    assert (_queue(cluster, queue) is not None) == kept
+    assert bool(redis_client.hexists(keys.MODEL_REGISTRY, f"{namespace}/{name}")) == kept
+    assert bool(redis_client.exists(keys.response(f"{namespace}/{name}", "abc"))) == kept
+    if kept:
+        connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+        connection.channel().queue_delete(queue)
+        connection.close()
+        redis_client.hdel(keys.MODEL_REGISTRY, f"{namespace}/{name}")
+        redis_client.delete(keys.response(f"{namespace}/{name}", "abc"))

@@ -1,0 +1,78 @@
+"""LanguageModel status from observations: phases, part conditions, queue figures, scaling history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubelm_operator.status import serving as status
+from kubelm_operator.status.conditions import phase_transitions
+
+T0, T1 = "2026-11-30T10:00:00Z", "2026-11-30T10:01:00Z"
+MODEL = status.ModelInfo("hub:gpt2@main", "main", "source:hub:gpt2@main")
+
+
+def _obs(**kwargs: Any) -> status.ServingObservation:
+    base: dict[str, Any] = {"generation": 1, "suspend": False, "min_replicas": 1, "queue_name": "kubelm.ns.m.requests",
+                            "endpoint": "http://m-gateway.ns.svc:8080/v1", "model": MODEL}
+    return status.ServingObservation(**{**base, **kwargs})
+
+
+def _workers(replicas: int | None, ready: int) -> status.ObservedDeployment:
+    return status.ObservedDeployment("m-worker", replicas, ready, ready, ready)
+
+
+def _conditions(s: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in s["conditions"]}
+
+
+def test_ready_when_every_desired_worker_is_ready() -> None:
+    s = status.compute({}, _obs(workers=_workers(2, 2), queue={"depth": 3, "ready": 3, "unacked": 0,
+                                                              "consumers": 2, "deadLettered": 0},
+                                cache={"hits": 4, "misses": 6}), T0)
+    assert (s["phase"], s["readyReplicas"], s["desiredReplicas"]) == ("Ready", 2, 2)
+    assert s["queue"] == {"name": "kubelm.ns.m.requests", "depth": 3, "ready": 3, "unacked": 0, "consumers": 2,
+                          "deadLettered": 0}
+    assert s["model"] == {"source": "hub:gpt2@main", "revision": "main", "digest": "source:hub:gpt2@main"}
+    assert s["cache"] == {"hits": 4, "misses": 6} and s["endpoint"].endswith("/v1")
+    assert _conditions(s) == {"Ready": ("True", "WorkersReady"), "Reconciling": ("False", "Ready"),
+                              "Stalled": ("False", "Ready"), "QueueReady": ("True", "Declared"),
+                              "CacheReady": ("True", "Registered"), "ModelReady": ("True", "Resolved")}
+
+
+def test_loading_degraded_and_scaled_to_zero() -> None:
+    assert status.compute({}, _obs(workers=_workers(2, 0)), T0)["phase"] == "Loading"
+    assert status.compute({}, _obs(workers=_workers(3, 1)), T0)["phase"] == "Degraded"
+    zero = status.compute({}, _obs(min_replicas=0, workers=_workers(0, 0)), T0)
+    assert (zero["phase"], _conditions(zero)["Ready"]) == ("Ready", ("True", "ScaledToZero"))
+
+
+def test_waiting_for_a_training_job_is_pending_not_stalled() -> None:
+    problem = status.Problem("WaitingForTrainingJob", "spec.model.trainingJobRef: waiting", stalled=False)
+    s = status.compute({}, _obs(model=None, model_problem=problem), T0)
+    assert s["phase"] == "Pending"
+    assert _conditions(s)["ModelReady"] == ("False", "WaitingForTrainingJob")
+    assert _conditions(s)["Stalled"][0] == "False" and _conditions(s)["Reconciling"][0] == "True"
+
+
+def test_a_queue_conflict_degrades_and_names_the_field() -> None:
+    problem = status.Problem("QueueArgumentConflict", "spec.queue.maxLength: the existing queue ...")
+    s = status.compute({"phase": "Ready"}, _obs(workers=_workers(1, 1), queue_problem=problem), T0)
+    assert s["phase"] == "Degraded" and _conditions(s)["QueueReady"] == ("False", "QueueArgumentConflict")
+    events = phase_transitions({"phase": "Ready"}, s, warning_phases=("Failed", "Degraded"))
+    assert [(e.type, e.reason) for e in events] == [("Warning", "Degraded")]
+    assert "spec.queue.maxLength" in events[0].message
+
+
+def test_suspended_keeps_the_queue_and_has_no_workers() -> None:
+    s = status.compute({}, _obs(suspend=True, workers=_workers(0, 0)), T0)
+    assert (s["phase"], s["desiredReplicas"]) == ("Suspended", 0)
+
+
+def test_scaling_history_is_bounded_and_the_same_observation_changes_nothing() -> None:
+    old: dict[str, Any] = {}
+    for i in range(12):
+        old = status.compute(old, _obs(workers=_workers(1, 1), scaling=[
+            {"time": f"2026-11-30T10:00:{i:02d}Z", "from": i, "to": i + 1, "reason": "r"}]), T0)
+    assert len(old["scalingHistory"]) == 10 and old["scalingHistory"][-1]["to"] == 12
+    assert old["lastScaleTime"] == "2026-11-30T10:00:11Z"
+    assert status.compute(old, _obs(workers=_workers(1, 1)), T1) == old
