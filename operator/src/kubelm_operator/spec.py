@@ -21,7 +21,9 @@ class TrainingJobRef:
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class ModelRef:
+    """Where weights come from: a TrainingJob's baseModel, a LanguageModel's model."""
+
     hub: HubModel | None = None
     uri: str | None = None
     training_job_ref: TrainingJobRef | None = None
@@ -70,7 +72,7 @@ class Storage:
 
 @dataclass(frozen=True)
 class TrainingJobSpec:
-    base_model: BaseModel
+    base_model: ModelRef
     dataset: Dataset
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     workers: int = 1
@@ -107,21 +109,6 @@ class TrainingJobSpec:
 def parse_trainingjob(spec: Any) -> TrainingJobSpec:
     """The typed spec; SettingsError names the field when the object does not fit."""
     return load(TrainingJobSpec, spec, "spec")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a LanguageModel's weights come from."""
-
-    hub: HubModel | None = None
-    uri: str | None = None
-    training_job_ref: TrainingJobRef | None = None
-    tokenizer: str | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("hub", "uri", "training_job_ref") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise SettingsError("needs exactly one of hub, uri or trainingJobRef")
 
 
 @dataclass(frozen=True)

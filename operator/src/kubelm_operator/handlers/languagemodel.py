@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -31,6 +31,7 @@ from ..spec import LanguageModelSpec, parse_languagemodel
 from ..status import conditions
 from ..status import serving as status
 from . import trainingjob
+from .common import post, write_status
 
 log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
@@ -199,18 +200,10 @@ async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: Lang
 async def _write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: dict[str, Any],
                         obs: status.ServingObservation) -> None:
     new = status.compute(old, obs, conditions.now())
-    if new == old:
-        return
-    await ctx.kube.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                          "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
-                         subresource="status")
-    metrics.STATUS_WRITES.labels(KIND).inc()
-    ctx.written[owner.uid] = new
-    for event in conditions.phase_transitions(old, new, warning_phases=(status.FAILED, status.DEGRADED)):
-        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
-    for record in obs.scaling:
-        kopf.event(cast(kopf.Body, body), type="Normal", reason="Scaled",
-                   message=f"workers {record['from']} -> {record['to']}: {record['reason']}")
+    events = conditions.phase_transitions(old, new, warning_phases=(status.FAILED, status.DEGRADED))
+    events += [conditions.Transition("Normal", "Scaled", f"workers {r['from']} -> {r['to']}: {r['reason']}")
+               for r in obs.scaling]
+    await write_status(ctx, owner, body, old, new, events)
 
 
 async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry: int) -> None:
@@ -230,7 +223,7 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
         delay = min(60, 2 ** min(retry, 6))
         message = (f"cannot remove the model's queues or Redis keys yet, retrying in {delay}s ({e}); if the "
                    f"operator is gone for good, remove the finalizer by hand (docs/operator.md)")
-        kopf.event(cast(kopf.Body, body), type="Warning", reason="CleanupFailed", message=message)
+        post(body, conditions.Transition("Warning", "CleanupFailed", message))
         raise kopf.TemporaryError(message, delay=delay) from e
     ctx.forget(owner.id, owner.uid)
     state.applied.pop(owner.uid, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -27,6 +27,7 @@ from ..spec import TrainingJobSpec, parse_trainingjob
 from ..status import conditions
 from ..status import training as status
 from ..status.observed import ObservedJob, ObservedPod
+from .common import write_status
 
 log = logging.getLogger(__name__)
 KIND = "TrainingJob"
@@ -181,15 +182,7 @@ async def _progress(ctx: Context, owner: Owner, job: ObservedJob | None) -> dict
 async def _write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: dict[str, Any],
                         obs: status.Observation) -> None:
     new = status.compute(old, obs, conditions.now())
-    if new == old:
-        return
-    await ctx.kube.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                          "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
-                         subresource="status")
-    metrics.STATUS_WRITES.labels(KIND).inc()
-    ctx.written[owner.uid] = new
-    for event in status.transitions(old, new):
-        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
+    await write_status(ctx, owner, body, old, new, status.transitions(old, new))
 
 
 async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
@@ -201,17 +194,13 @@ async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
         delay = min(60, 2 ** min(retry, 6))
         message = (f"cannot remove the Redis progress key yet, retrying in {delay}s ({e}); if the operator is gone "
                    f"for good, remove the finalizer by hand (docs/operator.md)")
-        kopf.event(cast(kopf.Body, body), type="Warning", reason="CleanupFailed", message=message)
         # The whole status goes with it: an apply that left fields out would remove them.
         old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
         stalled = conditions.condition(conditions.STALLED, True, "CleanupFailed", message,
                                        int(body["metadata"].get("generation") or 1), [], conditions.now())
         new = {**old, "conditions": [c for c in old.get("conditions") or [] if c.get("type") != conditions.STALLED]
                + [stalled]}
-        await ctx.kube.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                              "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
-                             subresource="status")
-        ctx.written[owner.uid] = new
+        await write_status(ctx, owner, body, old, new, [conditions.Transition("Warning", "CleanupFailed", message)])
         raise kopf.TemporaryError(message, delay=delay) from e
     ctx.forget(owner.id, owner.uid)
 
