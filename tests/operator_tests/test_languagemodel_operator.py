@@ -169,3 +169,48 @@ def test_deletion_policy(policy: str, running_operator: OperatorProcess, api: Ap
         connection.close()
         redis_client.hdel(keys.MODEL_REGISTRY, f"{namespace}/{name}")
         redis_client.delete(keys.response(f"{namespace}/{name}", "abc"))
+
+
+def _succeed(api: Api, namespace: str, job: str, redis_client: Any, version: int, digest: str) -> None:
+    """Drives a TrainingJob to success as its trainer and kubelet would."""
+    eventually(lambda: bool(api.pods(namespace, f"{job}-train")), timeout=120, what=f"{job}'s pod")
+    pods = api.pods(namespace, f"{job}-train")
+    redis_client.set(keys.progress(f"{namespace}/{job}"), json.dumps({"phase": "Succeeded", "artifact": {
+        "uri": f"artifact://{namespace}/{job}@{version}", "version": version, "digest": digest}}))
+    api.finish_pod(namespace, pods[0].metadata.name, exit_code=0, reason="Completed")
+    api.wait_status(namespace, job, lambda s: s.get("phase") == "Succeeded", "job succeeded")
+
+
+def test_a_model_from_training_waits_serves_the_artifact_and_rolls_to_a_newer_one(
+        running_operator: OperatorProcess, api: Api, namespace: str, redis_client: Any) -> None:
+    job_spec = {"baseModel": {"hub": {"id": "gpt2"}}, "dataset": {"train": "/d/train.txt"},
+                "resources": {"cpu": "10m", "memory": "32Mi"}, "backoffLimit": 0}
+    api.create_tj(namespace, "first", job_spec)
+    _create_lm(api, namespace, "tuned", {"model": {"trainingJobRef": {"name": "first"}},
+                                         "resources": {"cpu": "10m", "memory": "32Mi"},
+                                         "autoscaling": {"engine": "none", "minReplicas": 1}})
+    eventually(lambda: _condition(_lm_status(api, namespace, "tuned"), "ModelReady").get("reason") ==
+               "WaitingForTrainingJob", timeout=120, what="ModelReady False while the job trains")
+    assert _lm_status(api, namespace, "tuned")["phase"] == "Pending"
+
+    _succeed(api, namespace, "first", redis_client, 1, "sha256:" + "1" * 64)
+    eventually(lambda: (_lm_status(api, namespace, "tuned").get("model") or {}).get("revision") == "v1",
+               timeout=120, what="serving the first artifact")
+    assert _lm_status(api, namespace, "tuned")["model"] == {
+        "source": f"artifact://{namespace}/first@1", "revision": "v1", "digest": "sha256:" + "1" * 64}
+    config = json.loads(api.core.read_namespaced_config_map("tuned-serve", namespace).data["serve.json"])
+    assert config["model"] == {"artifact": f"artifact://{namespace}/first@1"}
+    entry = json.loads(redis_client.hget(keys.MODEL_REGISTRY, f"{namespace}/tuned"))
+    assert entry["digest"] == "sha256:" + "1" * 64  # the artifact's, which the workers also compute
+    template = api.apps.read_namespaced_deployment("tuned-worker", namespace).spec.template
+    first_digest = template.metadata.annotations["kubelm.io/config-digest"]
+
+    # A replacement job: pointing the model at it rolls the workers to its artifact.
+    api.create_tj(namespace, "second", job_spec)
+    _succeed(api, namespace, "second", redis_client, 1, "sha256:" + "2" * 64)
+    api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", "tuned",
+                                              {"spec": {"model": {"trainingJobRef": {"name": "second"}}}})
+    eventually(lambda: (_lm_status(api, namespace, "tuned").get("model") or {}).get("digest") ==
+               "sha256:" + "2" * 64, timeout=120, what="serving the second artifact")
+    template = api.apps.read_namespaced_deployment("tuned-worker", namespace).spec.template
+    assert template.metadata.annotations["kubelm.io/config-digest"] != first_digest  # the pods roll
