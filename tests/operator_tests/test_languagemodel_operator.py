@@ -214,3 +214,28 @@ def test_a_model_from_training_waits_serves_the_artifact_and_rolls_to_a_newer_on
                "sha256:" + "2" * 64, timeout=120, what="serving the second artifact")
     template = api.apps.read_namespaced_deployment("tuned-worker", namespace).spec.template
     assert template.metadata.annotations["kubelm.io/config-digest"] != first_digest  # the pods roll
+
+
+def test_a_worker_whose_model_cannot_load_is_reported_not_looped(
+        running_operator: OperatorProcess, api: Api, namespace: str) -> None:
+    name = "broken"
+    _create_lm(api, namespace, name, {"model": {"uri": "/models/broken"}, "resources": {"cpu": "10m", "memory": "32Mi"},
+                                      "autoscaling": {"engine": "none", "minReplicas": 1}})
+    selector = "app.kubernetes.io/component=serving-worker,kubelm.io/languagemodel=broken"
+    eventually(lambda: bool(api.core.list_namespaced_pod(namespace, label_selector=selector).items), timeout=120,
+               what="a worker pod")
+    pod = api.core.list_namespaced_pod(namespace, label_selector=selector).items[0].metadata.name
+    reason = "model /models/broken corrupt: SafetensorError: Error while deserializing header: incomplete metadata"
+    # What a kubelet reports for a worker that exited 1 with the runtime's one-line reason, restarting.
+    api.core.patch_namespaced_pod_status(pod, namespace, {"status": {"phase": "Running", "containerStatuses": [{
+        "name": "worker", "image": "kubelm/runtime:test", "imageID": "", "ready": False, "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": reason,
+                                     "startedAt": "2026-11-30T10:00:00Z", "finishedAt": "2026-11-30T10:00:05Z"}}}]}})
+    eventually(lambda: _condition(_lm_status(api, namespace, name), "ModelReady").get("reason") == "ModelLoadFailed",
+               timeout=120, what="ModelReady False with the worker's reason")
+    found = _lm_status(api, namespace, name)
+    assert _condition(found, "ModelReady")["message"] == f"pod {pod}: {reason}"
+    assert found["phase"] == "Degraded" and _condition(found, "Stalled")["status"] == "True"
+    eventually(lambda: any(e.reason == "Degraded" and "SafetensorError" in e.message
+                           for e in api.events(namespace, name)), timeout=90, what="a Warning Event with the reason")

@@ -76,3 +76,19 @@ def test_scaling_history_is_bounded_and_the_same_observation_changes_nothing() -
     assert len(old["scalingHistory"]) == 10 and old["scalingHistory"][-1]["to"] == 12
     assert old["lastScaleTime"] == "2026-11-30T10:00:11Z"
     assert status.compute(old, _obs(workers=_workers(1, 1)), T1) == old
+
+
+def test_a_worker_that_cannot_load_its_model_degrades_with_its_reason() -> None:
+    from kubelm_operator.status.observed import ObservedPod
+
+    pod = ObservedPod.from_body({"metadata": {"name": "m-worker-1"}, "status": {"phase": "Running",
+        "containerStatuses": [{"name": "worker",
+                               "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                               "lastState": {"terminated": {"exitCode": 1, "message": "model /m missing: no dir"}}}]}})
+    s = status.compute({}, _obs(workers=_workers(1, 0), worker_pods=[pod]), T0)
+    assert s["phase"] == "Degraded"
+    assert _conditions(s)["ModelReady"] == ("False", "ModelLoadFailed")
+    crashing = ObservedPod.from_body({"metadata": {"name": "m-worker-2"}, "status": {"containerStatuses": [{
+        "name": "worker", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}})
+    assert _conditions(status.compute({}, _obs(workers=_workers(1, 0), worker_pods=[crashing]), T0))[
+        "ModelReady"] == ("False", "ImagePullBackOff")

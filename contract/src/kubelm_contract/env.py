@@ -33,3 +33,6 @@ WATCH_CLIENT_TIMEOUT = "KUBELM_WATCH_CLIENT_TIMEOUT_SECONDS"
 REQUEST_TIMEOUT = "KUBELM_REQUEST_TIMEOUT_SECONDS"
 PEERING = "KUBELM_PEERING"
 """Name of a kopf peering object: replicas sharing it run one at a time; empty: standalone."""
+TERMINATION_LOG = "KUBELM_TERMINATION_LOG"
+"""Where a serving worker that cannot load its model writes the one-line reason before exiting 1
+(default /dev/termination-log, which Kubernetes shows as the container's termination message)."""

@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 failed while running, 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -60,11 +61,19 @@ def _require(variable: str) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .models import ModelLoadError
     from .serve.settings import ServeConfig
     from .serve.worker import run
 
     config = load_config(ServeConfig, args.config)
-    run(config, _require(env.AMQP_URL), os.environ.get(env.REDIS_URL))
+    try:
+        run(config, _require(env.AMQP_URL), os.environ.get(env.REDIS_URL))
+    except ModelLoadError as e:
+        # One line where people and the operator look: the log and the container's termination message.
+        logging.getLogger("kubelm_runtime.serve").error("%s", e)
+        with contextlib.suppress(OSError):
+            Path(os.environ.get(env.TERMINATION_LOG, "/dev/termination-log")).write_text(str(e))
+        return 1
     return 0
 
 

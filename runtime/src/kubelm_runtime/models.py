@@ -25,7 +25,11 @@ def resolve(source: ModelSource, store: RedisStore | None, cache_dir: Path) -> t
     if source.hub:
         return source.hub.id, source.hub.revision
     if source.uri:
-        return local_path(source.uri), None
+        path = local_path(source.uri)
+        if not Path(path).is_dir():
+            # from_pretrained would take a missing path for a hub id and say something else.
+            raise FileNotFoundError(f"no model directory at {path} (from {source.uri})")
+        return path, None
     assert source.artifact
     if store is None:
         raise artifacts.ArtifactError(f"{source.artifact} needs Redis: set KUBELM_REDIS_URL")
@@ -55,3 +59,26 @@ def load_causal_lm(reference: str, revision: str | None = None, **kwargs: Any) -
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(reference, revision=revision, **kwargs)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message is one line saying why, for people and the operator."""
+
+
+def load_failure(error: BaseException, source: str) -> ModelLoadError:
+    """Sorts a loading error into the reasons a person can act on: missing, corrupt, unsupported, too big."""
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    lowered = text.lower()
+    if isinstance(error, artifacts.ArtifactNotFound | FileNotFoundError) or "does not appear to have" in lowered \
+            or "not a local folder and is not a valid model identifier" in lowered or "no such file" in lowered:
+        reason = "missing"
+    elif isinstance(error, artifacts.ArtifactCorrupt) or "safetensor" in lowered or "deserializ" in lowered \
+            or "corrupt" in lowered or "unexpected end" in lowered:
+        reason = "corrupt"
+    elif "unrecognized configuration" in lowered or "model type" in lowered or "architecture" in lowered:
+        reason = "unsupported architecture"
+    elif isinstance(error, MemoryError) or "out of memory" in lowered or "not enough memory" in lowered:
+        reason = "does not fit in memory"
+    else:
+        reason = "cannot be loaded"
+    return ModelLoadError(f"model {source} {reason}: {text}"[:1000])

@@ -21,7 +21,7 @@ from kubelm_contract.settings import SettingsError
 from .. import autoscaling, metrics
 from ..broker import BrokerUnavailable, QueueConflict
 from ..builders import serving as build
-from ..builders.common import GROUP, VERSION, Owner
+from ..builders.common import GROUP, VERSION, Owner, labels
 from ..cache import CacheUnavailable
 from ..config import FIELD_MANAGER
 from ..context import Context
@@ -30,12 +30,14 @@ from ..kube import ApiError
 from ..spec import LanguageModelSpec, parse_languagemodel
 from ..status import conditions
 from ..status import serving as status
+from ..status.observed import ObservedPod
 from . import trainingjob
 from .common import post, write_status
 
 log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
 CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+MODEL_LABEL = "kubelm.io/languagemodel"
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ServingState:
 
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     deployments: dict[tuple[str, str], tuple[str, status.ObservedDeployment]] = field(default_factory=dict)
+    worker_pods: dict[tuple[str, str], dict[str, ObservedPod]] = field(default_factory=dict)
+    """(namespace, the model's label value) -> pod name -> what its containers say."""
     applied: dict[str, str] = field(default_factory=dict)
     """uid -> digest of the children last applied: unchanged children are not sent again."""
     scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
@@ -147,10 +151,11 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 model_problem = status.Problem("InvalidChild", f"the API server refused a child object: {e.message}")
     scaling = await _autoscale(ctx, state, owner, spec, observed) if observed is not None else []
     queue_figures, counters = await _figures(ctx, owner)
+    pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
     obs = status.ServingObservation(
         generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
         build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
-        cache_problem, observed, queue_figures, counters, scaling)
+        cache_problem, observed, pods, queue_figures, counters, scaling)
     await _write_status(ctx, owner, body, old, obs)
 
 
@@ -264,6 +269,22 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
             return
         state.deployments[(namespace, name)] = (owner, status.ObservedDeployment.from_body(body))
         model = state.models.get((namespace, owner))
+        if type is not None and model is not None:
+            await reconcile(ctx, state, model, "child")
+
+    @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, "app.kubernetes.io/component": build.WORKER},
+                   id="languagemodel-worker-pod", registry=registry)
+    async def worker_pod_event(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+        model_label = (body["metadata"].get("labels") or {}).get(MODEL_LABEL)
+        if not namespace or not model_label:
+            return
+        pods = state.worker_pods.setdefault((namespace, model_label), {})
+        if type == "DELETED":
+            pods.pop(name, None)
+        else:
+            pods[name] = ObservedPod.from_body(body)
+        model = next((m for (ns, _), m in state.models.items()
+                      if ns == namespace and labels(Owner.of(m), build.WORKER)[MODEL_LABEL] == model_label), None)
         if type is not None and model is not None:
             await reconcile(ctx, state, model, "child")
 

@@ -89,9 +89,10 @@ class ObservedPod:
             state = container.get("state") or {}
             if "waiting" in state and (state["waiting"] or {}).get("reason") in STUCK_WAITING_REASONS:
                 waiting = (str(state["waiting"]["reason"]), str(state["waiting"].get("message") or ""))
-            if "terminated" in state and (state["terminated"] or {}).get("exitCode", 0) != 0:
-                t = state["terminated"]
-                terminated = Termination(str(t.get("reason") or "Error"), int(t.get("exitCode") or 0),
-                                         str(t.get("message") or ""))
+            # A container that restarts (a Deployment's) keeps how it last ended in lastState.
+            for ended in (state.get("terminated"), (container.get("lastState") or {}).get("terminated")):
+                if ended and ended.get("exitCode", 0) != 0 and terminated is None:
+                    terminated = Termination(str(ended.get("reason") or "Error"), int(ended.get("exitCode") or 0),
+                                             str(ended.get("message") or ""))
         return cls(str(meta["name"]), str(status.get("phase") or "Pending"), str(meta.get("creationTimestamp") or ""),
                    unschedulable, waiting, terminated)

@@ -6,10 +6,11 @@ Pure, like the TrainingJob's: the same observations give the same status (timest
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .conditions import READY, RECONCILING, STALLED, condition
+from .observed import ObservedPod
 
 PENDING, LOADING, READY_PHASE, DEGRADED, SUSPENDED, FAILED = \
     "Pending", "Loading", "Ready", "Degraded", "Suspended", "Failed"
@@ -24,6 +25,8 @@ class Problem:
     reason: str
     message: str
     stalled: bool = True
+    degrades: bool = False
+    """A stalled problem that leaves the model served in part (phase Degraded rather than Failed)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ServingObservation:
     queue_problem: Problem | None = None
     cache_problem: Problem | None = None
     workers: ObservedDeployment | None = None
+    worker_pods: Sequence[ObservedPod] = ()
     queue: dict[str, int] | None = None
     """name, depth, ready, unacked, consumers, deadLettered, from the management API."""
     cache: dict[str, int] | None = None
@@ -75,8 +79,27 @@ def _part(type_: str, problem: Problem | None, ok_reason: str, ok_message: str, 
     return condition(type_, False, problem.reason, problem.message, generation, previous, at)
 
 
+LOAD_FAILURE_EXIT_CODE = 1
+
+
+def load_failure(pods: Sequence[ObservedPod]) -> Problem | None:
+    """A worker that exited because its model cannot load (the runtime's one-line reason, its termination
+    message) or keeps failing to start."""
+    for pod in pods:
+        ended = pod.terminated
+        if ended is not None and ended.exit_code == LOAD_FAILURE_EXIT_CODE and ended.message.startswith("model "):
+            return Problem("ModelLoadFailed", f"pod {pod.name}: {ended.message.strip()}", degrades=True)
+    for pod in pods:
+        if pod.waiting is not None:
+            return Problem(pod.waiting[0], f"pod {pod.name}: {pod.waiting[0]}: {pod.waiting[1]}".rstrip(": "),
+                           degrades=True)
+    return None
+
+
 def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, Any]:
     previous = old.get("conditions") or []
+    if obs.model_problem is None and (failing := load_failure(obs.worker_pods)) is not None:
+        obs = replace(obs, model_problem=failing)
     workers = obs.workers
     desired = 0 if obs.suspend else (workers.replicas if workers and workers.replicas is not None
                                      else obs.min_replicas)
@@ -86,8 +109,8 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
     if obs.suspend:
         phase, reason, message = SUSPENDED, "Suspended", "spec.suspend is true: no workers run; the queue is kept"
     elif stalled is not None:
-        phase, reason, message = (FAILED if obs.model_problem is stalled else DEGRADED), stalled.reason, \
-            stalled.message
+        failed = obs.model_problem is stalled and not stalled.degrades
+        phase, reason, message = (FAILED if failed else DEGRADED), stalled.reason, stalled.message
     elif problems:
         phase, reason, message = PENDING, problems[0].reason, problems[0].message
     elif workers is None:

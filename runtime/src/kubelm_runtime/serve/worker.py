@@ -273,9 +273,13 @@ def run(config: ServeConfig, amqp_url: str, redis_url: str | None) -> None:
     metrics, health = WorkerMetrics(), HealthState(config.liveness_timeout_seconds)
     server = serve_health(config.health_port, health, metrics)
     store = RedisStore(redis_url, timeout=30) if redis_url else None
-    reference, revision = models.resolve(config.model, store, Path(config.cache_dir))
-    engine = Engine.load(reference, revision, config.model.tokenizer, config.device, config.dtype,
-                         batch_hint=config.batching.max_batch_size)
+    try:
+        reference, revision = models.resolve(config.model, store, Path(config.cache_dir))
+        engine = Engine.load(reference, revision, config.model.tokenizer, config.device, config.dtype,
+                             batch_hint=config.batching.max_batch_size)
+    except Exception as e:
+        server.shutdown()
+        raise models.load_failure(e, config.model.describe()) from e
     allocator.report(cpu=engine.device.type == "cpu")
     # torch and transformers leave ~400k long-lived objects, and a full collection walks them all
     # (0.1-0.2 s, a stall in the middle of a decode step); frozen, the collector no longer visits them.
