@@ -45,4 +45,6 @@ fi
 
 log "control plane binaries"
 bin=$(KUBELM_CACHE="$cache" bash devcluster/scripts/build-control-plane.sh | tail -n 1)
+log "KEDA's CRDs (for tests of the keda autoscaling engine)"
+KUBELM_CACHE="$cache" bash devcluster/scripts/fetch-keda-crds.sh >/dev/null
 log "ready: binaries in $bin"

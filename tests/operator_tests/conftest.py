@@ -3,6 +3,7 @@ authenticated with a token of the shipped ServiceAccount bound by the shipped ro
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from kubelm_devcluster.operator import (
     install,
     service_account_kubeconfig,
 )
-from support import ClusterEnv, eventually
+from support import REPO, ClusterEnv, eventually
 
 GROUP, VERSION = "kubelm.io", "v1alpha1"
 __all__ = ["OPERATOR_NAMESPACE", "SERVICE_ACCOUNT", "Api", "OperatorProcess"]
@@ -37,6 +38,18 @@ def _kubectl(cluster: ClusterEnv) -> Callable[..., str]:
 def installed(cluster: ClusterEnv, crds: None) -> None:
     """The shipped base (CRDs, namespace) and RBAC, applied as a user would."""
     install(_kubectl(cluster), field_manager="kubelm-tests")
+
+
+@pytest.fixture(scope="session")
+def keda_crds(cluster: ClusterEnv) -> None:
+    """KEDA's real ScaledObject and TriggerAuthentication CRDs, from KEDA's Go module (setup caches them)."""
+    script = REPO / "devcluster" / "scripts" / "fetch-keda-crds.sh"
+    directory = Path(subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True)
+                     .stdout.strip().splitlines()[-1])
+    for crd in sorted(directory.glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/scaledobjects.keda.sh", "crd/triggerauthentications.keda.sh")
 
 
 @pytest.fixture(scope="module")

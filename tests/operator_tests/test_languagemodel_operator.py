@@ -239,3 +239,33 @@ def test_a_worker_whose_model_cannot_load_is_reported_not_looped(
     assert found["phase"] == "Degraded" and _condition(found, "Stalled")["status"] == "True"
     eventually(lambda: any(e.reason == "Degraded" and "SafetensorError" in e.message
                            for e in api.events(namespace, name)), timeout=90, what="a Warning Event with the reason")
+
+
+def test_keda_engine_hands_scaling_to_a_scaled_object(running_operator: OperatorProcess, api: Api, namespace: str,
+                                                      keda_crds: None) -> None:
+    name = "kedamodel"
+    lm = _create_lm(api, namespace, name, {"model": {"hub": {"id": "gpt2"}}, "resources": {"cpu": "10m",
+                                                                                         "memory": "32Mi"},
+                                           "autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 3,
+                                                           "targetQueueLengthPerReplica": 5}})
+
+    def scaled_object() -> dict[str, Any] | None:
+        try:
+            return dict(api.custom.get_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects",
+                                                                f"{name}-worker"))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+    eventually(lambda: scaled_object() is not None, timeout=120, what="a ScaledObject the KEDA CRD accepted")
+    found = scaled_object()
+    assert found is not None and found["metadata"]["ownerReferences"][0]["uid"] == lm["metadata"]["uid"]
+    trigger = found["spec"]["triggers"][0]
+    assert trigger["metadata"]["queueName"] == queues.request_queue(namespace, name)
+    assert (trigger["metadata"]["value"], found["spec"]["maxReplicaCount"]) == ("5", 3)
+    api.custom.get_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "triggerauthentications",
+                                            f"{name}-keda")
+    secret = api.core.read_namespaced_secret(f"{name}-serve-env", namespace)
+    assert "rabbitmq-api-url" in secret.data
+    # The operator leaves the replica count to KEDA's HPA: no scaling decision of its own.
+    assert "scalingHistory" not in _lm_status(api, namespace, name)

@@ -141,6 +141,36 @@ def test_no_gateway_when_disabled() -> None:
         "ConfigMap/gpt2-serve", "Deployment/gpt2-worker", "Secret/gpt2-serve-env"]
 
 
+def test_keda_engine_gives_a_scaled_object_and_its_authentication() -> None:
+    objects = build.children(OWNER, parse_languagemodel({
+        "model": {"hub": {"id": "gpt2"}},
+        "autoscaling": {"engine": "keda", "minReplicas": 0, "maxReplicas": 6, "targetQueueLengthPerReplica": 8,
+                        "activationQueueLength": 2, "scaleUpStabilizationSeconds": 15,
+                        "scaleDownStabilizationSeconds": 120}}),
+        image=IMAGE, model_source=HUB, amqp_url="amqp://u:p@rabbitmq:5672/team%2Fvhost", redis_url=None,
+        rabbitmq_api_url="http://u:p@rabbitmq:15672")
+    found = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    assert found["Secret/gpt2-serve-env"]["stringData"] == {"amqp-url": "amqp://u:p@rabbitmq:5672/team%2Fvhost",
+                                                            "rabbitmq-api-url": "http://u:p@rabbitmq:15672"}
+    assert found["TriggerAuthentication/gpt2-keda"] == {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication", "metadata": _meta("gpt2-keda",
+                                                                                             "serving-worker"),
+        "spec": {"secretTargetRef": [{"parameter": "host", "name": "gpt2-serve-env", "key": "rabbitmq-api-url"}]}}
+    assert found["ScaledObject/gpt2-worker"] == {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _meta("gpt2-worker", "serving-worker"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gpt2-worker"},
+            "minReplicaCount": 0, "maxReplicaCount": 6, "pollingInterval": 5, "cooldownPeriod": 120,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 15}, "scaleDown": {"stabilizationWindowSeconds": 120}}}},
+            "triggers": [{"type": "rabbitmq",
+                          "metadata": {"protocol": "http", "mode": "QueueLength", "vhostName": "team/vhost",
+                                       "queueName": "kubelm.team-a.gpt2.requests", "value": "8",
+                                       "activationValue": "2"},
+                          "authenticationRef": {"name": "gpt2-keda"}}]}}
+    assert "replicas" not in found["Deployment/gpt2-worker"]["spec"]
+
+
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
 def test_runtime_reads_the_rendered_configurations(sample: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load(sample.read_text())["spec"]
@@ -161,11 +191,19 @@ def test_runtime_reads_the_rendered_configurations(sample: Path, tmp_path: Path)
 
 
 @pytest.mark.cluster
-def test_the_api_server_accepts_every_child(api_client: client.ApiClient, namespace: str) -> None:
-    for sample in SAMPLES:
-        raw = yaml.safe_load(sample.read_text())["spec"]
+def test_the_api_server_accepts_every_child(api_client: client.ApiClient, namespace: str, keda_crds: None) -> None:
+    specs = [yaml.safe_load(sample.read_text())["spec"] for sample in SAMPLES]
+    specs.append({"model": {"hub": {"id": "gpt2"}}, "autoscaling": {"engine": "keda"}})
+    custom = client.CustomObjectsApi(api_client)
+    for raw in specs:
         objects = build.children(Owner("LanguageModel", namespace, "gpt2", "uid-2"), parse_languagemodel(raw),
-                                 image=IMAGE, model_source=HUB, amqp_url="amqp://a", redis_url="redis://r")
+                                 image=IMAGE, model_source=HUB, amqp_url="amqp://a", redis_url="redis://r",
+                                 rabbitmq_api_url="http://u:p@m:15672")
         for obj in objects:
             obj["metadata"].pop("ownerReferences")  # the owner does not exist: only the objects are checked
-            utils.create_from_dict(api_client, obj, namespace=namespace, dry_run="All")
+            if obj["apiVersion"].startswith("keda.sh/"):  # KEDA's own CRDs validate these
+                plural = {"ScaledObject": "scaledobjects", "TriggerAuthentication": "triggerauthentications"}
+                custom.create_namespaced_custom_object("keda.sh", "v1alpha1", namespace, plural[obj["kind"]], obj,
+                                                       dry_run="All")
+            else:
+                utils.create_from_dict(api_client, obj, namespace=namespace, dry_run="All")

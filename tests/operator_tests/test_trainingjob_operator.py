@@ -353,6 +353,8 @@ def test_stuck_finalizer_is_reported_and_finishes_once_redis_is_back(
     ("create", "deployments.apps", True), ("patch", "deployments.apps/scale", True),
     ("delete", "deployments.apps", False), ("update", "deployments.apps", False),
     ("patch", "languagemodels.kubelm.io/status", True), ("delete", "languagemodels.kubelm.io", False),
+    ("create", "scaledobjects.keda.sh", True), ("patch", "triggerauthentications.keda.sh", True),
+    ("delete", "scaledobjects.keda.sh", False),
     ("create", "clusterroles.rbac.authorization.k8s.io", False),
 ])
 def test_shipped_roles_grant_exactly_what_the_operator_uses(cluster: ClusterEnv, installed: None, verb: str,

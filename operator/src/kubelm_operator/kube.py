@@ -34,6 +34,8 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "pods",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentications",
     ("kubelm.io/v1alpha1", "TrainingJob"): "trainingjobs",
     ("kubelm.io/v1alpha1", "LanguageModel"): "languagemodels",
 }

@@ -7,8 +7,9 @@ import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from kubelm_contract import env, training
+from kubelm_contract import env, queues, training
 from kubelm_contract.settings import dump
 from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT, VOLUMES_ROOT_VARIABLE, claim_of
 
@@ -23,7 +24,8 @@ HEALTH_PORT, GATEWAY_PORT = 8081, 8080
 AUTH_DIR = "/etc/kubelm/auth"
 DRAIN_SECONDS = 120
 """SIGTERM drains the running batch: time enough for a batch of long completions to finish."""
-AMQP_URL_KEY, REDIS_URL_KEY = "amqp-url", "redis-url"
+AMQP_URL_KEY, REDIS_URL_KEY, RABBITMQ_API_URL_KEY = "amqp-url", "redis-url", "rabbitmq-api-url"
+KEDA_POLLING_SECONDS = 5
 SELECTOR_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/component", "kubelm.io/languagemodel")
 """Labels that pick one model's workers or gateway; immutable in a Deployment's selector, so never more."""
 
@@ -83,8 +85,11 @@ def config_map(owner: Owner, serve: dict[str, Any], gateway: dict[str, Any]) -> 
             "data": {SERVE_FILE: json.dumps(serve, indent=2), GATEWAY_FILE: json.dumps(gateway, indent=2)}}
 
 
-def connection_secret(owner: Owner, amqp_url: str, redis_url: str | None) -> dict[str, Any]:
-    data = {AMQP_URL_KEY: amqp_url, **({REDIS_URL_KEY: redis_url} if redis_url else {})}
+def connection_secret(owner: Owner, amqp_url: str, redis_url: str | None,
+                      rabbitmq_api_url: str | None = None) -> dict[str, Any]:
+    """The URLs the pods need, and the management API's for KEDA's RabbitMQ scaler when it is used."""
+    data = {AMQP_URL_KEY: amqp_url, **({REDIS_URL_KEY: redis_url} if redis_url else {}),
+            **({RABBITMQ_API_URL_KEY: rabbitmq_api_url} if rabbitmq_api_url else {})}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata(owner, names(owner).secret, WORKER),
             "type": "Opaque", "stringData": data}
 
@@ -229,13 +234,54 @@ def gateway_service(owner: Owner, spec: LanguageModelSpec) -> dict[str, Any]:
                      "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]}}
 
 
+def keda_trigger_authentication(owner: Owner) -> dict[str, Any]:
+    """Hands KEDA the management API URL (with its credentials) from the model's Secret."""
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication",
+            "metadata": metadata(owner, child_name(owner.name, "keda"), WORKER),
+            "spec": {"secretTargetRef": [{"parameter": "host", "name": names(owner).secret,
+                                          "key": RABBITMQ_API_URL_KEY}]}}
+
+
+def keda_scaled_object(owner: Owner, spec: LanguageModelSpec, vhost: str) -> dict[str, Any]:
+    """KEDA scales the workers instead of the operator: the same queue length (ready and unacknowledged,
+    which the scaler's HTTP mode counts), activation and bounds, and the HPA behavior windows."""
+    scaling = spec.autoscaling
+    return {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": metadata(owner, names(owner).worker, WORKER),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names(owner).worker},
+            "minReplicaCount": 0 if spec.suspend else scaling.min_replicas,
+            "maxReplicaCount": 0 if spec.suspend else scaling.max_replicas,
+            "pollingInterval": KEDA_POLLING_SECONDS,
+            "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": scaling.scale_up_stabilization_seconds},
+                "scaleDown": {"stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds}}}},
+            "triggers": [{
+                "type": "rabbitmq",
+                "metadata": {"protocol": "http", "mode": "QueueLength", "vhostName": vhost,
+                             "queueName": queues.request_queue(owner.namespace, owner.name),
+                             "value": str(scaling.target_queue_length_per_replica),
+                             "activationValue": str(scaling.activation_queue_length)},
+                "authenticationRef": {"name": child_name(owner.name, "keda")},
+            }],
+        },
+    }
+
+
 def children(owner: Owner, spec: LanguageModelSpec, *, image: str, model_source: dict[str, Any], amqp_url: str,
-             redis_url: str | None) -> list[dict[str, Any]]:
+             redis_url: str | None, rabbitmq_api_url: str | None = None) -> list[dict[str, Any]]:
     """Every child, in the order they must exist: what the pods mount before the Deployments."""
     serve, gateway = serve_config(owner, spec, model_source), gateway_config(owner, spec)
-    objects = [config_map(owner, serve, gateway), connection_secret(owner, amqp_url, redis_url),
+    keda = spec.autoscaling.engine == "keda"
+    objects = [config_map(owner, serve, gateway),
+               connection_secret(owner, amqp_url, redis_url, rabbitmq_api_url if keda else None),
                worker_deployment(owner, spec, image, model_source, digest(serve), bool(redis_url))]
     if spec.gateway.enabled:
         objects += [gateway_deployment(owner, spec, image, digest(gateway), bool(redis_url)),
                     gateway_service(owner, spec)]
+    if keda:
+        vhost = unquote(urlsplit(amqp_url).path[1:]) or "/"
+        objects += [keda_trigger_authentication(owner), keda_scaled_object(owner, spec, vhost)]
     return objects

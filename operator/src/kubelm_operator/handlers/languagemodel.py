@@ -121,7 +121,7 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
         await _write_status(ctx, owner, body, old, obs)
         return
     source, model, digest_known, model_problem = await _resolve(ctx, owner, spec)
-    queue_problem = cache_problem = None
+    queue_problem = cache_problem = scaling_problem = None
     try:
         await ctx.broker.declare(owner.namespace, owner.name, spec.queue)
     except QueueConflict as e:
@@ -138,7 +138,8 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
         except CacheUnavailable as e:
             cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
         children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
-                                  amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url)
+                                  amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
+                                  rabbitmq_api_url=ctx.config.rabbitmq_api_url)
         rendered = digest(children)
         if state.applied.get(owner.uid) != rendered:
             try:
@@ -146,16 +147,22 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                     await ctx.kube.apply(child)
                 state.applied[owner.uid] = rendered
             except ApiError as e:
-                if not e.invalid:
+                if e.not_found and spec.autoscaling.engine == "keda":
+                    scaling_problem = status.Problem(
+                        "KedaNotInstalled", "spec.autoscaling.engine is keda but the cluster has no KEDA "
+                                            "(ScaledObject and TriggerAuthentication are not served)", degrades=True)
+                elif e.invalid:
+                    model_problem = status.Problem("InvalidChild",
+                                                   f"the API server refused a child object: {e.message}")
+                else:
                     raise
-                model_problem = status.Problem("InvalidChild", f"the API server refused a child object: {e.message}")
     scaling = await _autoscale(ctx, state, owner, spec, observed) if observed is not None else []
     queue_figures, counters = await _figures(ctx, owner)
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
     obs = status.ServingObservation(
         generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
         build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
-        cache_problem, observed, pods, queue_figures, counters, scaling)
+        cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling)
     await _write_status(ctx, owner, body, old, obs)
 
 

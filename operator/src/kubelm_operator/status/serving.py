@@ -63,6 +63,7 @@ class ServingObservation:
     model_problem: Problem | None = None
     queue_problem: Problem | None = None
     cache_problem: Problem | None = None
+    scaling_problem: Problem | None = None
     workers: ObservedDeployment | None = None
     worker_pods: Sequence[ObservedPod] = ()
     queue: dict[str, int] | None = None
@@ -104,7 +105,8 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
     desired = 0 if obs.suspend else (workers.replicas if workers and workers.replicas is not None
                                      else obs.min_replicas)
     ready = workers.ready if workers else 0
-    problems = [p for p in (obs.model_problem, obs.queue_problem, obs.cache_problem) if p is not None]
+    problems = [p for p in (obs.model_problem, obs.queue_problem, obs.cache_problem, obs.scaling_problem)
+                if p is not None]
     stalled = next((p for p in problems if p.stalled), None)
     if obs.suspend:
         phase, reason, message = SUSPENDED, "Suspended", "spec.suspend is true: no workers run; the queue is kept"
