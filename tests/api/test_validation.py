@@ -90,6 +90,7 @@ INVALID: list[tuple[str, dict, str]] = [
     ("tj-bad-artifact-name", tj(publish={"name": "Has Spaces"}), "spec.publish.name"),
     ("tj-negative-backoff", tj(backoffLimit=-1), "spec.backoffLimit"),
     ("tj-unknown-schedule", tj(hyperparameters={"lrSchedule": "step"}), "spec.hyperparameters.lrSchedule"),
+    ("lm-bad-artifact-uri", lm(model={"uri": "artifact://Not Valid@x"}), "spec.model.uri"),
     ("tj-unpublished-on-ephemeral", tj(publish={"artifactCache": False}),
      "spec.publish.artifactCache false keeps the model only in spec.storage: that needs storage type pvc"),
 ]

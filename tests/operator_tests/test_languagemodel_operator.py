@@ -55,8 +55,14 @@ def _condition(found: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in found.get("conditions", []) if c["type"] == type_), {})
 
 
-def _replicas(api: Api, namespace: str, name: str) -> int:
-    return int(api.apps.read_namespaced_deployment(name, namespace).spec.replicas)
+def _replicas(api: Api, namespace: str, name: str) -> int | None:
+    """The Deployment's replicas; None while it does not exist yet."""
+    try:
+        return int(api.apps.read_namespaced_deployment(name, namespace).spec.replicas)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def _publish(cluster: ClusterEnv, queue: str, count: int) -> None:
@@ -214,6 +220,17 @@ def test_a_model_from_training_waits_serves_the_artifact_and_rolls_to_a_newer_on
                "sha256:" + "2" * 64, timeout=120, what="serving the second artifact")
     template = api.apps.read_namespaced_deployment("tuned-worker", namespace).spec.template
     assert template.metadata.annotations["kubelm.io/config-digest"] != first_digest  # the pods roll
+    revisions = _lm_status(api, namespace, "tuned")["revisions"]
+    assert [(r["source"], r["digest"]) for r in revisions] == [
+        (f"artifact://{namespace}/first@1", "sha256:" + "1" * 64)]
+
+    # Going back: the model set to the earlier artifact, as the revision history names it.
+    api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", "tuned", {"spec": {
+        "model": {"trainingJobRef": None, "uri": revisions[-1]["source"]}}})
+    eventually(lambda: (_lm_status(api, namespace, "tuned").get("model") or {}).get("source") ==
+               f"artifact://{namespace}/first@1", timeout=120, what="serving the first artifact again")
+    config = json.loads(api.core.read_namespaced_config_map("tuned-serve", namespace).data["serve.json"])
+    assert config["model"] == {"artifact": f"artifact://{namespace}/first@1"}
 
 
 def test_a_worker_whose_model_cannot_load_is_reported_not_looped(
@@ -269,3 +286,20 @@ def test_keda_engine_hands_scaling_to_a_scaled_object(running_operator: Operator
     assert "rabbitmq-api-url" in secret.data
     # The operator leaves the replica count to KEDA's HPA: no scaling decision of its own.
     assert "scalingHistory" not in _lm_status(api, namespace, name)
+
+
+def test_suspend_scales_to_zero_and_keeps_the_queue(running_operator: OperatorProcess, api: Api,
+                                                     cluster: ClusterEnv, namespace: str) -> None:
+    name = "pausable"
+    _create_lm(api, namespace, name, {"model": {"hub": {"id": "gpt2"}}, "resources": {"cpu": "10m", "memory": "32Mi"},
+                                      "autoscaling": {"minReplicas": 2, "maxReplicas": 3}})
+    eventually(lambda: _replicas(api, namespace, f"{name}-worker") == 2, timeout=120, what="minReplicas workers")
+    api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name,
+                                              {"spec": {"suspend": True}})
+    eventually(lambda: _replicas(api, namespace, f"{name}-worker") == 0, timeout=120, what="no workers")
+    eventually(lambda: _lm_status(api, namespace, name).get("phase") == "Suspended", timeout=120,
+               what="phase Suspended")
+    assert _queue(cluster, queues.request_queue(namespace, name)) is not None
+    api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name,
+                                              {"spec": {"suspend": False}})
+    eventually(lambda: _replicas(api, namespace, f"{name}-worker") == 2, timeout=120, what="workers back")

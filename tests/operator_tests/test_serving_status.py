@@ -92,3 +92,16 @@ def test_a_worker_that_cannot_load_its_model_degrades_with_its_reason() -> None:
         "name": "worker", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}})
     assert _conditions(status.compute({}, _obs(workers=_workers(1, 0), worker_pods=[crashing]), T0))[
         "ModelReady"] == ("False", "ImagePullBackOff")
+
+
+def test_a_replaced_model_goes_to_the_bounded_revision_history() -> None:
+    old = status.compute({}, _obs(workers=_workers(1, 1)), T0)
+    assert "revisions" not in old
+    for version in range(2, 9):
+        model = status.ModelInfo(f"artifact://ns/job@{version}", f"v{version}", f"sha256:{version}")
+        old = status.compute(old, _obs(model=model, workers=_workers(1, 1)), f"2026-11-30T10:00:0{version}Z")
+    assert [r["source"] for r in old["revisions"]] == [f"artifact://ns/job@{v}" for v in range(3, 8)]
+    assert old["revisions"][-1] == {"source": "artifact://ns/job@7", "revision": "v7", "digest": "sha256:7",
+                                    "until": "2026-11-30T10:00:08Z"}
+    assert status.compute(old, _obs(model=status.ModelInfo("artifact://ns/job@8", "v8", "sha256:8"),
+                                    workers=_workers(1, 1)), T1) == old

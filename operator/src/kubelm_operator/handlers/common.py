@@ -10,6 +10,7 @@ import kopf
 from .. import metrics
 from ..builders.common import API_VERSION, Owner
 from ..context import Context
+from ..status import conditions
 from ..status.conditions import Transition
 
 
@@ -30,3 +31,20 @@ async def write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: di
     for event in events:
         post(body, event)
     return True
+
+
+async def cleanup_failed(ctx: Context, owner: Owner, body: dict[str, Any], retry: int, error: Exception,
+                         what: str) -> kopf.TemporaryError:
+    """Reports a finalizer that cannot finish yet (a Stalled condition and a Warning Event, the rest of the
+    status kept) and returns the error that makes kopf retry it with backoff."""
+    delay = min(60, 2 ** min(retry, 6))
+    message = (f"cannot remove {what} yet, retrying in {delay}s ({error}); if the operator is gone for good, "
+               f"remove the finalizer by hand (docs/operator.md)")
+    old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+    stalled = conditions.condition(conditions.STALLED, True, "CleanupFailed", message,
+                                   int(body["metadata"].get("generation") or 1), [], conditions.now())
+    # The whole status goes with it: an apply that left fields out would remove them.
+    new = {**old, "conditions": [c for c in old.get("conditions") or [] if c.get("type") != conditions.STALLED]
+           + [stalled]}
+    await write_status(ctx, owner, body, old, new, [Transition("Warning", "CleanupFailed", message)])
+    return kopf.TemporaryError(message, delay=delay)

@@ -32,7 +32,7 @@ from ..status import conditions
 from ..status import serving as status
 from ..status.observed import ObservedPod
 from . import trainingjob
-from .common import post, write_status
+from .common import cleanup_failed, write_status
 
 log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
@@ -68,6 +68,11 @@ async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple
         description = f"hub:{model.hub.id}@{model.hub.revision}"
         return ({"hub": dataclasses.asdict(model.hub)}, status.ModelInfo(description, model.hub.revision,
                                                                         f"source:{description}"), False, None)
+    if model.uri is not None and model.uri.startswith("artifact://"):
+        version = model.uri.rpartition("@")[2] if "@" in model.uri else None
+        # The workers take the digest from the artifact's manifest; this entry keeps theirs.
+        return {"artifact": model.uri}, status.ModelInfo(model.uri, f"v{version}" if version else None,
+                                                          None), False, None
     if model.uri is not None:
         return {"uri": model.uri}, status.ModelInfo(model.uri, None, f"source:{model.uri}"), False, None
     assert model.training_job_ref is not None
@@ -166,13 +171,14 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     await _write_status(ctx, owner, body, old, obs)
 
 
-async def _figures(ctx: Context, owner: Owner) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+async def _figures(ctx: Context, owner: Owner) -> tuple[dict[str, float] | None, dict[str, int] | None]:
     figures = counters = None
     try:
         stats = await ctx.broker.stats(owner.namespace, owner.name)
         if stats is not None:
             figures = {"depth": stats.depth, "ready": stats.ready, "unacked": stats.unacked,
-                       "consumers": stats.consumers, "deadLettered": stats.dead_lettered}
+                   "consumers": stats.consumers, "deadLettered": stats.dead_lettered,
+                   "publishRate": round(stats.publish_rate, 2), "deliverRate": round(stats.deliver_rate, 2)}
     except BrokerUnavailable as e:
         log.warning("%s: %s", owner.id, e)
     try:
@@ -232,11 +238,7 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
             if not keep_cache:
                 await ctx.cache.delete_model(owner.id, registry=True, responses=True)
     except (BrokerUnavailable, CacheUnavailable) as e:
-        delay = min(60, 2 ** min(retry, 6))
-        message = (f"cannot remove the model's queues or Redis keys yet, retrying in {delay}s ({e}); if the "
-                   f"operator is gone for good, remove the finalizer by hand (docs/operator.md)")
-        post(body, conditions.Transition("Warning", "CleanupFailed", message))
-        raise kopf.TemporaryError(message, delay=delay) from e
+        raise await cleanup_failed(ctx, owner, body, retry, e, "the model's queues or Redis keys") from e
     ctx.forget(owner.id, owner.uid)
     state.applied.pop(owner.uid, None)
     state.scaling.pop(owner.uid, None)

@@ -27,7 +27,7 @@ from ..spec import TrainingJobSpec, parse_trainingjob
 from ..status import conditions
 from ..status import training as status
 from ..status.observed import ObservedJob, ObservedPod
-from .common import write_status
+from .common import cleanup_failed, write_status
 
 log = logging.getLogger(__name__)
 KIND = "TrainingJob"
@@ -191,17 +191,7 @@ async def cleanup(ctx: Context, body: dict[str, Any], retry: int) -> None:
     try:
         await ctx.cache.delete_progress(owner.id)
     except CacheUnavailable as e:
-        delay = min(60, 2 ** min(retry, 6))
-        message = (f"cannot remove the Redis progress key yet, retrying in {delay}s ({e}); if the operator is gone "
-                   f"for good, remove the finalizer by hand (docs/operator.md)")
-        # The whole status goes with it: an apply that left fields out would remove them.
-        old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
-        stalled = conditions.condition(conditions.STALLED, True, "CleanupFailed", message,
-                                       int(body["metadata"].get("generation") or 1), [], conditions.now())
-        new = {**old, "conditions": [c for c in old.get("conditions") or [] if c.get("type") != conditions.STALLED]
-               + [stalled]}
-        await write_status(ctx, owner, body, old, new, [conditions.Transition("Warning", "CleanupFailed", message)])
-        raise kopf.TemporaryError(message, delay=delay) from e
+        raise await cleanup_failed(ctx, owner, body, retry, e, "the Redis progress key") from e
     ctx.forget(owner.id, owner.uid)
 
 

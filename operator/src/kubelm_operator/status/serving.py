@@ -16,6 +16,7 @@ PENDING, LOADING, READY_PHASE, DEGRADED, SUSPENDED, FAILED = \
     "Pending", "Loading", "Ready", "Degraded", "Suspended", "Failed"
 QUEUE_READY, CACHE_READY, MODEL_READY = "QueueReady", "CacheReady", "ModelReady"
 HISTORY_LIMIT = 10
+REVISIONS_LIMIT = 5
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class ServingObservation:
     scaling_problem: Problem | None = None
     workers: ObservedDeployment | None = None
     worker_pods: Sequence[ObservedPod] = ()
-    queue: dict[str, int] | None = None
+    queue: dict[str, float] | None = None
     """name, depth, ready, unacked, consumers, deadLettered, from the management API."""
     cache: dict[str, int] | None = None
     scaling: Sequence[dict[str, Any]] = field(default_factory=tuple)
@@ -133,11 +134,17 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
     if obs.queue is not None:
         queue = {"name": obs.queue_name, **obs.queue}
     status["queue"] = queue
+    revisions = list(old.get("revisions") or [])
     if obs.model is not None:
         status["model"] = {k: v for k, v in (("source", obs.model.source), ("revision", obs.model.revision),
                                              ("digest", obs.model.digest)) if v}
+        before = old.get("model")
+        if before and (before.get("source"), before.get("digest")) != (obs.model.source, obs.model.digest):
+            revisions.append({**before, "until": at})
     elif "model" in old:
         status["model"] = old["model"]
+    if revisions:
+        status["revisions"] = revisions[-REVISIONS_LIMIT:]
     if obs.endpoint:
         status["endpoint"] = obs.endpoint
     cache = obs.cache if obs.cache is not None else old.get("cache")
