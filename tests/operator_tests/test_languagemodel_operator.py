@@ -23,13 +23,13 @@ from .conftest import GROUP, VERSION, Api, OperatorProcess
 pytestmark = [pytest.mark.cluster, pytest.mark.services]
 
 
-def _management(cluster: ClusterEnv, path: str) -> dict[str, Any] | None:
+def _management(cluster: ClusterEnv, path: str) -> Any:
     parts = urllib.parse.urlsplit(cluster.rabbitmq_api_url)
     request = urllib.request.Request(f"{parts.scheme}://{parts.hostname}:{parts.port}{path}", headers={
         "Authorization": "Basic " + b64encode(f"{parts.username}:{parts.password}".encode()).decode()})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return dict(json.loads(response.read()))
+            return json.loads(response.read())
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return None
@@ -37,7 +37,8 @@ def _management(cluster: ClusterEnv, path: str) -> dict[str, Any] | None:
 
 
 def _queue(cluster: ClusterEnv, name: str) -> dict[str, Any] | None:
-    return _management(cluster, f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}")
+    found = _management(cluster, f"/api/queues/%2F/{urllib.parse.quote(name, safe='')}")
+    return dict(found) if found is not None else None
 
 
 def _create_lm(api: Api, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -303,3 +304,46 @@ def test_suspend_scales_to_zero_and_keeps_the_queue(running_operator: OperatorPr
     api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", name,
                                               {"spec": {"suspend": False}})
     eventually(lambda: _replicas(api, namespace, f"{name}-worker") == 2, timeout=120, what="workers back")
+
+
+@pytest.mark.slow
+def test_operator_killed_at_random_moments_during_50_creations(running_operator: OperatorProcess, api: Api,
+                                                               cluster: ClusterEnv, namespace: str,
+                                                               redis_client: Any) -> None:
+    import random
+    import time
+
+    rng = random.Random(50)
+    names = [f"lm-{i:02d}" for i in range(50)]
+    spec = {"model": {"hub": {"id": "gpt2"}}, "gateway": {"enabled": False},
+            "autoscaling": {"engine": "none", "minReplicas": 0}}
+    kills = 0
+    for i, name in enumerate(names):
+        _create_lm(api, namespace, name, spec)
+        if i % 5 in (1, 4):  # 20 kills over the 50 creations
+            time.sleep(rng.uniform(0, 0.5))
+            running_operator.kill()
+            running_operator.start()
+            kills += 1
+    running_operator.wait_healthy()
+    for name in names:
+        eventually(lambda n=name: _lm_status(api, namespace, n).get("phase") == "Ready", timeout=240,
+                   what=f"{name} ready (scaled to zero)")
+    uids = {api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", n)["metadata"]["uid"]:
+            n for n in names}
+    selector = "app.kubernetes.io/managed-by=kubelm-operator"
+    children = {
+        "Deployment": api.apps.list_namespaced_deployment(namespace, label_selector=selector).items,
+        "ConfigMap": api.core.list_namespaced_config_map(namespace, label_selector=selector).items,
+        "Secret": api.core.list_namespaced_secret(namespace, label_selector=selector).items,
+    }
+    for kind, objects in children.items():
+        owners = sorted(uids[o.metadata.owner_references[0].uid] for o in objects)
+        assert owners == sorted(names), f"{kind}: exactly one per LanguageModel, none orphaned"
+    listed = _management(cluster, "/api/queues/%2F?columns=name")
+    found = sorted(q["name"] for q in listed if q["name"].startswith(f"kubelm.{namespace}."))
+    assert found == sorted([queues.request_queue(namespace, n) for n in names] +
+                           [queues.dead_letter_queue(namespace, n) for n in names])
+    entries = [k.decode() for k in redis_client.hkeys(keys.MODEL_REGISTRY) if k.decode().startswith(f"{namespace}/")]
+    assert sorted(entries) == sorted(f"{namespace}/{n}" for n in names)
+    assert kills == 20
