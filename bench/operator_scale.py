@@ -1,9 +1,18 @@
-"""Operator throughput: 200 TrainingJobs created at once, time until every one has its children and status.
+"""Operator throughput and the autoscaler's reaction time.
 
-The operator runs as a local process on the dev cluster with the shipped RBAC. The
-baseline, measured in the same run with the same client and concurrency, is the
-API server's own rate for creating 200 ConfigMaps. Printed: converged TrainingJobs
-per second, the baseline's creates per second, their ratio, and the operator's RSS.
+The operator runs as a local process on the dev cluster with the shipped RBAC.
+
+- 200 TrainingJobs created at once (suspended): time until every one has its Job,
+  ConfigMap and Secret and its status;
+- 200 LanguageModels created at once (no gateway, scaled to zero): time until every one
+  has its queues declared, its registry entry, its Deployment and its status;
+- one LanguageModel at zero workers: time from a backlog appearing in its queue to the
+  Deployment's replicas being raised, and from the queue emptying to zero again after
+  a 5 s scale-down window.
+
+Baseline, measured in the same run with the same client and concurrency: the API
+server's own rate for creating 200 ConfigMaps. Printed: rates, their ratio, the
+operator's CPU and RSS.
 
     python bench/operator_scale.py [--count 200] [--clients 8]
 """
@@ -28,6 +37,12 @@ from kubelm_devcluster.probes import wait_for
 
 SPEC = {"baseModel": {"hub": {"id": "openai-community/gpt2"}}, "dataset": {"train": "/data/train.txt"},
         "resources": {"cpu": "10m", "memory": "32Mi"}, "suspend": True}
+LM_SPEC = {"model": {"hub": {"id": "openai-community/gpt2"}}, "gateway": {"enabled": False},
+           "autoscaling": {"engine": "none", "minReplicas": 0}}
+REACTIVE = {"model": {"hub": {"id": "openai-community/gpt2"}}, "gateway": {"enabled": False},
+            "resources": {"cpu": "10m", "memory": "32Mi"},
+            "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "targetQueueLengthPerReplica": 4,
+                            "scaleDownStabilizationSeconds": 5}}
 
 
 def _timed(count: int, clients: int, create: Callable[[int], Any]) -> float:
@@ -35,6 +50,38 @@ def _timed(count: int, clients: int, create: Callable[[int], Any]) -> float:
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(create, range(count)))
     return time.perf_counter() - started
+
+
+def _reaction(custom: Any, apps: Any, namespace: str, amqp_url: str) -> tuple[float, float]:
+    """Seconds from a backlog to raised replicas, and from an empty queue back to zero."""
+    import pika
+
+    from kubelm_contract import queues
+
+    custom.create_namespaced_custom_object("kubelm.io", "v1alpha1", namespace, "languagemodels", {
+        "apiVersion": "kubelm.io/v1alpha1", "kind": "LanguageModel", "metadata": {"name": "reactive"},
+        "spec": REACTIVE})
+
+    def replicas() -> int:
+        try:
+            return int(apps.read_namespaced_deployment("reactive-worker", namespace).spec.replicas)
+        except client.ApiException:
+            return -1
+
+    wait_for("reactive model at zero workers", lambda: replicas() == 0, timeout=300)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    queue = queues.request_queue(namespace, "reactive")
+    started = time.perf_counter()
+    for i in range(10):
+        channel.basic_publish("", queue, b'{"v":1,"id":"r%d","prompt":"hi"}' % i)
+    wait_for("replicas raised", lambda: replicas() > 0, timeout=120, interval=0.05)
+    up = time.perf_counter() - started
+    channel.queue_purge(queue)
+    connection.close()
+    started = time.perf_counter()
+    wait_for("back to zero", lambda: replicas() == 0, timeout=120, interval=0.05)
+    return up, time.perf_counter() - started
 
 
 def main() -> None:
@@ -60,7 +107,9 @@ def main() -> None:
             api.configuration.connection_pool_maxsize = args.clients
             core, custom, batch = client.CoreV1Api(api), client.CustomObjectsApi(api), client.BatchV1Api(api)
             kubeconfig = service_account_kubeconfig(kubectl, admin, tmp / "operator-kubeconfig")
-            operator = OperatorProcess(kubeconfig, cluster.layout.redis_url, tmp)
+            operator = OperatorProcess(kubeconfig, cluster.layout.redis_url, tmp, env={
+                "KUBELM_AMQP_URL": cluster.layout.amqp_url, "KUBELM_RABBITMQ_API_URL": cluster.layout.rabbitmq_api_url,
+                "KUBELM_AUTOSCALE_INTERVAL_SECONDS": "1"})
             operator.start()
             operator.wait_healthy()
             baseline_ns, ns = f"bench-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:6]}"
@@ -86,6 +135,27 @@ def main() -> None:
             converge_s = time.perf_counter() - started
             operator_cpu_s = operator.cpu_seconds() - cpu_before
             rss = operator.rss_bytes()
+
+            lm_ns = f"bench-{uuid.uuid4().hex[:6]}"
+            core.create_namespace({"metadata": {"name": lm_ns}})
+            apps = client.AppsV1Api(api)
+
+            def models_converged() -> bool:
+                items = custom.list_namespaced_custom_object("kubelm.io", "v1alpha1", lm_ns, "languagemodels")["items"]
+                done = sum(1 for lm in items if (lm.get("status") or {}).get("phase") == "Ready")
+                return done == args.count and len(apps.list_namespaced_deployment(lm_ns).items) == args.count
+
+            cpu_before = operator.cpu_seconds()
+            started = time.perf_counter()
+            _timed(args.count, args.clients, lambda i: custom.create_namespaced_custom_object(
+                "kubelm.io", "v1alpha1", lm_ns, "languagemodels",
+                {"apiVersion": "kubelm.io/v1alpha1", "kind": "LanguageModel", "metadata": {"name": f"lm-{i:03d}"},
+                 "spec": LM_SPEC}))
+            wait_for("every LanguageModel converged", models_converged, timeout=900, interval=0.5)
+            lm_converge_s = time.perf_counter() - started
+            lm_cpu_s = operator.cpu_seconds() - cpu_before
+            lm_rss = operator.rss_bytes()
+            react_up_s, react_down_s = _reaction(custom, apps, lm_ns, cluster.layout.amqp_url)
         finally:
             if operator is not None:
                 operator.stop()
@@ -100,6 +170,13 @@ def main() -> None:
     print(f"operator CPU:        {operator_cpu_s:.2f}s in those {converge_s:.2f}s "
           f"({1000 * operator_cpu_s / args.count:.1f} ms per TrainingJob)")
     print(f"operator RSS after:  {rss / 2**20:.0f} MiB (goal <= 150 MB)")
+    lm_rate = args.count / lm_converge_s
+    print(f"LanguageModels:      {args.count} converged (queues, registry entry, Deployment, status) in "
+          f"{lm_converge_s:.2f}s = {lm_rate:.1f}/s (goal >= 20/s), {lm_rate / baseline_rate:.2f}x the baseline")
+    print(f"operator CPU:        {lm_cpu_s:.2f}s ({1000 * lm_cpu_s / args.count:.1f} ms per LanguageModel), "
+          f"RSS after {lm_rss / 2**20:.0f} MiB (goal <= 150 MB)")
+    print(f"autoscaler:          backlog -> replicas raised in {react_up_s:.2f}s (goal <= 5 s; KEDA's defaults: "
+          f"30 s polling + HPA sync); empty queue -> zero in {react_down_s:.2f}s with a 5 s window")
 
 
 if __name__ == "__main__":

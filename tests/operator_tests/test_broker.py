@@ -50,13 +50,13 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
             connection.close()
 
             async def five_ready() -> bool:
-                stats = await broker.stats(namespace, model)
+                stats = await broker.stats(namespace, model, max_age=0)
                 return stats is not None and stats.ready == 5
             for _ in range(200):  # the management API refreshes its figures every second
                 if await five_ready():
                     break
                 await asyncio.sleep(0.1)
-            stats = await broker.stats(namespace, model)
+            stats = await broker.stats(namespace, model, max_age=0)
             assert stats is not None and (stats.ready, stats.unacked, stats.depth, stats.consumers) == (5, 0, 5, 0)
 
             with pytest.raises(QueueConflict) as info:
@@ -66,7 +66,7 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
             assert await broker.declare(namespace, model, spec) == name  # the channel is usable again
 
             await broker.delete(namespace, model)
-            assert await broker.stats(namespace, model) is None
+            assert await broker.stats(namespace, model, max_age=0) is None
         finally:
             await broker.close()
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
 CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 MODEL_LABEL = "kubelm.io/languagemodel"
+REGISTRY_REFRESH_SECONDS = 60.0
 
 
 @dataclass
@@ -52,6 +53,10 @@ class ServingState:
     """uid -> digest of the children last applied: unchanged children are not sent again."""
     scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
     """uid -> recent recommendations, for the stabilization windows."""
+    declared: dict[str, str] = field(default_factory=dict)
+    """uid -> digest of the queue spec last declared."""
+    registered: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """uid -> (digest of the registry entry last written, when)."""
     deleting: set[str] = field(default_factory=set)
     """uids whose finalizer ran or runs: a reconciliation from an older event must not declare the queue again."""
 
@@ -127,21 +132,28 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
         return
     source, model, digest_known, model_problem = await _resolve(ctx, owner, spec)
     queue_problem = cache_problem = scaling_problem = None
-    try:
-        await ctx.broker.declare(owner.namespace, owner.name, spec.queue)
-    except QueueConflict as e:
-        queue_problem = status.Problem("QueueArgumentConflict", str(e))
-    except BrokerUnavailable as e:
-        queue_problem = status.Problem("BrokerUnavailable", str(e), stalled=False)
+    queue_key = digest(dataclasses.asdict(spec.queue))
+    if state.declared.get(owner.uid) != queue_key:  # once per process and queue spec, not on every tick
+        try:
+            await ctx.broker.declare(owner.namespace, owner.name, spec.queue)
+            state.declared[owner.uid] = queue_key
+        except QueueConflict as e:
+            queue_problem = status.Problem("QueueArgumentConflict", str(e))
+        except BrokerUnavailable as e:
+            queue_problem = status.Problem("BrokerUnavailable", str(e), stalled=False)
     names = build.names(owner)
     workers = state.deployments.get((owner.namespace, names.worker))
     observed = workers[1] if workers else None
     if source is not None and model is not None:
-        try:
-            await ctx.cache.register_model(owner.id, registry_entry(owner, spec, model, old.get("phase") or "Pending"),
-                                           digest_known)
-        except CacheUnavailable as e:
-            cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
+        entry = registry_entry(owner, spec, model, old.get("phase") or "Pending")
+        # Written when it changes, and again now and then in case Redis lost it (a restart without persistence).
+        written = state.registered.get(owner.uid)
+        if written is None or written[0] != digest(entry) or ctx.clock() - written[1] > REGISTRY_REFRESH_SECONDS:
+            try:
+                await ctx.cache.register_model(owner.id, entry, digest_known)
+                state.registered[owner.uid] = (digest(entry), ctx.clock())
+            except CacheUnavailable as e:
+                cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
         children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
                                   amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
                                   rabbitmq_api_url=ctx.config.rabbitmq_api_url)
@@ -163,6 +175,8 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                     raise
     scaling = await _autoscale(ctx, state, owner, spec, observed) if observed is not None else []
     queue_figures, counters = await _figures(ctx, owner)
+    if queue_figures is None and queue_problem is None:
+        state.declared.pop(owner.uid, None)  # gone (deleted by hand, a broker reset): declared again next time
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
     obs = status.ServingObservation(
         generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
@@ -240,8 +254,8 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
     except (BrokerUnavailable, CacheUnavailable) as e:
         raise await cleanup_failed(ctx, owner, body, retry, e, "the model's queues or Redis keys") from e
     ctx.forget(owner.id, owner.uid)
-    state.applied.pop(owner.uid, None)
-    state.scaling.pop(owner.uid, None)
+    for memory in (state.applied, state.scaling, state.declared, state.registered):
+        memory.pop(owner.uid, None)
 
 
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
