@@ -39,6 +39,7 @@ KIND, PLURAL = "LanguageModel", "languagemodels"
 CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 MODEL_LABEL = "kubelm.io/languagemodel"
 REGISTRY_REFRESH_SECONDS = 60.0
+COUNTERS_SECONDS = 10.0
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ServingState:
     """uid -> digest of the queue spec last declared."""
     registered: dict[str, tuple[str, float]] = field(default_factory=dict)
     """uid -> (digest of the registry entry last written, when)."""
+    counters_read: dict[str, float] = field(default_factory=dict)
     deleting: set[str] = field(default_factory=set)
     """uids whose finalizer ran or runs: a reconciliation from an older event must not declare the queue again."""
 
@@ -154,15 +156,19 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 state.registered[owner.uid] = (digest(entry), ctx.clock())
             except CacheUnavailable as e:
                 cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
-        children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
-                                  amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
-                                  rabbitmq_api_url=ctx.config.rabbitmq_api_url)
-        rendered = digest(children)
-        if state.applied.get(owner.uid) != rendered:
+        # The children depend on the spec and the resolved source only: rendered again when either changes.
+        inputs = f"{generation}:{digest(source)}"
+        if state.applied.get(owner.uid) != inputs:
+            children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
+                                      amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
+                                      rabbitmq_api_url=ctx.config.rabbitmq_api_url)
             try:
                 for child in children:
-                    await ctx.kube.apply(child)
-                state.applied[owner.uid] = rendered
+                    applied = await ctx.kube.apply(child)
+                    if child["kind"] == "Deployment" and child["metadata"]["name"] == names.worker:
+                        # The answer is newer than the watch: this status need not say "Creating" first.
+                        observed = status.ObservedDeployment.from_body(applied)
+                state.applied[owner.uid] = inputs
             except ApiError as e:
                 if e.not_found and spec.autoscaling.engine == "keda":
                     scaling_problem = status.Problem(
@@ -174,7 +180,7 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 else:
                     raise
     scaling = await _autoscale(ctx, state, owner, spec, observed) if observed is not None else []
-    queue_figures, counters = await _figures(ctx, owner)
+    queue_figures, counters = await _figures(ctx, state, owner)
     if queue_figures is None and queue_problem is None:
         state.declared.pop(owner.uid, None)  # gone (deleted by hand, a broker reset): declared again next time
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
@@ -185,7 +191,8 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     await _write_status(ctx, owner, body, old, obs)
 
 
-async def _figures(ctx: Context, owner: Owner) -> tuple[dict[str, float] | None, dict[str, int] | None]:
+async def _figures(ctx: Context, state: ServingState, owner: Owner) -> tuple[
+        dict[str, float] | None, dict[str, int] | None]:
     figures = counters = None
     try:
         stats = await ctx.broker.stats(owner.namespace, owner.name)
@@ -195,10 +202,13 @@ async def _figures(ctx: Context, owner: Owner) -> tuple[dict[str, float] | None,
                    "publishRate": round(stats.publish_rate, 2), "deliverRate": round(stats.deliver_rate, 2)}
     except BrokerUnavailable as e:
         log.warning("%s: %s", owner.id, e)
-    try:
-        counters = await ctx.cache.cache_counters(owner.id)
-    except CacheUnavailable as e:
-        log.warning("%s: %s", owner.id, e)
+    read_at = state.counters_read.get(owner.uid)
+    if read_at is None or ctx.clock() - read_at >= COUNTERS_SECONDS:  # status only: no need for every tick
+        try:
+            counters = await ctx.cache.cache_counters(owner.id)
+            state.counters_read[owner.uid] = ctx.clock()
+        except CacheUnavailable as e:
+            log.warning("%s: %s", owner.id, e)
     return figures, counters
 
 
@@ -254,8 +264,16 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
     except (BrokerUnavailable, CacheUnavailable) as e:
         raise await cleanup_failed(ctx, owner, body, retry, e, "the model's queues or Redis keys") from e
     ctx.forget(owner.id, owner.uid)
-    for memory in (state.applied, state.scaling, state.declared, state.registered):
+    for memory in (state.applied, state.scaling, state.declared, state.registered, state.counters_read):
         memory.pop(owner.uid, None)
+
+
+def _alive(body: kopf.Body) -> bool:
+    return not body["metadata"].get("deletionTimestamp")
+
+
+def _engine(body: kopf.Body) -> str:
+    return str(((body.get("spec") or {}).get("autoscaling") or {}).get("engine") or "builtin")
 
 
 def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
@@ -268,8 +286,15 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def languagemodel_changed(body: kopf.Body, reason: str, **_: Any) -> None:
         await reconcile(ctx, state, snapshot(body), str(reason))
 
-    @kopf.timer(*resource, interval=ctx.config.autoscale_interval_seconds, id="languagemodel-tick",
-                when=lambda body, **_: not body["metadata"].get("deletionTimestamp"), registry=registry)
+    # The builtin autoscaler needs the queue often; every other model is looked at as often as training
+    # progress (queue figures for status, a TrainingJob's newer artifact).
+    @kopf.timer(*resource, interval=ctx.config.autoscale_interval_seconds, id="languagemodel-autoscale",
+                when=lambda body, **_: _alive(body) and _engine(body) == "builtin", registry=registry)
+    async def languagemodel_autoscale(body: kopf.Body, **_: Any) -> None:
+        await reconcile(ctx, state, snapshot(body), "timer")
+
+    @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds, id="languagemodel-tick",
+                when=lambda body, **_: _alive(body) and _engine(body) != "builtin", registry=registry)
     async def languagemodel_tick(body: kopf.Body, **_: Any) -> None:
         await reconcile(ctx, state, snapshot(body), "timer")
 
