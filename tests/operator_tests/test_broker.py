@@ -48,6 +48,7 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
             for i in range(5):
                 channel.basic_publish("", name, json.dumps({"i": i}).encode())
             connection.close()
+            assert await broker.ready_now(namespace, model) == (5, 0)  # at once, no statistics interval
 
             async def five_ready() -> bool:
                 stats = await broker.stats(namespace, model, max_age=0)
@@ -67,6 +68,7 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
 
             await broker.delete(namespace, model)
             assert await broker.stats(namespace, model, max_age=0) is None
+            assert await broker.ready_now(namespace, model) is None
         finally:
             await broker.close()
 

@@ -124,6 +124,21 @@ class Broker:
         """The model's request queue (and dead-letter queue) exist with the spec's arguments."""
         return str(await self._run(lambda channel: queues.declare_model_queues(channel, namespace, model, spec)))
 
+    async def ready_now(self, namespace: str, model: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of the request queue as the broker has them this moment (a passive
+        declare), or None when it does not exist. The management API's figures lag by its statistics
+        interval and, for quorum queues, the queue's own metrics tick: seconds the autoscaler should not wait."""
+        def work(channel: Any) -> tuple[int, int] | None:
+            try:
+                method = channel.queue_declare(queues.request_queue(namespace, model), passive=True).method
+            except pika.exceptions.ChannelClosedByBroker as e:
+                self._channel = None
+                if e.reply_code == 404:
+                    return None
+                raise
+            return int(method.message_count), int(method.consumer_count)
+        return await self._run(work)  # type: ignore[no-any-return]
+
     async def delete(self, namespace: str, model: str) -> None:
         """Removes the model's queues, with any messages left in them."""
         def work(channel: Any) -> None:

@@ -222,13 +222,15 @@ async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: Lang
         figures = autoscaling.QueueFigures(0, 0)
     else:
         try:
+            now = await ctx.broker.ready_now(owner.namespace, owner.name)
             stats = await ctx.broker.stats(owner.namespace, owner.name)
         except BrokerUnavailable as e:
             log.warning("%s: not scaling: %s", owner.id, e)
             return []
-        if stats is None:
+        if now is None:
             return []
-        figures = autoscaling.QueueFigures(stats.ready, stats.unacked, stats.consumers)
+        # Ready messages as of now; unacknowledged ones (being decoded) from the management API's last figures.
+        figures = autoscaling.QueueFigures(now[0], stats.unacked if stats else 0, now[1])
     decision = autoscaling.decide(spec.autoscaling, current, figures, ctx.clock(),
                                   state.scaling.get(owner.uid, ()), spec.suspend)
     state.scaling[owner.uid] = decision.history
