@@ -317,9 +317,11 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
         if type == "DELETED" or owner is None:
             state.deployments.pop((namespace, name), None)
             return
+        before = state.deployments.get((namespace, name))
         state.deployments[(namespace, name)] = (owner, status.ObservedDeployment.from_body(body))
         model = state.models.get((namespace, owner))
-        if type is not None and model is not None:
+        # Only what status reads (replicas, readiness) is worth a reconciliation.
+        if type is not None and model is not None and state.deployments[(namespace, name)] != before:
             await reconcile(ctx, state, model, "child")
 
     @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, "app.kubernetes.io/component": build.WORKER},

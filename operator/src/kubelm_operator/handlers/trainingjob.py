@@ -245,11 +245,14 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
         if not namespace:
             return
         owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND), None)
+        before = observed.jobs.get((namespace, name))
         if type == "DELETED" or owner is None:
             observed.jobs.pop((namespace, name), None)
         else:
             observed.jobs[(namespace, name)] = (owner, ObservedJob.from_body(body))
-        if type is not None:  # None: the initial listing, which the owners' resume handlers cover
+        # None: the initial listing, which the owners' resume handlers cover. An event that changes nothing
+        # status reads (most of a Job's are bookkeeping of the Job controller) needs no reconciliation.
+        if type is not None and observed.jobs.get((namespace, name)) != before:
             await owner_changed(namespace, name, kwargs[PODS_INDEX])
 
     @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id="trainingjob-pod",
