@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kubelm_contract import env
+from kubelm_contract.registry import describe_hub
 from kubelm_contract.settings import SettingsError, load
 from kubelm_contract.training import HubModel
 
@@ -43,7 +44,7 @@ class ModelSource:
 
     def describe(self) -> str:
         if self.hub:
-            return f"hub:{self.hub.id}@{self.hub.revision}"
+            return describe_hub(self.hub.id, self.hub.revision)
         return str(self.uri or self.artifact)
 
 

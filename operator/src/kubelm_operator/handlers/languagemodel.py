@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kubelm_contract import queues
+from kubelm_contract import queues, registry
 from kubelm_contract.settings import SettingsError
 
 from .. import autoscaling, metrics
@@ -72,16 +72,17 @@ async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple
     """(runtime model source, what status says about it, whether the digest is known, or the problem)."""
     model = spec.model
     if model.hub is not None:
-        description = f"hub:{model.hub.id}@{model.hub.revision}"
+        description = registry.describe_hub(model.hub.id, model.hub.revision)
         return ({"hub": dataclasses.asdict(model.hub)}, status.ModelInfo(description, model.hub.revision,
-                                                                        f"source:{description}"), False, None)
+                                                                        registry.source_digest(description)),
+                False, None)
     if model.uri is not None and model.uri.startswith("artifact://"):
         version = model.uri.rpartition("@")[2] if "@" in model.uri else None
         # The workers take the digest from the artifact's manifest; this entry keeps theirs.
         return {"artifact": model.uri}, status.ModelInfo(model.uri, f"v{version}" if version else None,
                                                           None), False, None
     if model.uri is not None:
-        return {"uri": model.uri}, status.ModelInfo(model.uri, None, f"source:{model.uri}"), False, None
+        return {"uri": model.uri}, status.ModelInfo(model.uri, None, registry.source_digest(model.uri)), False, None
     assert model.training_job_ref is not None
     name, where = model.training_job_ref.name, "spec.model.trainingJobRef"
     job = await ctx.kube.get(f"{GROUP}/{VERSION}", "TrainingJob", owner.namespace, name)
@@ -103,13 +104,11 @@ async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple
 
 
 def registry_entry(owner: Owner, spec: LanguageModelSpec, model: status.ModelInfo, phase: str) -> dict[str, Any]:
-    """The gateway's routing entry, as the workers write it (runtime: Worker.register)."""
-    decoding = spec.generation.decoding()
-    return {"queue": queues.request_queue(owner.namespace, owner.name), "namespace": owner.namespace,
-            "digest": model.digest, "source": model.source, "maxNewTokens": spec.limits.max_new_tokens,
-            "maxInputTokens": spec.limits.max_input_tokens,
-            "defaults": {**dataclasses.asdict(decoding), "stop": list(decoding.stop)},
-            "responseCache": spec.cache.responses.enabled, "status": phase}
+    """The gateway's routing entry, the shape the workers write too, plus the model's phase."""
+    return registry.model_entry(queue=queues.request_queue(owner.namespace, owner.name), namespace=owner.namespace,
+                                digest=model.digest, source=model.source, limits=spec.limits.limits(),
+                                defaults=spec.generation.decoding(), response_cache=spec.cache.responses.enabled,
+                                phase=phase)
 
 
 async def reconcile(ctx: Context, state: ServingState, body: dict[str, Any], trigger: str) -> None:

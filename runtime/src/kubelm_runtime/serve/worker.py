@@ -10,7 +10,6 @@ stops, what was delivered is finished and acknowledged, and the process exits 0.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubelm_contract import keys, protocol, queues
+from kubelm_contract import keys, protocol, queues, registry
 from kubelm_contract.protocol import ProtocolError, Reply, Request
 
 from .. import allocator, artifacts, models
@@ -61,7 +60,7 @@ def model_digest(reference: str, source_description: str) -> str:
     manifest = Path(reference) / artifacts.MANIFEST_FILE
     if manifest.exists():
         return str(json.loads(manifest.read_text())["digest"])
-    return f"source:{source_description}"
+    return registry.source_digest(source_description)
 
 
 class Worker:
@@ -228,11 +227,9 @@ class Worker:
 
     # -- main loop ------------------------------------------------------------------------------
     def register(self) -> None:
-        entry = {"queue": self.queue, "namespace": self.config.namespace, "digest": self.digest,
-                 "source": self.config.model.describe(), "maxNewTokens": self.limits.max_new_tokens,
-                 "maxInputTokens": self.limits.max_input_tokens,
-                 "defaults": {**dataclasses.asdict(self.defaults), "stop": list(self.defaults.stop)},
-                 "responseCache": self.config.cache.responses.enabled}
+        entry = registry.model_entry(queue=self.queue, namespace=self.config.namespace, digest=self.digest,
+                                     source=self.config.model.describe(), limits=self.limits,
+                                     defaults=self.defaults, response_cache=self.config.cache.responses.enabled)
         self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.model_id, entry), None, force=True)
 
     def run(self) -> None:
