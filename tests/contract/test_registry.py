@@ -9,7 +9,8 @@ from kubelm_contract.registry import describe_hub, model_entry, source_digest
 def test_model_entry() -> None:
     hub = describe_hub("gpt2", "main")
     entry = model_entry(queue="kubelm.ns.m.requests", namespace="ns", digest=source_digest(hub), source=hub,
-                        limits=Limits(1024, 512), defaults=Decoding(max_new_tokens=64, stop=("\n",)), response_cache=True, phase="Ready")
+                        limits=Limits(1024, 512), defaults=Decoding(max_new_tokens=64, stop=("\n",)),
+                        response_cache=True, phase="Ready")
     assert entry == {
         "queue": "kubelm.ns.m.requests", "namespace": "ns", "digest": "source:hub:gpt2@main",
         "source": "hub:gpt2@main", "maxNewTokens": 512, "maxInputTokens": 1024,
