@@ -14,8 +14,18 @@ from ..status import conditions
 from ..status.conditions import Transition
 
 
-def post(body: dict[str, Any], event: Transition) -> None:
-    kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
+def snapshot(body: Any, kind: str) -> dict[str, Any]:
+    """A plain copy of what reconciling a custom resource needs, taken from kopf's body once."""
+    meta = body["metadata"]
+    return {"apiVersion": API_VERSION, "kind": kind,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                         "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp")},
+            "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
+
+
+def owner_name(body: Any, kind: str) -> str | None:
+    """The name of a child's owner of `kind`, from its owner references."""
+    return next((str(r["name"]) for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == kind), None)
 
 
 async def write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any],
@@ -29,7 +39,7 @@ async def write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: di
     metrics.STATUS_WRITES.labels(owner.kind).inc()
     ctx.written[owner.uid] = new
     for event in events:
-        post(body, event)
+        kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
     return True
 
 

@@ -1,8 +1,9 @@
 """LanguageModel: queues declared, registry entry written, workers and gateway applied, the workers
 scaled from the queue, status kept from all of it.
 
-Triggers: create/update/resume (render and apply), any event of its Deployments, and a timer every
-KUBELM_AUTOSCALE_INTERVAL_SECONDS (queue figures, the builtin autoscaler, a newer artifact of the
+Triggers: create/update/resume (render and apply), an event of its Deployments or worker pods that
+changes what status reads, and a timer — every KUBELM_AUTOSCALE_INTERVAL_SECONDS for the builtin
+autoscaler, every KUBELM_PROGRESS_INTERVAL_SECONDS otherwise (queue figures, a newer artifact of the
 referenced TrainingJob). All run the same `reconcile` under the object's lock.
 """
 
@@ -31,8 +32,8 @@ from ..spec import LanguageModelSpec, parse_languagemodel
 from ..status import conditions
 from ..status import serving as status
 from ..status.observed import ObservedPod
-from . import trainingjob
-from .common import cleanup_failed, write_status
+from .common import cleanup_failed, owner_name, write_status
+from .common import snapshot as common_snapshot
 
 log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
@@ -51,7 +52,7 @@ class ServingState:
     worker_pods: dict[tuple[str, str], dict[str, ObservedPod]] = field(default_factory=dict)
     """(namespace, the model's label value) -> pod name -> what its containers say."""
     applied: dict[str, str] = field(default_factory=dict)
-    """uid -> digest of the children last applied: unchanged children are not sent again."""
+    """uid -> the generation and resolved source the children were last applied for: unchanged, not sent again."""
     scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
     """uid -> recent recommendations, for the stabilization windows."""
     declared: dict[str, str] = field(default_factory=dict)
@@ -64,7 +65,7 @@ class ServingState:
 
 
 def snapshot(body: Any) -> dict[str, Any]:
-    return trainingjob.snapshot(body) | {"kind": KIND}
+    return common_snapshot(body, KIND)
 
 
 async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple[
@@ -311,8 +312,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def deployment_event(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if not namespace:
             return
-        owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND),
-                     None)
+        owner = owner_name(body, KIND)
         if type == "DELETED" or owner is None:
             state.deployments.pop((namespace, name), None)
             return
@@ -334,8 +334,10 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
             pods.pop(name, None)
         else:
             pods[name] = ObservedPod.from_body(body)
-        model = next((m for (ns, _), m in state.models.items()
-                      if ns == namespace and labels(Owner.of(m), build.WORKER)[MODEL_LABEL] == model_label), None)
+        # The label is the model's name unless that was too long for a label (then cut and hashed).
+        model = state.models.get((namespace, model_label)) or next(
+            (m for (ns, _), m in state.models.items()
+             if ns == namespace and labels(Owner.of(m), build.WORKER)[MODEL_LABEL] == model_label), None)
         if type is not None and model is not None:
             await reconcile(ctx, state, model, "child")
 

@@ -27,7 +27,8 @@ from ..spec import TrainingJobSpec, parse_trainingjob
 from ..status import conditions
 from ..status import training as status
 from ..status.observed import ObservedJob, ObservedPod
-from .common import cleanup_failed, write_status
+from .common import cleanup_failed, owner_name, write_status
+from .common import snapshot as common_snapshot
 
 log = logging.getLogger(__name__)
 KIND = "TrainingJob"
@@ -38,12 +39,7 @@ PODS_INDEX = "kubelm_pods"
 
 
 def snapshot(body: Any) -> dict[str, Any]:
-    """A plain copy of what reconciling needs, kept in the TrainingJob index."""
-    meta = body["metadata"]
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-                         "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp")},
-            "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
+    return common_snapshot(body, KIND)
 
 
 async def _claims_blocker(ctx: Context, namespace: str, spec: TrainingJobSpec) -> status.Blocker | None:
@@ -244,7 +240,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def job_event(body: kopf.Body, namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
         if not namespace:
             return
-        owner = next((r["name"] for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == KIND), None)
+        owner = owner_name(body, KIND)
         before = observed.jobs.get((namespace, name))
         if type == "DELETED" or owner is None:
             observed.jobs.pop((namespace, name), None)
