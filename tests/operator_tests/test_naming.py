@@ -4,14 +4,13 @@ import re
 
 import pytest
 
-from kubelm_operator.naming import JOB_NAME_MAX, child_name, dns_label, label_value
+from kubelm_operator.naming import JOB_NAME_MAX, child_name, label_value
 
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def test_short_names_are_kept_as_they_are() -> None:
     assert child_name("tiny-story", "train") == "tiny-story-train"
-    assert dns_label("tiny") == "tiny"
     assert label_value("tiny-story") == "tiny-story"
 
 
@@ -29,8 +28,3 @@ def test_two_long_owners_sharing_a_prefix_get_different_names() -> None:
     assert child_name(first, "train") != child_name(second, "train")
     assert label_value(first) != label_value(second)
     assert len(label_value(first)) <= 63
-
-
-def test_dns_label_of_an_invalid_name_is_cleaned_and_hashed() -> None:
-    value = dns_label("My_Model.v2")
-    assert LABEL.match(value) and value.startswith("my-model-v2-")

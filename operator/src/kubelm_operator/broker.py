@@ -84,10 +84,6 @@ class Broker:
         self._stats: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._stats_lock = asyncio.Lock()
 
-    @property
-    def configured(self) -> bool:
-        return bool(self.amqp_url)
-
     # -- AMQP, on the worker thread -------------------------------------------------------------
     def _open_channel(self) -> Any:
         if self._channel is not None and self._channel.is_open:

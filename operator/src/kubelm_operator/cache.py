@@ -39,10 +39,6 @@ class Cache:
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                             health_check_interval=30) if url else None
 
-    @property
-    def configured(self) -> bool:
-        return self._client is not None
-
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()

@@ -23,17 +23,6 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
-def dns_label(text: str, limit: int = DNS_LABEL_MAX, *, start_with_letter: bool = False) -> str:
-    """`text` as a DNS-1123 label (DNS-1035 when start_with_letter), unchanged when it already is one."""
-    cleaned = _INVALID.sub("-", text.lower()).strip("-")
-    if start_with_letter and not cleaned[:1].isalpha():
-        cleaned = f"x-{cleaned}".rstrip("-")
-    if cleaned == text and len(text) <= limit:
-        return text
-    head = cleaned[: limit - HASH_LENGTH - 1].rstrip("-")
-    return f"{head}-{_digest(text)}" if head else _digest(text)
-
-
 def child_name(owner: str, suffix: str, limit: int = DNS_LABEL_MAX, *, start_with_letter: bool = False) -> str:
     """<owner>-<suffix> within `limit` characters; the suffix is always kept whole."""
     full = f"{owner}-{suffix}"

@@ -36,11 +36,6 @@ def find(conditions: Iterable[dict[str, Any]], type_: str) -> dict[str, Any] | N
     return next((c for c in conditions if c.get("type") == type_), None)
 
 
-def is_true(conditions: Iterable[dict[str, Any]], type_: str) -> bool:
-    found = find(conditions, type_)
-    return bool(found and found.get("status") == "True")
-
-
 @dataclass(frozen=True)
 class Transition:
     """An Event to post."""
