@@ -59,6 +59,27 @@ def _timed(count: int, clients: int, create: Callable[[int], Any]) -> float:
     return time.perf_counter() - started
 
 
+def _converge(operator: OperatorProcess, custom: Any, namespace: str, kind: str, spec: dict[str, Any], phase: str,
+              count: int, clients: int, children: Callable[[], int]) -> tuple[float, float, float, int]:
+    """Creates `count` objects of `kind` at once and waits until every one has `phase` and its child
+    (`children()` counts them). Returns (create seconds, converge seconds, operator CPU seconds, RSS bytes)."""
+    plural = f"{kind.lower()}s"
+
+    def converged() -> bool:
+        items = custom.list_namespaced_custom_object("kubelm.io", "v1alpha1", namespace, plural)["items"]
+        done = sum(1 for item in items if (item.get("status") or {}).get("phase") == phase)
+        return done == count and children() == count
+
+    cpu_before = operator.cpu_seconds()
+    started = time.perf_counter()
+    create_s = _timed(count, clients, lambda i: custom.create_namespaced_custom_object(
+        "kubelm.io", "v1alpha1", namespace, plural,
+        {"apiVersion": "kubelm.io/v1alpha1", "kind": kind, "metadata": {"name": f"{kind.lower()}-{i:03d}"},
+         "spec": spec}))
+    wait_for(f"every {kind} converged", converged, timeout=900, interval=0.5)
+    return create_s, time.perf_counter() - started, operator.cpu_seconds() - cpu_before, operator.rss_bytes()
+
+
 def _reaction(custom: Any, apps: Any, namespace: str, amqp_url: str) -> tuple[float, float]:
     """Seconds from a backlog to raised replicas, and from an empty queue back to zero."""
     import pika
@@ -126,43 +147,16 @@ def main() -> None:
             baseline_s = _timed(args.count, args.clients, lambda i: core.create_namespaced_config_map(
                 baseline_ns, {"metadata": {"name": f"cm-{i}"}, "data": {"k": "v"}}))
 
-            def converged() -> bool:
-                items = custom.list_namespaced_custom_object("kubelm.io", "v1alpha1", ns, "trainingjobs")["items"]
-                done = sum(1 for tj in items if (tj.get("status") or {}).get("phase") == "Suspended")
-                jobs = _count(batch.list_namespaced_job(ns, _preload_content=False))
-                return done == args.count and jobs == args.count
-
-            cpu_before = operator.cpu_seconds()
-            started = time.perf_counter()
-            create_s = _timed(args.count, args.clients, lambda i: custom.create_namespaced_custom_object(
-                "kubelm.io", "v1alpha1", ns, "trainingjobs",
-                {"apiVersion": "kubelm.io/v1alpha1", "kind": "TrainingJob", "metadata": {"name": f"tj-{i:03d}"},
-                 "spec": SPEC}))
-            wait_for("every TrainingJob converged", converged, timeout=600, interval=0.5)
-            converge_s = time.perf_counter() - started
-            operator_cpu_s = operator.cpu_seconds() - cpu_before
-            rss = operator.rss_bytes()
+            tj = _converge(operator, custom, ns, "TrainingJob", SPEC, "Suspended", args.count, args.clients,
+                           lambda: _count(batch.list_namespaced_job(ns, _preload_content=False)))
+            create_s, converge_s, operator_cpu_s, rss = tj
 
             lm_ns = f"bench-{uuid.uuid4().hex[:6]}"
             core.create_namespace({"metadata": {"name": lm_ns}})
             apps = client.AppsV1Api(api)
-
-            def models_converged() -> bool:
-                items = custom.list_namespaced_custom_object("kubelm.io", "v1alpha1", lm_ns, "languagemodels")["items"]
-                done = sum(1 for lm in items if (lm.get("status") or {}).get("phase") == "Ready")
-                return done == args.count and \
-                    _count(apps.list_namespaced_deployment(lm_ns, _preload_content=False)) == args.count
-
-            cpu_before = operator.cpu_seconds()
-            started = time.perf_counter()
-            _timed(args.count, args.clients, lambda i: custom.create_namespaced_custom_object(
-                "kubelm.io", "v1alpha1", lm_ns, "languagemodels",
-                {"apiVersion": "kubelm.io/v1alpha1", "kind": "LanguageModel", "metadata": {"name": f"lm-{i:03d}"},
-                 "spec": LM_SPEC}))
-            wait_for("every LanguageModel converged", models_converged, timeout=900, interval=0.5)
-            lm_converge_s = time.perf_counter() - started
-            lm_cpu_s = operator.cpu_seconds() - cpu_before
-            lm_rss = operator.rss_bytes()
+            _, lm_converge_s, lm_cpu_s, lm_rss = _converge(
+                operator, custom, lm_ns, "LanguageModel", LM_SPEC, "Ready", args.count, args.clients,
+                lambda: _count(apps.list_namespaced_deployment(lm_ns, _preload_content=False)))
             react_up_s, react_down_s = _reaction(custom, apps, lm_ns, cluster.layout.amqp_url)
         finally:
             if operator is not None:
