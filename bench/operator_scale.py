@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 from kubelm_devcluster import cli as devcluster
 from kubelm_devcluster.operator import OperatorProcess, install, service_account_kubeconfig
@@ -59,25 +62,80 @@ def _timed(count: int, clients: int, create: Callable[[int], Any]) -> float:
     return time.perf_counter() - started
 
 
+WRITES = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
+SAMPLE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
+
+
+def _writes(kubectl: Callable[..., str]) -> Counter[str]:
+    """The API server's count of write requests so far, by verb and resource (its own /metrics)."""
+    text = kubectl("get", "--raw", "/metrics")
+    counts: Counter[str] = Counter()
+    for sample in SAMPLE.finditer(text):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', sample["labels"]))
+        if labels.get("verb") in WRITES:
+            resource = labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            counts[f"{labels['verb']} {resource}"] += int(float(sample["value"]))
+    return counts
+
+
+def _per_object(before: Counter[str], after: Counter[str], count: int) -> str:
+    delta = after - before
+    parts = [f"{n / count:.1f} {key}" for key, n in delta.most_common() if n / count >= 0.05]
+    return f"{sum(delta.values()) / count:.1f} per object: " + ", ".join(parts)
+
+
 def _converge(operator: OperatorProcess, custom: Any, namespace: str, kind: str, spec: dict[str, Any], phase: str,
               count: int, clients: int, children: Callable[[], int]) -> tuple[float, float, float, int]:
-    """Creates `count` objects of `kind` at once and waits until every one has `phase` and its child
-    (`children()` counts them). Returns (create seconds, converge seconds, operator CPU seconds, RSS bytes)."""
+    """Creates `count` objects of `kind` at once and waits, on a watch, until every one shows `phase`;
+    then checks each has its child (`children()` counts them). A watch, not polling: listing a few hundred
+    objects twice a second would load the API server the operator is measured against.
+    Returns (create seconds, converge seconds, operator CPU seconds, RSS bytes)."""
     plural = f"{kind.lower()}s"
+    converged_at: list[float] = []
 
-    def converged() -> bool:
-        items = custom.list_namespaced_custom_object("kubelm.io", "v1alpha1", namespace, plural)["items"]
-        done = sum(1 for item in items if (item.get("status") or {}).get("phase") == phase)
-        return done == count and children() == count
+    def follow() -> None:
+        reached: set[str] = set()
+        stream = watch.Watch()
+        for event in stream.stream(custom.list_namespaced_custom_object, "kubelm.io", "v1alpha1", namespace, plural,
+                                   timeout_seconds=900):
+            name = event["object"]["metadata"]["name"]
+            if (event["object"].get("status") or {}).get("phase") == phase:
+                reached.add(name)
+            else:
+                reached.discard(name)
+            if len(reached) == count:
+                converged_at.append(time.perf_counter())
+                stream.stop()
 
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
     cpu_before = operator.cpu_seconds()
     started = time.perf_counter()
     create_s = _timed(count, clients, lambda i: custom.create_namespaced_custom_object(
         "kubelm.io", "v1alpha1", namespace, plural,
         {"apiVersion": "kubelm.io/v1alpha1", "kind": kind, "metadata": {"name": f"{kind.lower()}-{i:03d}"},
          "spec": spec}))
-    wait_for(f"every {kind} converged", converged, timeout=900, interval=0.5)
-    return create_s, time.perf_counter() - started, operator.cpu_seconds() - cpu_before, operator.rss_bytes()
+    follower.join(timeout=900)
+    if not converged_at:
+        raise TimeoutError(f"not every {kind} reached {phase} within 900 s")
+    cpu, rss = operator.cpu_seconds() - cpu_before, operator.rss_bytes()
+    found = children()
+    if found != count:
+        raise AssertionError(f"{count} {kind}s converged but {found} children exist")
+    return create_s, converged_at[0] - started, cpu, rss
+
+
+def _worker_deployment(namespace: str, i: int) -> dict[str, Any]:
+    """The worker Deployment the operator would apply for LM_SPEC, without its owner (the baseline's)."""
+    from kubelm_operator.builders import serving
+    from kubelm_operator.builders.common import Owner
+    from kubelm_operator.spec import parse_languagemodel
+
+    owner = Owner("LanguageModel", namespace, f"baseline-{i:03d}", str(uuid.uuid4()))
+    deployment = serving.children(owner, parse_languagemodel(LM_SPEC), image="kubelm-runtime:bench",
+                                  model_source=LM_SPEC["model"], amqp_url="amqp://rabbitmq/", redis_url=None)[2]
+    del deployment["metadata"]["ownerReferences"]
+    return deployment
 
 
 def _reaction(custom: Any, apps: Any, namespace: str, amqp_url: str) -> tuple[float, float]:
@@ -147,9 +205,11 @@ def main() -> None:
             baseline_s = _timed(args.count, args.clients, lambda i: core.create_namespaced_config_map(
                 baseline_ns, {"metadata": {"name": f"cm-{i}"}, "data": {"k": "v"}}))
 
+            writes_before = _writes(kubectl)
             tj = _converge(operator, custom, ns, "TrainingJob", SPEC, "Suspended", args.count, args.clients,
                            lambda: _count(batch.list_namespaced_job(ns, _preload_content=False)))
             create_s, converge_s, operator_cpu_s, rss = tj
+            writes_tj = _writes(kubectl)
 
             lm_ns = f"bench-{uuid.uuid4().hex[:6]}"
             core.create_namespace({"metadata": {"name": lm_ns}})
@@ -157,6 +217,9 @@ def main() -> None:
             _, lm_converge_s, lm_cpu_s, lm_rss = _converge(
                 operator, custom, lm_ns, "LanguageModel", LM_SPEC, "Ready", args.count, args.clients,
                 lambda: _count(apps.list_namespaced_deployment(lm_ns, _preload_content=False)))
+            writes_lm = _writes(kubectl)
+            deployments_s = _timed(args.count, args.clients, lambda i: apps.create_namespaced_deployment(
+                baseline_ns, _worker_deployment(baseline_ns, i)))
             react_up_s, react_down_s = _reaction(custom, apps, lm_ns, cluster.layout.amqp_url)
         finally:
             if operator is not None:
@@ -172,11 +235,16 @@ def main() -> None:
     print(f"operator CPU:        {operator_cpu_s:.2f}s in those {converge_s:.2f}s "
           f"({1000 * operator_cpu_s / args.count:.1f} ms per TrainingJob)")
     print(f"operator RSS after:  {rss / 2**20:.0f} MiB (goal <= 150 MB)")
+    print(f"API writes:          {_per_object(writes_before, writes_tj, args.count)} (every client: "
+          f"the create, the operator, the controllers)")
     lm_rate = args.count / lm_converge_s
     print(f"LanguageModels:      {args.count} converged (queues, registry entry, Deployment, status) in "
           f"{lm_converge_s:.2f}s = {lm_rate:.1f}/s (goal >= 20/s), {lm_rate / baseline_rate:.2f}x the baseline")
     print(f"operator CPU:        {lm_cpu_s:.2f}s ({1000 * lm_cpu_s / args.count:.1f} ms per LanguageModel), "
           f"RSS after {lm_rss / 2**20:.0f} MiB (goal <= 150 MB)")
+    print(f"API writes:          {_per_object(writes_tj, writes_lm, args.count)}")
+    print(f"baseline Deployments: {args.count} worker Deployments (replicas 0) created in {deployments_s:.2f}s = "
+          f"{args.count / deployments_s:.1f}/s; LanguageModels at {lm_rate * deployments_s / args.count:.2f}x that")
     print(f"autoscaler:          backlog -> replicas raised in {react_up_s:.2f}s (goal <= 5 s; KEDA's defaults: "
           f"30 s polling + HPA sync); empty queue -> zero in {react_down_s:.2f}s with a 5 s window")
 

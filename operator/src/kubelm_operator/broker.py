@@ -1,9 +1,9 @@
 """The operator's only door to RabbitMQ: declaring and deleting a model's queues (AMQP) and reading
 their figures (the management API).
 
-pika's BlockingConnection is not thread-safe and blocks, so every AMQP call runs on one worker
-thread of its own, away from the event loop; the connection is opened on first use and again
-after any failure. Queues are declared with the contract's `declare_model_queues`, the same
+pika's BlockingConnection is not thread-safe and blocks, so AMQP calls run on a few lanes, each
+a connection with one worker thread of its own, away from the event loop; a connection is opened
+on first use and again after any failure. Queues are declared with the contract's `declare_model_queues`, the same
 function the workers call.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,10 @@ _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 class BrokerUnavailable(Exception):
     """RabbitMQ or its management API could not be reached; the message says which."""
+
+
+class _QueueMissing(Exception):
+    """A passive declare found no queue (the broker closed the channel with 404)."""
 
 
 class QueueConflict(Exception):
@@ -73,18 +78,16 @@ def conflict(reply_text: str) -> QueueConflict:
                                 f"({reply_text}); delete the queue, or keep the old value")
 
 
-class Broker:
-    def __init__(self, amqp_url: str | None, api_url: str | None, timeout: float = 10.0):
-        self.amqp_url, self.api_url = amqp_url, api_url
-        self._timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqp")
+class _Lane:
+    """One AMQP connection and channel, used only from its own worker thread (pika is not thread-safe);
+    opened on first use and again after any failure."""
+
+    def __init__(self, index: int, amqp_url: str | None, timeout: float):
+        self.amqp_url, self._timeout = amqp_url, timeout
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"amqp-{index}")
         self._connection: Any = None
         self._channel: Any = None
-        self._http: aiohttp.ClientSession | None = None
-        self._stats: tuple[float, dict[str, dict[str, Any]]] | None = None
-        self._stats_lock = asyncio.Lock()
 
-    # -- AMQP, on the worker thread -------------------------------------------------------------
     def _open_channel(self) -> Any:
         if self._channel is not None and self._channel.is_open:
             return self._channel
@@ -96,7 +99,7 @@ class Broker:
         self._channel = self._connection.channel()
         return self._channel
 
-    def _call(self, work: Any) -> Any:
+    def call(self, work: Any) -> Any:
         try:
             return work(self._open_channel())
         except pika.exceptions.ChannelClosedByBroker as e:
@@ -111,14 +114,34 @@ class Broker:
             self._channel = self._connection = None
             raise BrokerUnavailable(f"RabbitMQ: {e}") from e
 
-    async def _run(self, work: Any) -> Any:
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+
+class Broker:
+    def __init__(self, amqp_url: str | None, api_url: str | None, timeout: float = 10.0, lanes: int = 4):
+        self.amqp_url, self.api_url = amqp_url, api_url
+        self._timeout = timeout
+        # Declaring a quorum queue takes the broker tens of milliseconds (it starts a Raft group): a few
+        # connections declare for different models at once. A model always uses the same one, so its
+        # calls keep their order.
+        self._lanes = [_Lane(i, amqp_url, timeout) for i in range(lanes)]
+        self._http: aiohttp.ClientSession | None = None
+        self._stats: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._stats_lock = asyncio.Lock()
+
+    # -- AMQP, on the lanes' worker threads -----------------------------------------------------
+    async def _run(self, namespace: str, model: str, work: Any) -> Any:
         if not self.amqp_url:
             raise BrokerUnavailable("no RabbitMQ URL configured (KUBELM_AMQP_URL)")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, work)
+        lane = self._lanes[zlib.crc32(f"{namespace}/{model}".encode()) % len(self._lanes)]
+        return await asyncio.get_running_loop().run_in_executor(lane.executor, lane.call, work)
 
     async def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
         """The model's request queue (and dead-letter queue) exist with the spec's arguments."""
-        return str(await self._run(lambda channel: queues.declare_model_queues(channel, namespace, model, spec)))
+        return str(await self._run(namespace, model,
+                                   lambda channel: queues.declare_model_queues(channel, namespace, model, spec)))
 
     async def ready_now(self, namespace: str, model: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of the request queue as the broker has them this moment (a passive
@@ -128,19 +151,21 @@ class Broker:
             try:
                 method = channel.queue_declare(queues.request_queue(namespace, model), passive=True).method
             except pika.exceptions.ChannelClosedByBroker as e:
-                self._channel = None
-                if e.reply_code == 404:
-                    return None
+                if e.reply_code == 404:  # the channel is closed now; the lane opens another next time
+                    raise _QueueMissing from e
                 raise
             return int(method.message_count), int(method.consumer_count)
-        return await self._run(work)  # type: ignore[no-any-return]
+        try:
+            return await self._run(namespace, model, work)  # type: ignore[no-any-return]
+        except _QueueMissing:
+            return None
 
     async def delete(self, namespace: str, model: str) -> None:
         """Removes the model's queues, with any messages left in them."""
         def work(channel: Any) -> None:
             channel.queue_delete(queues.request_queue(namespace, model))
             channel.queue_delete(queues.dead_letter_queue(namespace, model))
-        await self._run(work)
+        await self._run(namespace, model, work)
 
     # -- management API -------------------------------------------------------------------------
     def _vhost(self) -> str:
@@ -206,10 +231,8 @@ class Broker:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
-
-        def shut(_: Any) -> None:
-            if self._connection is not None and self._connection.is_open:
-                self._connection.close()
-        if self.amqp_url and self._connection is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, shut, None)
-        self._executor.shutdown(wait=False)
+        loop = asyncio.get_running_loop()
+        if self.amqp_url:
+            await asyncio.gather(*(loop.run_in_executor(lane.executor, lane.close) for lane in self._lanes))
+        for lane in self._lanes:
+            lane.executor.shutdown(wait=False)

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .broker import Broker
+from .builders.common import GROUP
 from .cache import Cache
 from .config import OperatorConfig
 from .kube import Kube
+from .persistence import HandledSpecs
 
 
 @dataclass
@@ -26,6 +28,8 @@ class Context:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     """object uid -> the status last written, newer than a watch event may yet show."""
     clock: Callable[[], float] = time.monotonic
+    handled: HandledSpecs = field(default_factory=lambda: HandledSpecs(GROUP))
+    """kopf's diff base: the spec each object was last handled with."""
     """The autoscaler's time (seconds, any origin)."""
 
     @classmethod
@@ -36,6 +40,7 @@ class Context:
     def forget(self, key: str, uid: str) -> None:
         self.locks.pop(key, None)
         self.written.pop(uid, None)
+        self.handled.forget(uid)
 
     async def close(self) -> None:
         await self.kube.close()

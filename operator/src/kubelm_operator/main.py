@@ -18,6 +18,7 @@ from .config import ConfigError, OperatorConfig, from_environ
 from .context import Context
 from .handlers import languagemodel, trainingjob
 from .kube import login
+from .persistence import ProgressAnnotations
 
 FINALIZER = "kubelm.io/cleanup"
 ANNOTATION_PREFIX = "kubelm.io"
@@ -40,10 +41,10 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context
     @kopf.on.startup(id="configure", registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
-        # kopf's own bookkeeping lives in annotations under our prefix; status belongs to the CRD's schema.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+        # kopf's retries live in annotations under our prefix (status belongs to the CRD's schema), the
+        # last handled spec in memory: no write of its own for an object that reconciles the first time.
+        settings.persistence.progress_storage = ProgressAnnotations(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = ctx.handled
         # Our handlers post the Events that matter; kopf posts only its warnings and errors.
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = config.watch_server_timeout_seconds

@@ -289,21 +289,25 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
         await reconcile(ctx, state, snapshot(body), str(reason))
 
     # The builtin autoscaler needs the queue often; every other model is looked at as often as training
-    # progress (queue figures for status, a TrainingJob's newer artifact).
-    @kopf.timer(*resource, interval=ctx.config.autoscale_interval_seconds, id="languagemodel-autoscale",
+    # progress (queue figures for status, a TrainingJob's newer artifact). A timer's first tick waits an
+    # interval: a new model's create handler has just reconciled it.
+    autoscale_every, tick_every = ctx.config.autoscale_interval_seconds, ctx.config.progress_interval_seconds
+
+    @kopf.timer(*resource, interval=autoscale_every, initial_delay=autoscale_every, id="languagemodel-autoscale",
                 when=lambda body, **_: _alive(body) and _engine(body) == "builtin", registry=registry)
     async def languagemodel_autoscale(body: kopf.Body, **_: Any) -> None:
         await reconcile(ctx, state, snapshot(body), "timer")
 
-    @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds, id="languagemodel-tick",
+    @kopf.timer(*resource, interval=tick_every, initial_delay=tick_every, id="languagemodel-tick",
                 when=lambda body, **_: _alive(body) and _engine(body) != "builtin", registry=registry)
     async def languagemodel_tick(body: kopf.Body, **_: Any) -> None:
         await reconcile(ctx, state, snapshot(body), "timer")
 
     @kopf.on.event(*resource, id="languagemodel-seen", registry=registry)
-    def languagemodel_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+    async def languagemodel_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if type == "DELETED":
             state.models.pop((str(namespace), name), None)
+            ctx.handled.forget(str(body["metadata"]["uid"]))
         else:
             state.models[(str(namespace), name)] = snapshot(body)
 

@@ -209,7 +209,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
 
     @kopf.index("", "v1", "pods", labels={**CHILD_LABELS, JOB_NAME_LABEL: kopf.PRESENT}, id=PODS_INDEX,
                 registry=registry)
-    def kubelm_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    async def kubelm_pods(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
         return {(namespace, labels[JOB_NAME_LABEL]): (body["metadata"]["name"], ObservedPod.from_body(body))}
 
     @kopf.on.resume(*resource, id="trainingjob", registry=registry)
@@ -218,15 +218,17 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def trainingjob_changed(body: kopf.Body, reason: str, **kwargs: Any) -> None:
         await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), str(reason))
 
-    @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds, id="trainingjob-tick",
+    @kopf.timer(*resource, interval=ctx.config.progress_interval_seconds,
+                initial_delay=ctx.config.progress_interval_seconds, id="trainingjob-tick",
                 when=_needs_polling, registry=registry)
     async def trainingjob_tick(body: kopf.Body, **kwargs: Any) -> None:
         await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), "timer")
 
     @kopf.on.event(*resource, id="trainingjob-seen", registry=registry)
-    def trainingjob_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
+    async def trainingjob_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if type == "DELETED":
             observed.trainingjobs.pop((str(namespace), name), None)
+            ctx.handled.forget(str(body["metadata"]["uid"]))
         else:
             observed.trainingjobs[(str(namespace), name)] = snapshot(body)
 
