@@ -53,3 +53,11 @@ def test_progress_is_stored_under_our_prefix_without_kopfs_marker() -> None:
     patch = kopf.Patch()
     plain.store(key=kopf.HandlerId("trainingjob"), record={"retries": 1, "success": False}, body=body, patch=patch)
     assert "kubelm.io/kopf-managed" in patch["metadata"]["annotations"]
+
+
+def test_clearing_an_essence_without_metadata_costs_no_copy() -> None:
+    storage = ProgressAnnotations(prefix="kubelm.io")
+    essence = HandledSpecs("kubelm.io").build(body=_body("kubelm.io/v1alpha1", spec={"workers": 1}))
+    assert storage.clear(essence=essence) is essence
+    with_progress = {"spec": {}, "metadata": {"annotations": {"kubelm.io/trainingjob": "{}", "other": "1"}}}
+    assert storage.clear(essence=with_progress) == {"spec": {}, "metadata": {"annotations": {"other": "1"}}}

@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
-from .config import ConfigError, OperatorConfig, from_environ
+from .builders.common import MANAGED_BY_LABEL
+from .config import FIELD_MANAGER, ConfigError, OperatorConfig, from_environ
 from .context import Context
 from .handlers import languagemodel, trainingjob
 from .kube import login
 from .persistence import ProgressAnnotations
 
 FINALIZER = "kubelm.io/cleanup"
+CHILD_KINDS = (("", "v1", "pods"), ("batch", "v1", "jobs"), ("apps", "v1", "deployments"))
 ANNOTATION_PREFIX = "kubelm.io"
+
+
+ROUTINE_SUCCESS = re.compile(r"^(Handler|Timer) '[^']+' succeeded\.$")
+
+
+def quiet_routine_successes(record: logging.LogRecord) -> bool:
+    """kopf says "Handler 'x' succeeded." at INFO for every watch event and timer tick: a line per event
+    and per model every autoscaler interval, which hid everything else. They are kept at DEBUG; what a
+    change did ("Creation is processed", failures, retries) stays."""
+    if record.levelno == logging.INFO and ROUTINE_SUCCESS.match(record.getMessage()):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 def configure_logging(config: OperatorConfig) -> None:
@@ -31,6 +47,7 @@ def configure_logging(config: OperatorConfig) -> None:
     else:
         kopf.configure(log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(config.log_level)
+    logging.getLogger("kopf.objects").addFilter(quiet_routine_successes)
     # aiohttp's access noise and kopf's per-event debug lines stay out of INFO.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
@@ -45,6 +62,10 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry) -> Context
         # last handled spec in memory: no write of its own for an object that reconciles the first time.
         settings.persistence.progress_storage = ProgressAnnotations(prefix=ANNOTATION_PREFIX)
         settings.persistence.diffbase_storage = ctx.handled
+        # Of the built-in kinds the operator watches only what it made: filtered by the API server, so a
+        # cluster's other pods, Jobs and Deployments never reach this process.
+        for kind in CHILD_KINDS:
+            settings.watching.label_selectors[kind] = f"{MANAGED_BY_LABEL}={FIELD_MANAGER}"
         # Our handlers post the Events that matter; kopf posts only its warnings and errors.
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = config.watch_server_timeout_seconds

@@ -60,3 +60,8 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
 
     def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
         return None
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """kopf strips progress annotations from both essences of every event, deep-copying each first;
+        the essences `HandledSpecs` builds hold no metadata and are never changed in place."""
+        return essence if "metadata" not in essence else super().clear(essence=essence)

@@ -34,6 +34,10 @@ class Owner:
         return cls(str(body["kind"]), str(meta["namespace"]), str(meta["name"]), str(meta["uid"]))
 
 
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+"""On every child, with the operator's field manager as its value: the operator watches only these."""
+
+
 def owner_reference(owner: Owner) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": owner.kind, "name": owner.name, "uid": owner.uid,
             "controller": True, "blockOwnerDeletion": True}
@@ -44,7 +48,7 @@ def labels(owner: Owner, component: str) -> dict[str, str]:
         "app.kubernetes.io/name": "kubelm",
         "app.kubernetes.io/instance": label_value(owner.name),
         "app.kubernetes.io/component": component,
-        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        MANAGED_BY_LABEL: FIELD_MANAGER,
         f"{GROUP}/{owner.kind.lower()}": label_value(owner.name),
     }
 

@@ -22,7 +22,7 @@ from kubelm_contract.settings import SettingsError
 from .. import autoscaling, metrics
 from ..broker import BrokerUnavailable, QueueConflict
 from ..builders import serving as build
-from ..builders.common import GROUP, VERSION, Owner, labels
+from ..builders.common import GROUP, MANAGED_BY_LABEL, VERSION, Owner, labels
 from ..cache import CacheUnavailable
 from ..config import FIELD_MANAGER
 from ..context import Context
@@ -37,7 +37,7 @@ from .common import snapshot as common_snapshot
 
 log = logging.getLogger(__name__)
 KIND, PLURAL = "LanguageModel", "languagemodels"
-CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+CHILD_LABELS = {MANAGED_BY_LABEL: FIELD_MANAGER}
 MODEL_LABEL = "kubelm.io/languagemodel"
 REGISTRY_REFRESH_SECONDS = 60.0
 COUNTERS_SECONDS = 10.0

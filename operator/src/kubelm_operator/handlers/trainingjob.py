@@ -18,7 +18,7 @@ from kubelm_contract.settings import SettingsError
 
 from .. import metrics
 from ..builders import training as build
-from ..builders.common import GROUP, VERSION, Owner
+from ..builders.common import GROUP, MANAGED_BY_LABEL, VERSION, Owner
 from ..cache import CacheUnavailable
 from ..config import FIELD_MANAGER
 from ..context import Context
@@ -33,7 +33,7 @@ from .common import snapshot as common_snapshot
 log = logging.getLogger(__name__)
 KIND = "TrainingJob"
 PLURAL = "trainingjobs"
-CHILD_LABELS = {"app.kubernetes.io/managed-by": FIELD_MANAGER, "app.kubernetes.io/component": build.COMPONENT}
+CHILD_LABELS = {MANAGED_BY_LABEL: FIELD_MANAGER, "app.kubernetes.io/component": build.COMPONENT}
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 PODS_INDEX = "kubelm_pods"
 
