@@ -108,3 +108,24 @@ def test_the_queue_has_exactly_the_contracts_arguments(cluster: ClusterEnv) -> N
 
     arguments = _run(scenario())
     assert arguments == queues.request_queue_arguments(namespace, model, spec)
+
+
+@pytest.mark.cluster
+def test_many_models_declared_at_once_each_get_their_queues_and_a_missing_one_reads_none(cluster: ClusterEnv) -> None:
+    namespace = f"t-{uuid.uuid4().hex[:6]}"
+    models = [f"m{i}" for i in range(12)]
+
+    async def scenario() -> None:
+        broker = Broker(cluster.amqp_url, cluster.rabbitmq_api_url, lanes=3)
+        try:
+            names = await asyncio.gather(*(broker.declare(namespace, m, QueueSpec()) for m in models))
+            assert names == [queues.request_queue(namespace, m) for m in models]
+            # A passive declare of a queue that is not there closes that lane's channel: the next call
+            # on the same lane opens another.
+            assert await broker.ready_now(namespace, "absent") is None
+            assert await asyncio.gather(*(broker.ready_now(namespace, m) for m in models)) == [(0, 0)] * len(models)
+            await asyncio.gather(*(broker.delete(namespace, m) for m in models))
+            assert await asyncio.gather(*(broker.ready_now(namespace, m) for m in models)) == [None] * len(models)
+        finally:
+            await broker.close()
+    _run(scenario())

@@ -1,4 +1,5 @@
-"""The operator's process set-up: which of kopf's log lines are routine."""
+"""The operator's process set-up: which of kopf's log lines are routine; the finalizer the admission
+policy adds is the one the operator removes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
-from kubelm_operator.main import quiet_routine_successes
+from kubelm_operator.main import FINALIZER, quiet_routine_successes
+from support import REPO
 
 
 def _record(message: str, level: int = logging.INFO) -> logging.LogRecord:
@@ -43,3 +46,14 @@ def test_what_a_change_did_and_failures_stay(message: str, level: int, root_leve
     record = _record(message, level)
     assert quiet_routine_successes(record) is True
     assert record.levelno == level
+
+
+def test_the_admission_policy_adds_the_operators_finalizer_to_both_kinds() -> None:
+    policy, binding = yaml.safe_load_all((REPO / "manifests/admission/finalizer-policy.yaml").read_text())
+    assert f'finalizers: ["{FINALIZER}"]' in policy["spec"]["mutations"][0]["applyConfiguration"]["expression"]
+    rule, = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["operations"]) == (["kubelm.io"], ["CREATE"])
+    crds = [yaml.safe_load(path.read_text()) for path in (REPO / "crds").glob("*.kubelm.io.yaml")]
+    plurals = {crd["spec"]["names"]["plural"] for crd in crds}
+    assert set(rule["resources"]) == plurals
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]

@@ -15,6 +15,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from kubelm_contract import keys
+from kubelm_operator.main import FINALIZER
 from kubelm_runtime.progress import ProgressReporter
 from support import REPO, ClusterEnv, eventually
 
@@ -257,6 +258,24 @@ def test_applying_twice_changes_nothing_and_spec_is_never_written(
     # Of the object's metadata the operator writes its finalizer alone: kopf's bookkeeping stays in memory.
     assert before["metadata"]["finalizers"] == ["kubelm.io/cleanup"]
     assert not [key for key in before["metadata"].get("annotations") or {} if key.startswith("kubelm.io/")]
+
+
+def test_the_finalizer_comes_from_admission_and_the_operator_restores_it(
+        running_operator: OperatorProcess, api: Api, cluster: ClusterEnv, namespace: str) -> None:
+    manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob",
+                "metadata": {"name": "held", "namespace": namespace, "finalizers": ["example.com/keep"]},
+                "spec": {**SMALL, "suspend": True}}
+    # The API server adds it as it stores the object (manifests/admission), keeping others: a dry run shows it.
+    stored = json.loads(cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-",
+                                        input=json.dumps(manifest)).stdout)
+    assert stored["metadata"]["finalizers"] == ["example.com/keep", FINALIZER]
+    # Where admission did not (a cluster without the policy, or removed by hand), the operator adds it.
+    api.create_tj(namespace, "held", {**SMALL, "suspend": True})
+    api.wait_status(namespace, "held", lambda s: s.get("phase") == "Suspended", "phase Suspended")
+    cluster.kubectl("patch", "trainingjob", "held", "-n", namespace, "--type=json",
+                    "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    eventually(lambda: api.tj(namespace, "held")["metadata"].get("finalizers") == [FINALIZER], timeout=60,
+               what="the operator's finalizer back")
 
 
 def test_status_is_written_only_when_it_changes(operator: OperatorProcess, api: Api, namespace: str) -> None:

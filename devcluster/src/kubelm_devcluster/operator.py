@@ -37,11 +37,21 @@ def free_port() -> int:
 
 
 def install(kubectl: Kubectl, field_manager: str = "kubelm-dev") -> None:
-    """The CRDs, the namespace and the RBAC, server-side applied as a user would."""
-    for part in ("base", "rbac"):
+    """The CRDs, the namespace, the RBAC and the finalizer policy, server-side applied as a user would."""
+    for part in ("base", "rbac", "admission"):
         kubectl("apply", "--server-side", f"--field-manager={field_manager}", "-k", str(REPO / "manifests" / part))
     kubectl("wait", "--for=condition=Established", "--timeout=60s",
             "crd/trainingjobs.kubelm.io", "crd/languagemodels.kubelm.io")
+
+    # Established is not yet served: for a moment after it, the API server answers 503 "resource kind not
+    # found" to requests for the new kinds. Listing them succeeds once they are.
+    def served() -> bool:
+        try:
+            kubectl("get", "trainingjobs.kubelm.io,languagemodels.kubelm.io", "--all-namespaces")
+        except Exception:  # whatever kubectl raised: the kinds are not served yet
+            return False
+        return True
+    wait_for("the new kinds served", served, timeout=60, interval=0.2)
 
 
 def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path,

@@ -34,10 +34,14 @@ class CacheUnavailable(Exception):
 
 
 class Cache:
-    def __init__(self, url: str | None, timeout: float = 2.0):
+    def __init__(self, url: str | None, timeout: float = 2.0, connections: int = 4):
         self.url = url
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                            health_check_interval=30) if url else None
+        # A few connections shared by every reconciliation: a burst of new objects waits for one instead of
+        # opening a connection each (the default pool has no bound).
+        # (from_pool: the client owns the pool and closes it.)
+        self._client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
+            url, max_connections=connections, timeout=10 * timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, health_check_interval=30)) if url else None
 
     async def close(self) -> None:
         if self._client is not None:
