@@ -45,6 +45,7 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
 
             connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
             channel = connection.channel()
+            channel.confirm_delivery()  # each publish returns once the queue has the message (Raft-committed)
             for i in range(5):
                 channel.basic_publish("", name, json.dumps({"i": i}).encode())
             connection.close()
@@ -126,6 +127,45 @@ def test_many_models_declared_at_once_each_get_their_queues_and_a_missing_one_re
             assert await asyncio.gather(*(broker.ready_now(namespace, m) for m in models)) == [(0, 0)] * len(models)
             await asyncio.gather(*(broker.delete(namespace, m) for m in models))
             assert await asyncio.gather(*(broker.ready_now(namespace, m) for m in models)) == [None] * len(models)
+        finally:
+            await broker.close()
+    _run(scenario())
+
+
+@pytest.mark.cluster
+def test_the_dead_letter_exchange_is_declared_once_a_channel_and_again_after_it_was_deleted(
+        cluster: ClusterEnv) -> None:
+    namespace = f"t-{uuid.uuid4().hex[:6]}"
+
+    def exchange_exists() -> bool:
+        connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+        try:
+            connection.channel().exchange_declare(queues.DEAD_LETTER_EXCHANGE, passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker:
+            return False
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def delete_exchange() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+        connection.channel().exchange_delete(queues.DEAD_LETTER_EXCHANGE)
+        connection.close()
+
+    async def scenario() -> None:
+        broker = Broker(cluster.amqp_url, cluster.rabbitmq_api_url, lanes=1)
+        try:
+            await broker.declare(namespace, "a", QueueSpec())
+            delete_exchange()
+            # The lane's channel believes the exchange is there: binding the next dead-letter queue fails...
+            with pytest.raises(BrokerUnavailable, match="404"):
+                await broker.declare(namespace, "b", QueueSpec())
+            # ...which closes the channel; the next declaration, on a new one, declares the exchange again.
+            await broker.declare(namespace, "b", QueueSpec())
+            assert exchange_exists()
+            for model in ("a", "b"):
+                await broker.delete(namespace, model)
         finally:
             await broker.close()
     _run(scenario())

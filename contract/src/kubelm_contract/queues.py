@@ -61,14 +61,17 @@ def request_queue_arguments(namespace: str, model: str, spec: QueueSpec) -> dict
     return args
 
 
-def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSpec) -> str:
+def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSpec, *,
+                         exchange: bool = True) -> str:
     """Declares the dead-letter exchange and queue and the request queue on an AMQP channel (pika's
     interface; idempotent while the arguments match) and returns the request queue's name. Workers and
-    the operator both call this, so a queue is declared the same way whoever comes first."""
+    the operator both call this, so a queue is declared the same way whoever comes first. `exchange=False`
+    skips declaring the shared dead-letter exchange, for a caller that did on this connection already."""
     name = request_queue(namespace, model)
     if spec.dead_letter:
         dead = dead_letter_queue(namespace, model)
-        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="direct", durable=True)
+        if exchange:
+            channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="direct", durable=True)
         channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "classic"})
         channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=dead)
     channel.queue_declare(name, durable=True, arguments=request_queue_arguments(namespace, model, spec))

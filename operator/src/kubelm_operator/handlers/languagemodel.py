@@ -166,8 +166,10 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 for child in children:
                     applied = await ctx.kube.apply(child)
                     if child["kind"] == "Deployment" and child["metadata"]["name"] == names.worker:
-                        # The answer is newer than the watch: this status need not say "Creating" first.
+                        # The answer is newer than the watch: this status need not say "Creating" first,
+                        # and the watch event bringing the same Deployment needs no reconciliation.
                         observed = status.ObservedDeployment.from_body(applied)
+                        state.deployments[(owner.namespace, names.worker)] = (owner.name, observed)
                 state.applied[owner.uid] = inputs
             except ApiError as e:
                 if e.not_found and spec.autoscaling.engine == "keda":

@@ -144,9 +144,12 @@ async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, o
         blocker = blocker or await _claims_blocker(ctx, owner.namespace, effective)
         if blocker is None:
             try:
-                # The watch will bring the Job too; the answer lets this status say Suspended or
-                # Pending already instead of writing "Creating" first.
+                # The answer lets this status say Suspended or Pending already instead of writing
+                # "Creating" first; remembered, it also spares a reconciliation when the watch brings
+                # the same Job.
                 observed_job = await _create_children(ctx, owner, effective, artifact)
+                if observed_job is not None:
+                    observed.jobs[(owner.namespace, names.job)] = (owner.name, observed_job)
             except ApiError as e:
                 if not e.invalid:
                     raise
