@@ -53,6 +53,18 @@ def install(kubectl: Kubectl, field_manager: str = "kubelm-dev") -> None:
         return True
     wait_for("the new kinds served", served, timeout=60, interval=0.2)
 
+    # The finalizer policy needs the kinds' schemas, which the API server publishes a little later; until
+    # then it answers 503 to creating them. A server-side dry run of each sample goes through admission.
+    def admitted() -> bool:
+        try:
+            for sample in ("trainingjob-cpu.yaml", "languagemodel-cpu.yaml"):
+                kubectl("create", "--dry-run=server", "-n", OPERATOR_NAMESPACE, "-f",
+                        str(REPO / "manifests" / "samples" / sample))
+        except Exception:  # whatever kubectl raised: not admitted yet
+            return False
+        return True
+    wait_for("new objects admitted", admitted, timeout=120, interval=0.5)
+
 
 def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path,
                                duration: str = "24h") -> Path:
