@@ -90,6 +90,19 @@ def _settle(kubectl: Callable[..., str]) -> None:
     wait_for("the API server quiet", quiet, timeout=120, interval=1.0)
 
 
+RECONCILES = re.compile(r'^kubelm_operator_reconciles_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
+
+
+def _reconciles(operator: OperatorProcess, kind: str) -> Counter[str]:
+    """The operator's reconciliations of `kind` so far, by trigger (its own metrics)."""
+    counts: Counter[str] = Counter()
+    for sample in RECONCILES.finditer(operator.metrics_text()):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', sample["labels"]))
+        if labels.get("kind") == kind:
+            counts[labels["trigger"]] += int(float(sample["value"]))
+    return counts
+
+
 def _per_object(before: Counter[str], after: Counter[str], count: int) -> str:
     delta = after - before
     parts = [f"{n / count:.1f} {key}" for key, n in delta.most_common() if n / count >= 0.05]
@@ -121,7 +134,7 @@ def _converge(operator: OperatorProcess, custom: Any, namespace: str, kind: str,
 
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
-    cpu_before = operator.cpu_seconds()
+    cpu_before, reconciles_before = operator.cpu_seconds(), _reconciles(operator, kind)
     started = time.perf_counter()
     create_s = _timed(count, clients, lambda i: custom.create_namespaced_custom_object(
         "kubelm.io", "v1alpha1", namespace, plural,
@@ -131,6 +144,9 @@ def _converge(operator: OperatorProcess, custom: Any, namespace: str, kind: str,
     if not converged_at:
         raise TimeoutError(f"not every {kind} reached {phase} within 900 s")
     cpu, rss = operator.cpu_seconds() - cpu_before, operator.rss_bytes()
+    reconciles = _reconciles(operator, kind) - reconciles_before
+    print(f"{kind}s: reconciliations until converged, per object: "
+          + ", ".join(f"{trigger} {n / count:.2f}" for trigger, n in reconciles.most_common()))
     found = children()
     if found != count:
         raise AssertionError(f"{count} {kind}s converged but {found} children exist")

@@ -117,6 +117,7 @@ async def reconcile(ctx: Context, state: ServingState, body: dict[str, Any], tri
     with metrics.reconciling(KIND, trigger):
         async with ctx.locks[owner.id]:
             await _reconcile(ctx, state, owner, body)
+            ctx.reconciled[owner.uid] = ctx.clock()
 
 
 async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict[str, Any]) -> None:
@@ -298,12 +299,14 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     @kopf.timer(*resource, interval=autoscale_every, initial_delay=autoscale_every, id="languagemodel-autoscale",
                 when=lambda body, **_: _alive(body) and _engine(body) == "builtin", registry=registry)
     async def languagemodel_autoscale(body: kopf.Body, **_: Any) -> None:
-        await reconcile(ctx, state, snapshot(body), "timer")
+        if ctx.tick_due(str(body["metadata"]["uid"]), autoscale_every):
+            await reconcile(ctx, state, snapshot(body), "timer")
 
     @kopf.timer(*resource, interval=tick_every, initial_delay=tick_every, id="languagemodel-tick",
                 when=lambda body, **_: _alive(body) and _engine(body) != "builtin", registry=registry)
     async def languagemodel_tick(body: kopf.Body, **_: Any) -> None:
-        await reconcile(ctx, state, snapshot(body), "timer")
+        if ctx.tick_due(str(body["metadata"]["uid"]), tick_every):
+            await reconcile(ctx, state, snapshot(body), "timer")
 
     @kopf.on.event(*resource, id="languagemodel-seen", registry=registry)
     async def languagemodel_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:

@@ -119,6 +119,7 @@ async def reconcile(ctx: Context, observed: Observed, pods: kopf.Index, body: di
     with metrics.reconciling(KIND, trigger):
         async with ctx.locks[owner.id]:
             await _reconcile(ctx, observed, pods, owner, body)
+            ctx.reconciled[owner.uid] = ctx.clock()
 
 
 async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, owner: Owner,
@@ -225,7 +226,8 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
                 initial_delay=ctx.config.progress_interval_seconds, id="trainingjob-tick",
                 when=_needs_polling, registry=registry)
     async def trainingjob_tick(body: kopf.Body, **kwargs: Any) -> None:
-        await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), "timer")
+        if ctx.tick_due(str(body["metadata"]["uid"]), ctx.config.progress_interval_seconds):
+            await reconcile(ctx, observed, kwargs[PODS_INDEX], snapshot(body), "timer")
 
     @kopf.on.event(*resource, id="trainingjob-seen", registry=registry)
     async def trainingjob_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
