@@ -197,4 +197,20 @@ def test_too_little_data_is_explained(tmp_path: Path, tiny_model: Path, corpus: 
     small.write_text("one short line.\n")
     config = write_config(tmp_path, tiny_model, corpus, dataset={"train": str(small)})
     result = run_train(config, timeout=120)
-    assert result.returncode == 2 and "training data too small" in result.stderr
+    assert result.returncode == 2 and "unusable data: training data too small" in result.stderr
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_too_little_evaluation_data_fails_before_training(tmp_path: Path, tiny_model: Path,
+                                                          corpus: dict[str, Path], split: str) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("one short line.\n")
+    dataset = {"train": str(corpus["train"]), "validation": str(corpus["valid"]), "test": str(corpus["test"]),
+               split: str(small)}
+    config = write_config(tmp_path, tiny_model, corpus, dataset=dataset)
+    result = run_train(config, timeout=120)
+    assert result.returncode == 2  # the Job's failure policy does not retry what cannot succeed
+    assert f"unusable data: dataset.{split}: no complete block of 64 tokens" in result.stderr
+    assert "invalid configuration" not in result.stderr
+    # Refused before the first step, not after the training it would have thrown away.
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()

@@ -25,6 +25,7 @@ from kubelm_contract.settings import SettingsError
 
 from . import allocator
 from .artifacts import ArtifactError
+from .train.errors import DataError
 
 TORCH_COMMANDS = ("serve",)
 """Subcommands whose speed depends on the allocator (kubelm_runtime.allocator): they re-execute with jemalloc."""
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except SettingsError as e:
         print(f"kubelm-runtime: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"kubelm-runtime: unusable data: {e}", file=sys.stderr)
         return 2
     except ArtifactError as e:
         print(f"kubelm-runtime: {e}", file=sys.stderr)

@@ -18,13 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from kubelm_contract.settings import SettingsError
+from .errors import DataError
 
 TOKENIZE_BATCH = 1000
-
-
-class DataError(SettingsError):
-    pass
 
 
 def file_digest(path: Path) -> str:

@@ -31,8 +31,9 @@ from .. import artifacts, models
 from ..progress import ProgressReporter
 from ..redis_store import RedisStore, StoreUnavailable
 from . import checkpoint, distributed, precision
-from .data import Blocks, DataError, TokenFile, epoch_order, eval_shard, tokenize_file
+from .data import Blocks, TokenFile, epoch_order, eval_shard, tokenize_file
 from .distributed import World
+from .errors import DataError
 from .settings import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,11 @@ class Training:
                 f"training data too small: {train.count} blocks of {hp.max_length} tokens cannot fill one step of "
                 f"{world.size} worker(s) x batchSize {hp.batch_size} x gradientAccumulationSteps "
                 f"{hp.gradient_accumulation_steps}; lower maxLength or batchSize, or add data")
+        for field, blocks in (("dataset.validation", validation), ("dataset.test", test)):
+            # Found now, not at the first evaluation (or after the whole run, for the test set).
+            if blocks is not None and blocks.count == 0:
+                raise DataError(f"{field}: no complete block of {hp.max_length} tokens to evaluate on; lower "
+                                f"maxLength or add data")
         total_steps = hp.max_steps or hp.epochs * steps_per_epoch
 
         torch.manual_seed(hp.seed + world.rank)
