@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import kopf
+
 from kubelm_operator.config import from_environ
 from kubelm_operator.context import Context
 
@@ -20,3 +22,13 @@ def test_a_tick_is_due_unless_another_trigger_reconciled_within_half_an_interval
     ctx.forget("ns/a", "uid-1")
     now[0] = 100.0
     assert ctx.tick_due("uid-1", 10)
+
+
+def test_a_deleted_object_leaves_nothing_behind() -> None:
+    ctx = Context.create(from_environ({}))
+    ctx.reconciled["uid-1"] = 1.0
+    body = kopf.Body({"apiVersion": "kubelm.io/v1alpha1", "metadata": {"uid": "uid-1"}, "spec": {}})
+    ctx.handled.store(body=body, patch=kopf.Patch(), essence=ctx.handled.build(body=body))
+    assert len(ctx.handled) == 1
+    ctx.gone("uid-1")
+    assert "uid-1" not in ctx.reconciled and len(ctx.handled) == 0

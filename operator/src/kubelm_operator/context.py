@@ -46,6 +46,11 @@ class Context:
         last = self.reconciled.get(uid)
         return last is None or self.clock() - last >= interval / 2
 
+    def gone(self, uid: str) -> None:
+        """The object was deleted (seen by the watch): drop what was kept about it by uid."""
+        self.handled.forget(uid)
+        self.reconciled.pop(uid, None)
+
     def forget(self, key: str, uid: str) -> None:
         self.locks.pop(key, None)
         self.written.pop(uid, None)

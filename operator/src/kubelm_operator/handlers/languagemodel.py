@@ -312,7 +312,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def languagemodel_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if type == "DELETED":
             state.models.pop((str(namespace), name), None)
-            ctx.handled.forget(str(body["metadata"]["uid"]))
+            ctx.gone(str(body["metadata"]["uid"]))
         else:
             state.models[(str(namespace), name)] = snapshot(body)
 

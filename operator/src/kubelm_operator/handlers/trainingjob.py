@@ -233,7 +233,7 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
     async def trainingjob_seen(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if type == "DELETED":
             observed.trainingjobs.pop((str(namespace), name), None)
-            ctx.handled.forget(str(body["metadata"]["uid"]))
+            ctx.gone(str(body["metadata"]["uid"]))
         else:
             observed.trainingjobs[(str(namespace), name)] = snapshot(body)
 
