@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,18 +63,22 @@ def _timed(count: int, clients: int, create: Callable[[int], Any]) -> float:
 
 
 WRITES = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
-SAMPLE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
+
+
+def _counter(text: str, name: str) -> Iterator[tuple[dict[str, str], int]]:
+    """(labels, value) of each sample of counter `name` in Prometheus text. A regex for the one metric:
+    the API server's whole exposition is megabytes, parsed every second while it is measured."""
+    for sample in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
+        yield dict(re.findall(r'(\w+)="([^"]*)"', sample[1])), int(float(sample[2]))
 
 
 def _writes(kubectl: Callable[..., str]) -> Counter[str]:
     """The API server's count of write requests so far, by verb and resource (its own /metrics)."""
-    text = kubectl("get", "--raw", "/metrics")
     counts: Counter[str] = Counter()
-    for sample in SAMPLE.finditer(text):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', sample["labels"]))
+    for labels, value in _counter(kubectl("get", "--raw", "/metrics"), "apiserver_request_total"):
         if labels.get("verb") in WRITES:
             resource = labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else "")
-            counts[f"{labels['verb']} {resource}"] += int(float(sample["value"]))
+            counts[f"{labels['verb']} {resource}"] += value
     return counts
 
 
@@ -90,16 +94,12 @@ def _settle(kubectl: Callable[..., str]) -> None:
     wait_for("the API server quiet", quiet, timeout=120, interval=1.0)
 
 
-RECONCILES = re.compile(r'^kubelm_operator_reconciles_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
-
-
 def _reconciles(operator: OperatorProcess, kind: str) -> Counter[str]:
     """The operator's reconciliations of `kind` so far, by trigger (its own metrics)."""
     counts: Counter[str] = Counter()
-    for sample in RECONCILES.finditer(operator.metrics_text()):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', sample["labels"]))
+    for labels, value in _counter(operator.metrics_text(), "kubelm_operator_reconciles_total"):
         if labels.get("kind") == kind:
-            counts[labels["trigger"]] += int(float(sample["value"]))
+            counts[labels["trigger"]] += value
     return counts
 
 

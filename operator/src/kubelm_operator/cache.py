@@ -37,8 +37,7 @@ class Cache:
     def __init__(self, url: str | None, timeout: float = 2.0, connections: int = 4):
         self.url = url
         # A few connections shared by every reconciliation: a burst of new objects waits for one instead of
-        # opening a connection each (the default pool has no bound).
-        # (from_pool: the client owns the pool and closes it.)
+        # opening a connection each (the default pool has no bound). from_pool: the client closes the pool.
         self._client = redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(
             url, max_connections=connections, timeout=10 * timeout, socket_timeout=timeout,
             socket_connect_timeout=timeout, health_check_interval=30)) if url else None

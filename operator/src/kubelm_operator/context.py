@@ -28,11 +28,11 @@ class Context:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     """object uid -> the status last written, newer than a watch event may yet show."""
     clock: Callable[[], float] = time.monotonic
+    """The autoscaler's and the timers' time (seconds, any origin)."""
     handled: HandledSpecs = field(default_factory=lambda: HandledSpecs(GROUP))
     """kopf's diff base: the spec each object was last handled with."""
     reconciled: dict[str, float] = field(default_factory=dict)
     """object uid -> when (`clock`) a reconciliation of it last finished."""
-    """The autoscaler's time (seconds, any origin)."""
 
     @classmethod
     def create(cls, config: OperatorConfig) -> Context:
@@ -52,10 +52,10 @@ class Context:
         self.reconciled.pop(uid, None)
 
     def forget(self, key: str, uid: str) -> None:
+        """The finalizer finished: drop everything kept about the object."""
         self.locks.pop(key, None)
         self.written.pop(uid, None)
-        self.handled.forget(uid)
-        self.reconciled.pop(uid, None)
+        self.gone(uid)
 
     async def close(self) -> None:
         await self.kube.close()
