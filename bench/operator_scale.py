@@ -85,13 +85,15 @@ def _writes(kubectl: Callable[..., str]) -> Counter[str]:
 def _settle(kubectl: Callable[..., str]) -> None:
     """Waits until the API server takes (almost) no writes: the controllers are done with the last phase,
     whose after-work (the Job controller's status updates and Events) would be counted against the next."""
-    last = [_writes(kubectl)]
+    last, quiet_for = [_writes(kubectl)], [0]
 
     def quiet() -> bool:
         now = _writes(kubectl)
         delta, last[0] = sum((now - last[0]).values()), now
-        return delta <= 3
-    wait_for("the API server quiet", quiet, timeout=120, interval=1.0)
+        # Three quiet seconds in a row: a controller working through a rate-limited queue pauses for one.
+        quiet_for[0] = quiet_for[0] + 1 if delta <= 3 else 0
+        return quiet_for[0] >= 3
+    wait_for("the API server quiet", quiet, timeout=180, interval=1.0)
 
 
 def _reconciles(operator: OperatorProcess, kind: str) -> Counter[str]:
