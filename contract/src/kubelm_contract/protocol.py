@@ -28,6 +28,7 @@ PROMPT_TOO_LONG = "prompt_too_long"
 EXPIRED = "expired"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
+ERROR_KINDS = (INVALID_REQUEST, PROMPT_TOO_LONG, EXPIRED, INTERNAL, UNAVAILABLE)
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

@@ -81,23 +81,30 @@ class WorkerChannel:
 
         self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
 
-    def stop_consuming(self) -> None:
+    def stop_consuming(self, deadline_seconds: float = 30.0) -> bool:
         """Cancels the consumer; every message that reaches us before the broker's cancel-ok is still
-        handed to the consumer, so nothing delivered goes back to the queue (a redelivery).
+        handed to the consumer, so nothing delivered goes back to the queue (a redelivery). False when no
+        cancel-ok came within the deadline: then the consumer may still deliver until the connection closes,
+        and whatever is unacknowledged at that point goes back to the queue (the broker redelivers it).
 
         pika rejects such late messages with requeue once a cancel is under way; this reaches into its
         channel (pika is pinned in constraints.txt; the drain test guards it) to keep them instead."""
         if self.consumer_tag is None:
-            return
+            return True
         tag, self.consumer_tag = self.consumer_tag, None
         self.connection.process_data_events(time_limit=0)
         impl = self.channel._impl
         cancelled: list[bool] = []
         impl.basic_cancel(tag, callback=lambda _frame: cancelled.append(True))
         impl._cancelled.discard(tag)
-        while not cancelled:
+        give_up_at = time.monotonic() + deadline_seconds
+        while not cancelled and time.monotonic() < give_up_at:
             self.connection.process_data_events(time_limit=0.1)
         self._cancelled.append(tag)
+        if not cancelled:
+            log.warning("the broker did not confirm the consumer's cancel within %gs; unacknowledged deliveries "
+                        "go back to the queue when the connection closes", deadline_seconds)
+        return bool(cancelled)
 
     def wait(self, seconds: float) -> None:
         self.connection.process_data_events(time_limit=max(0.0, seconds))
@@ -109,6 +116,11 @@ class WorkerChannel:
 
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)
+        self.unacked.discard(tag)
+
+    def requeue(self, tag: int) -> None:
+        """Hands a delivery back to the queue (for another consumer), unanswered."""
+        self.channel.basic_nack(tag, requeue=True)
         self.unacked.discard(tag)
 
     def dead_letter(self, delivery: Delivery, routing_key: str, error_type: str, message: str) -> None:
@@ -137,6 +149,8 @@ class RpcClient:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="amqp-rpc", daemon=True)
+        self._connection: Any = None
+        self._channel: Any = None
 
     @property
     def connected(self) -> bool:
@@ -160,11 +174,17 @@ class RpcClient:
                     # Wakes at once for replies and for publishes handed over by _submit.
                     connection.process_data_events(time_limit=1)
                 connection.close()
-            except pika.exceptions.AMQPError as e:
+            except Exception as e:
                 self._error = e
                 self._ready.clear()
-                self._fail_all(BrokerError(f"connection to RabbitMQ lost: {e}"))
-                log.warning("RabbitMQ connection lost, reconnecting: %s", e)
+                self._fail_all(BrokerError(f"connection to RabbitMQ lost: {type(e).__name__}: {e}"))
+                if isinstance(e, pika.exceptions.AMQPError | OSError):
+                    log.warning("RabbitMQ connection lost, reconnecting: %s", e)
+                else:
+                    log.exception("the RabbitMQ I/O thread failed; reconnecting")
+                with contextlib.suppress(Exception):
+                    if self._connection is not None and self._connection.is_open:
+                        self._connection.close()
                 time.sleep(1)
 
     def _on_reply(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -172,7 +192,8 @@ class RpcClient:
         if waiter is None:
             return  # a duplicate (redelivered request) or an abandoned call
         loop, future = waiter
-        loop.call_soon_threadsafe(_settle, future, body, None)
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, future, body, None)
 
     def _fail_all(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}

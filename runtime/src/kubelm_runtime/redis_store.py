@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class StoreUnavailable(RuntimeError):
+class StoreError(RuntimeError):
+    """Redis answered with an error (out of memory under maxmemory, READONLY after a failover, a wrong
+    type) or held a document that is not what was stored there."""
+
+
+class StoreUnavailable(StoreError):
     """Redis could not be reached or timed out; callers decide whether that is fatal."""
 
 
@@ -48,6 +53,8 @@ class RedisStore:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(f"redis at {self.url}: {e}") from e
+        except redis.RedisError as e:
+            raise StoreError(f"redis at {self.url}: {type(e).__name__}: {e}") from e
 
     def ping(self) -> bool:
         return bool(self._call(self._client.ping))
@@ -114,13 +121,23 @@ class RedisStore:
 
 class OptionalRedis:
     """Redis as an optional helper: while it is unreachable calls return a default at once, and it is
-    tried again after a quiet period, so callers (training, serving) never stall on it."""
+    tried again after a quiet period, so callers (training, serving) never stall on it. An error answer
+    or a malformed document fails that one call (the default, and a warning): the next may succeed."""
 
     def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
         self.store = RedisStore(url, timeout=timeout) if url else None
         self.purpose = purpose
         self.retry_after = retry_after
         self._down_since: float | None = None
+        self._warned_at: float | None = None
+
+    def _warn(self, error: Exception) -> None:
+        """At most one warning per quiet period: a Redis out of memory fails every write."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= self.retry_after:
+            self._warned_at = now
+            log.warning("redis call failed, continuing without it for %s: %s: %s", self.purpose,
+                        type(error).__name__, error)
 
     @property
     def available(self) -> bool:
@@ -138,6 +155,9 @@ class OptionalRedis:
             if self._down_since is None:
                 log.warning("redis unavailable, continuing without %s: %s", self.purpose, e)
             self._down_since = now
+            return default
+        except (StoreError, ValueError, TypeError) as e:  # an error reply; a document not in the expected shape
+            self._warn(e)
             return default
         if self._down_since is not None:
             log.info("redis is back: %s resumes", self.purpose)

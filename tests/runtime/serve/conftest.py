@@ -47,12 +47,13 @@ class Process:
         return self.process.wait(timeout)
 
     def metric(self, name: str, labels: str = "") -> float:
-        """A sample from the worker's /metrics (0 when absent)."""
+        """A sample from the worker's /metrics; a series it does not export is an error (a renamed metric
+        must not read as 0)."""
         _, body = http_get(self.url("/metrics"))
         for line in body.decode().splitlines():
-            if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            if line.startswith(f"{name}{labels} "):
                 return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        raise AssertionError(f"{self.name} exports no {name}{labels}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

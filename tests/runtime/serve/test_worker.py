@@ -12,14 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
-from kubelm_contract import protocol, queues
+from kubelm_contract import keys, protocol, queues
 from kubelm_contract.settings import load
+from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime.broker import RpcClient, new_request_id
+from kubelm_runtime.redis_store import RedisStore
 from kubelm_runtime.serve.engine import Batch, Engine
 from kubelm_runtime.serve.settings import ServeConfig
-from kubelm_runtime.serve.worker import Worker
+from kubelm_runtime.serve.worker import MAX_CONSECUTIVE_BATCH_FAILURES, Worker
 from support import ClusterEnv, eventually
 
 from .conftest import dead_letters
@@ -30,14 +33,14 @@ Ask = Callable[[str, int], Awaitable[dict[str, Any]]]
 
 
 @contextmanager
-def running_worker(cluster: ClusterEnv, engine: Engine, tmp_path: Path, name: str,
+def running_worker(cluster: ClusterEnv, engine: Engine, tmp_path: Path, name: str, redis_url: str | None = None,
                    **overrides: Any) -> Iterator[tuple[Worker, Ask]]:
     """A Worker looping in a thread and `ask(prompt, max_new_tokens)`, which sends a request the way the
     gateway does and returns the reply; the worker drains when the block ends."""
     namespace = f"t{uuid.uuid4().hex[:8]}"
     config = load(ServeConfig, {"name": name, "namespace": namespace, "model": {"uri": "unused"},
                                 "cacheDir": str(tmp_path), "dtype": "fp32", **overrides})
-    worker = Worker(config, cluster.amqp_url, None, engine, "digest")
+    worker = Worker(config, cluster.amqp_url, redis_url, engine, "digest")
     running = threading.Thread(target=worker.run, daemon=True)
     running.start()
     client = RpcClient(cluster.amqp_url)
@@ -111,3 +114,78 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
     assert order == ["short", "long"]
     assert short["ok"] and short["choices"][0]["completion_tokens"] == 2 and short["timings"]["batch_size"] == 2
     assert long["ok"] and long["choices"][0]["completion_tokens"] == 200 and long["timings"]["batch_size"] == 1
+
+
+def _publish(cluster: ClusterEnv, worker: Worker, headers: dict[str, Any] | None = None) -> str:
+    """One request straight onto the worker's queue, as the gateway sends an asynchronous one."""
+    request_id = new_request_id()
+    body = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": ["hello"], "model": worker.config.name,
+                       "params": {"max_new_tokens": 2}, "deadline": time.time() + 60}).encode()
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    connection.channel().basic_publish("", worker.queue, body, pika.BasicProperties(
+        correlation_id=request_id, delivery_mode=2, headers=headers or {}))
+    connection.close()
+    return request_id
+
+
+def _ready_messages(cluster: ClusterEnv, queue_name: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    count = int(connection.channel().queue_declare(queue_name, passive=True).method.message_count)
+    connection.close()
+    return count
+
+
+def test_batches_failing_in_a_row_fail_liveness_and_leave_the_queue_to_other_workers(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+
+    def broken_step(batch: Batch) -> list[Any]:
+        raise RuntimeError("simulated device failure")
+
+    engine.step = broken_step  # type: ignore[method-assign]
+    with running_worker(cluster, engine, tmp_path, "wedged",
+                        batching={"maxBatchSize": 1, "maxWaitMillis": 0}) as (worker, ask):
+        for _ in range(MAX_CONSECUTIVE_BATCH_FAILURES):  # one batch each
+            reply = asyncio.run(ask("the old fox", 4))
+            assert reply["error"]["type"] == protocol.INTERNAL
+        eventually(lambda: worker.health.failing is not None, timeout=10, what="liveness failing")
+        alive, said = worker.health.liveness()
+        assert not alive and not worker.health.ready
+        assert said.startswith(f"failing: {MAX_CONSECUTIVE_BATCH_FAILURES} batches failed in a row")
+        assert "simulated device failure" in said
+        # No longer consuming: a new request stays in the queue for a healthy worker instead of being
+        # dead-lettered by this one.
+        _publish(cluster, worker)
+        eventually(lambda: _ready_messages(cluster, worker.queue) == 1, timeout=10, what="request left queued")
+        assert worker.metrics.registry.get_sample_value("kubelm_requests_total", {"outcome": "error"}) == 3
+
+
+def test_a_result_that_cannot_be_stored_is_counted_as_an_error(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    """An asynchronous request whose result Redis cannot take is dead-lettered `unavailable`; the metrics
+    say so instead of counting it answered."""
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    with running_worker(cluster, engine, tmp_path, "nowhere") as (worker, _):  # no Redis at all
+        _publish(cluster, worker, {queues.RESULT_KEY_HEADER: keys.result("r1"), queues.RESULT_TTL_HEADER: 60})
+        dead: list[tuple[dict, bytes]] = []
+        eventually(lambda: len(dead.__iadd__(dead_letters(cluster, worker.config.namespace, "nowhere"))) >= 1,
+                   timeout=30, what="the request dead-lettered")
+        assert dead[0][0][queues.ERROR_TYPE_HEADER] == protocol.UNAVAILABLE
+        sample = worker.metrics.registry.get_sample_value
+        assert sample("kubelm_requests_total", {"outcome": "error"}) == 1
+        assert sample("kubelm_requests_total", {"outcome": "ok"}) == 0
+        assert sample("kubelm_errors_total", {"type": protocol.UNAVAILABLE}) == 1
+
+
+def test_a_worker_started_while_redis_is_down_registers_its_model_when_it_returns(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    redis = RedisServer(tmp_path / "redis")  # not started yet: connections are refused
+    with running_worker(cluster, engine, tmp_path, "late", redis_url=redis.url) as (worker, ask):
+        assert not worker.registered
+        with redis:
+            store = RedisStore(redis.url)
+            eventually(lambda: store.hget_json(keys.MODEL_REGISTRY, worker.model_id) is not None, timeout=60,
+                       interval=0.2, what="the model registered")
+            assert store.hget_json(keys.MODEL_REGISTRY, worker.model_id)["queue"] == worker.queue
+            assert asyncio.run(ask("still serving", 2))["ok"]

@@ -211,9 +211,14 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_middleware(Guard, gateway=gateway)
 
     async def parse(request: Request) -> CompletionRequest | JSONResponse:
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            return openai_error(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
+        # Counted as it arrives: a chunked body has no Content-Length for the guard to check first.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                return openai_error(413, f"request body over {config.max_body_bytes} bytes", "invalid_request_error")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return CompletionRequest.model_validate_json(raw)
         except ValidationError as e:

@@ -8,6 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from kubelm_contract import protocol
+
+OUTCOMES = ("ok", "cached", "error")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -30,12 +33,21 @@ class WorkerMetrics:
         self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)
         self.redelivered = Counter("kubelm_redelivered", "Requests the broker delivered again (after a worker "
                                    "died with them)", registry=r)
+        # Every known series exported from the start: a dashboard (or a test) reading 0 reads a real 0.
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        for kind in protocol.ERROR_KINDS:
+            self.errors.labels(kind)
+        for result in ("hit", "miss"):
+            self.cache.labels(result)
 
 
 class HealthState:
     def __init__(self, liveness_timeout: float):
         self.ready = False
         self.liveness_timeout = liveness_timeout
+        self.failing: str | None = None
+        """Why the worker should be restarted although its loop runs (its batches keep failing)."""
         self._tick = time.monotonic()
 
     def tick(self) -> None:
@@ -43,7 +55,15 @@ class HealthState:
 
     @property
     def alive(self) -> bool:
-        return time.monotonic() - self._tick < self.liveness_timeout
+        return self.failing is None and time.monotonic() - self._tick < self.liveness_timeout
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, what /livez says)."""
+        if self.failing is not None:
+            return False, f"failing: {self.failing}\n"
+        if not self.alive:
+            return False, f"stuck: no loop iteration for {self.liveness_timeout:g}s\n"
+        return True, "ok\n"
 
 
 def serve_health(port: int, state: HealthState, metrics: WorkerMetrics, host: str = "0.0.0.0") -> ThreadingHTTPServer:
@@ -54,7 +74,8 @@ def serve_health(port: int, state: HealthState, metrics: WorkerMetrics, host: st
             elif self.path == "/readyz":
                 self._send(200 if state.ready else 503, b"ready\n" if state.ready else b"loading\n")
             elif self.path in ("/livez", "/healthz"):
-                self._send(200 if state.alive else 503, b"ok\n" if state.alive else b"stuck\n")
+                alive, text = state.liveness()
+                self._send(200 if alive else 503, text.encode())
             else:
                 self._send(404, b"not found\n")
 

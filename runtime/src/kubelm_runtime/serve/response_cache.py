@@ -12,7 +12,7 @@ import dataclasses
 from kubelm_contract import keys, protocol
 from kubelm_contract.protocol import Choice, Decoding
 
-from ..redis_store import OptionalRedis
+from ..redis_store import OptionalRedis, RedisStore
 
 
 def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list[str] | None:
@@ -25,8 +25,13 @@ def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list
 def lookup(redis: OptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
     """The cached choices when every prompt is cached (counted as a hit), else None (a miss)."""
     response_keys = [keys.response(model, m) for m in material]
-    found = redis.call(lambda s: s.get_json_all_or_none(response_keys, keys.cache_stats(model)), None)
-    return None if found is None else tuple(Choice(**c) for c in found)
+
+    def found(store: RedisStore) -> tuple[Choice, ...] | None:
+        documents = store.get_json_all_or_none(response_keys, keys.cache_stats(model))
+        # Built inside the call: a malformed entry is a miss, not a crash.
+        return None if documents is None else tuple(Choice(**c) for c in documents)
+
+    return redis.call(found, None)
 
 
 def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:

@@ -2,10 +2,12 @@
 
 Each delivery is validated as it arrives; bad ones get an error reply and are
 dead-lettered with the reason, deterministic ones may be answered from the
-response cache, the rest wait in the batcher. A batch is generated at once and
-every request is acknowledged only after its reply was confirmed by the broker,
-so a crash loses nothing (the broker redelivers) and SIGTERM drains: consuming
-stops, what was delivered is finished and acknowledged, and the process exits 0.
+response cache, the rest wait in the batcher. Batching is continuous: waiting
+requests join the running batch between decode steps, and each is answered as
+soon as its last prompt finishes. A request is acknowledged only after its reply
+was confirmed by the broker, so a crash loses nothing (the broker redelivers) and
+SIGTERM drains: consuming stops, what was delivered is finished and acknowledged,
+and the process exits 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .health import HealthState, WorkerMetrics, serve_health
 from .settings import ServeConfig
 
 log = logging.getLogger(__name__)
+MAX_CONSECUTIVE_BATCH_FAILURES = 3
+"""Batches failing in a row before /livez fails: the loop runs, but the worker only dead-letters."""
+REGISTER_RETRY_SECONDS = 5.0
 
 
 @dataclass
@@ -83,6 +88,10 @@ class Worker:
         """Requests admitted to the running batch, by id of their Pending."""
         self.batch = Batch()
         self.draining = False
+        self.failures = 0
+        """Batches failed in a row (prefill or decode)."""
+        self.registered = False
+        self.register_tried = 0.0
         self.model_id = keys.model_id(config.namespace, config.name)
 
     # -- deliveries -----------------------------------------------------------------------------
@@ -113,8 +122,8 @@ class Worker:
         if material and not checked:
             self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
-            self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name))
-            self.metrics.requests.labels("cached").inc()
+            if self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name)):
+                self.metrics.requests.labels("cached").inc()
             return
         self.batcher.add(Pending(delivery, request, material, prompt_ids), time.monotonic())
 
@@ -137,17 +146,21 @@ class Worker:
             self.health.ready = False
             self.channel.stop_consuming()
 
-    def _answer(self, delivery: Delivery, reply: Reply) -> None:
-        """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost."""
+    def _answer(self, delivery: Delivery, reply: Reply) -> bool:
+        """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost.
+        False when the request was dead-lettered instead (counted as an error here)."""
         self._before_ack()
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
         if self._store_result(delivery, reply):
             self.channel.ack(delivery.tag)
-        else:
-            # An asynchronous result that cannot be stored would be lost: keep the request instead.
-            self.channel.dead_letter(delivery, self.dead_letter_key, protocol.UNAVAILABLE,
-                                     "the result could not be stored: Redis is unavailable")
+            return True
+        # An asynchronous result that cannot be stored would be lost: keep the request instead.
+        self.channel.dead_letter(delivery, self.dead_letter_key, protocol.UNAVAILABLE,
+                                 "the result could not be stored: Redis is unavailable")
+        self.metrics.errors.labels(protocol.UNAVAILABLE).inc()
+        self.metrics.requests.labels("error").inc()
+        return False
 
     def _store_result(self, delivery: Delivery, reply: Reply) -> bool:
         """Stores the reply of an asynchronous request; False only when that was asked for and failed."""
@@ -196,6 +209,7 @@ class Worker:
         except Exception as e:
             self._fail_batch(e)
             return
+        self.failures = 0  # a decode step went through: the failures were not in a row
         for (key, index), output in finished:
             flight = self.in_flight[key]
             flight.outputs[index] = output
@@ -213,7 +227,8 @@ class Worker:
         reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
             "batch_wait_ms": round((flight.admitted_wall - pending.delivery.received) * 1000, 3),
             "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
-        self._answer(pending.delivery, reply)
+        if not self._answer(pending.delivery, reply):
+            return
         self.metrics.requests.labels("ok").inc()
         for material, choice in zip(pending.material or (), choices, strict=False):
             response_cache.store(self.redis, self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
@@ -224,13 +239,41 @@ class Worker:
         for flight in flights:
             self._refuse(flight.pending.delivery, flight.pending.request.id, protocol.INTERNAL,
                          f"{type(error).__name__}: {error}")
+        self.failures += 1
+        if self.failures >= MAX_CONSECUTIVE_BATCH_FAILURES and self.health.failing is None:
+            self._give_up(f"{self.failures} batches failed in a row, the last with {type(error).__name__}: {error}")
+
+    def _give_up(self, reason: str) -> None:
+        """Stops taking requests and fails liveness: a restart may help (a wedged device, corrupt state), and
+        staying up would only dead-letter the queue. What waits here goes back to the queue for other workers."""
+        log.error("no longer serving, liveness fails until restarted: %s", reason)
+        self.health.failing, self.health.ready = reason, False
+        self.channel.stop_consuming()
+        while len(self.batcher):
+            for pending in self.batcher.take(time.monotonic()):
+                self.channel.requeue(pending.delivery.tag)
 
     # -- main loop ------------------------------------------------------------------------------
-    def register(self) -> None:
+    def register(self) -> bool:
+        """Writes the model's routing entry for the gateways; False while Redis cannot take it."""
+        self.register_tried = time.monotonic()
         entry = registry.model_entry(queue=self.queue, namespace=self.config.namespace, digest=self.digest,
                                      source=self.config.model.describe(), limits=self.limits,
                                      defaults=self.defaults, response_cache=self.config.cache.responses.enabled)
-        self.redis.call(lambda s: s.hset_json(keys.MODEL_REGISTRY, self.model_id, entry), None, force=True)
+
+        def write(store: RedisStore) -> bool:
+            store.hset_json(keys.MODEL_REGISTRY, self.model_id, entry)
+            return True
+
+        self.registered = self.redis.call(write, False, force=True)
+        return self.registered
+
+    def _register_again_if_due(self, now: float) -> None:
+        """Redis was down when the worker started (or lost the entry's write): try again now and then, so
+        the model reaches the gateways' routing table once Redis is back."""
+        due = now - self.register_tried >= REGISTER_RETRY_SECONDS
+        if not self.registered and self.redis.store is not None and due and self.register():
+            log.info("registered %s with the model registry", self.model_id)
 
     def run(self) -> None:
         self.channel.consume(self.queue, self.on_delivery)
@@ -242,6 +285,7 @@ class Worker:
             self.health.tick()
             self._before_ack()
             now = time.monotonic()
+            self._register_again_if_due(now)
             if self.in_flight:
                 # Decoding: whoever arrived during the last step joins now instead of waiting for the batch.
                 self.channel.wait(0)
