@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,27 @@ class NoSuchQueue(BrokerError):
     pass
 
 
+class ReplyChannelLost(BrokerError):
+    """A call's reply channel went with its connection; the call asks again on the next one."""
+
+
+class ConnectionLost(BrokerError):
+    """The connection (or its channel) went away: closed by the broker (a restart, a failover, an operator
+    closing it), the network, or a missed heartbeat. Unacknowledged deliveries go back to the queue."""
+
+
+# A connection or channel that is gone, as opposed to a refusal of one operation.
+_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError)
+
+
+@contextlib.contextmanager
+def _lost_as_broker_error() -> Iterator[None]:
+    try:
+        yield
+    except _LOST as e:
+        raise ConnectionLost(f"{type(e).__name__}: {e}") from e
+
+
 @dataclass(frozen=True)
 class Delivery:
     tag: int
@@ -52,27 +73,37 @@ class Delivery:
     received: float = 0.0
 
 
-def _parameters(url: str, heartbeat: int = 60) -> pika.URLParameters:
+def _parameters(url: str, heartbeat: int = 60, name: str | None = None) -> pika.URLParameters:
     parameters = pika.URLParameters(url)
     parameters.heartbeat = heartbeat
     parameters.blocked_connection_timeout = 30
+    if name:  # shown by the management UI and API: which process holds which connection
+        parameters.client_properties = {"connection_name": name}
     return parameters
 
 
 class WorkerChannel:
-    def __init__(self, url: str, prefetch: int, heartbeat: int = 60):
-        self.connection = pika.BlockingConnection(_parameters(url, heartbeat))
-        self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
-        self.channel.basic_qos(prefetch_count=prefetch)
+    """A worker's connection and channel. Every method raises ConnectionLost when the connection is gone;
+    the worker then opens a new WorkerChannel (the broker has put back what this one held unacknowledged)."""
+
+    def __init__(self, url: str, prefetch: int, heartbeat: int = 60, name: str | None = None):
+        try:
+            self.connection = pika.BlockingConnection(_parameters(url, heartbeat, name))
+            self.channel = self.connection.channel()
+            self.channel.confirm_delivery()
+            self.channel.basic_qos(prefetch_count=prefetch)
+        except (*_LOST, OSError) as e:
+            raise ConnectionLost(f"could not connect to RabbitMQ: {type(e).__name__}: {e}") from e
         self.consumer_tag: str | None = None
         self._cancelled: list[str] = []
         self.unacked: set[int] = set()
         """Delivery tags received and not yet acknowledged (must be empty after a drain)."""
 
     def declare(self, namespace: str, model: str, spec: QueueSpec) -> str:
-        return queues.declare_model_queues(self.channel, namespace, model, spec)
+        with _lost_as_broker_error():
+            return queues.declare_model_queues(self.channel, namespace, model, spec)
 
+    @_lost_as_broker_error()
     def consume(self, queue_name: str, on_delivery: Callable[[Delivery], None]) -> None:
         def callback(channel: Any, method: Any, properties: Any, body: bytes) -> None:
             self.unacked.add(method.delivery_tag)
@@ -81,6 +112,7 @@ class WorkerChannel:
 
         self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
 
+    @_lost_as_broker_error()
     def stop_consuming(self, deadline_seconds: float = 30.0) -> bool:
         """Cancels the consumer; every message that reaches us before the broker's cancel-ok is still
         handed to the consumer, so nothing delivered goes back to the queue (a redelivery). False when no
@@ -106,23 +138,28 @@ class WorkerChannel:
                         "go back to the queue when the connection closes", deadline_seconds)
         return bool(cancelled)
 
+    @_lost_as_broker_error()
     def wait(self, seconds: float) -> None:
         self.connection.process_data_events(time_limit=max(0.0, seconds))
 
+    @_lost_as_broker_error()
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Publishes a reply and returns once the broker confirmed it."""
         self.channel.basic_publish("", reply_to, body, pika.BasicProperties(
             correlation_id=correlation_id, content_type="application/json"))
 
+    @_lost_as_broker_error()
     def ack(self, tag: int) -> None:
         self.channel.basic_ack(tag)
         self.unacked.discard(tag)
 
+    @_lost_as_broker_error()
     def requeue(self, tag: int) -> None:
         """Hands a delivery back to the queue (for another consumer), unanswered."""
         self.channel.basic_nack(tag, requeue=True)
         self.unacked.discard(tag)
 
+    @_lost_as_broker_error()
     def dead_letter(self, delivery: Delivery, routing_key: str, error_type: str, message: str) -> None:
         """Copies the request to the dead-letter queue with the reason, then acks the original."""
         headers = {**delivery.headers, queues.ERROR_TYPE_HEADER: error_type,
@@ -135,22 +172,37 @@ class WorkerChannel:
         # Consumers cancelled in stop_consuming are gone at the broker; pika must not cancel them again.
         for tag in self._cancelled:
             self.channel._consumer_infos.pop(tag, None)
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            self.connection.close()
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            if self.connection.is_open:
+                self.connection.close()
 
 
 class RpcClient:
-    """Request/reply over direct reply-to from asyncio code; one I/O thread owns the connection."""
+    """Request/reply over direct reply-to from asyncio code; one I/O thread owns the connection and opens
+    another whenever it is lost.
 
-    def __init__(self, url: str):
-        self.url = url
-        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes]]] = {}
+    A connection lost under a call costs it latency, not an error: a publish that failed with the
+    connection was never confirmed, so it is sent again once connected; a call still waiting for its reply
+    has lost its reply channel (direct reply-to lives and dies with the connection), so its request is
+    published again under the same id on the new connection. The copy sent first may still be served;
+    its reply goes to the old channel, which the broker drops. Both end at the call's deadline."""
+
+    def __init__(self, url: str, name: str | None = None):
+        self.url, self.name = url, name
+        self._pending: dict[str, _Call] = {}
+        self._submitted: set[_Call] = set()
+        """Work handed to the I/O thread that has not run yet."""
+        self._lock = threading.Lock()
+        self._generation = 0
+        """Connections opened so far: the current one's number."""
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="amqp-rpc", daemon=True)
         self._connection: Any = None
         self._channel: Any = None
+        self.resent = 0
+        """Publishes repeated after a lost connection (both kinds above)."""
 
     @property
     def connected(self) -> bool:
@@ -164,20 +216,26 @@ class RpcClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                connection = pika.BlockingConnection(_parameters(self.url))
+                connection = pika.BlockingConnection(_parameters(self.url, name=self.name))
                 channel = connection.channel()
                 channel.confirm_delivery()
                 channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
                 self._channel, self._connection = channel, connection
+                self._generation += 1
                 self._ready.set()
                 while not self._stop.is_set():
                     # Wakes at once for replies and for publishes handed over by _submit.
                     connection.process_data_events(time_limit=1)
                 connection.close()
-            except Exception as e:
+            except Exception as e:  # whatever broke, the thread lives on and connects again
                 self._error = e
                 self._ready.clear()
-                self._fail_all(BrokerError(f"connection to RabbitMQ lost: {type(e).__name__}: {e}"))
+                lost = f"connection to RabbitMQ lost: {type(e).__name__}: {e}"
+                self._lost_replies(ReplyChannelLost(lost))
+                with self._lock:  # handed to the dead connection and never run: tried again on the next
+                    unrun, self._submitted = self._submitted, set()
+                for waiter in unrun:
+                    waiter.settle(None, ConnectionLost(lost))
                 if isinstance(e, pika.exceptions.AMQPError | OSError):
                     log.warning("RabbitMQ connection lost, reconnecting: %s", e)
                 else:
@@ -191,14 +249,15 @@ class RpcClient:
         waiter = self._pending.pop(properties.correlation_id or "", None)
         if waiter is None:
             return  # a duplicate (redelivered request) or an abandoned call
-        loop, future = waiter
-        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle, future, body, None)
+        waiter.settle(body, None)
 
-    def _fail_all(self, error: BaseException) -> None:
-        pending, self._pending = self._pending, {}
-        for loop, future in pending.values():
-            loop.call_soon_threadsafe(_settle, future, None, error)
+    def _lost_replies(self, error: BaseException) -> None:
+        """Fails the calls whose request went out on the connection just lost; one whose publish has not
+        been confirmed yet stays (its publish fails and is tried again)."""
+        for correlation_id, waiter in list(self._pending.items()):
+            if waiter.published_on:
+                del self._pending[correlation_id]
+                waiter.settle(None, error)
 
     def _publish(self, queue_name: str, body: bytes, properties: pika.BasicProperties) -> None:
         try:
@@ -207,50 +266,87 @@ class RpcClient:
             raise NoSuchQueue(f"no queue {queue_name}") from e
         except pika.exceptions.NackError as e:
             raise QueueFull(f"queue {queue_name} is full") from e
+        except _LOST as e:
+            raise ConnectionLost(f"{type(e).__name__}: {e}") from e
 
-    async def _submit(self, fn: Callable[[], None]) -> None:
-        """Runs fn on the I/O thread and waits for it (publishes are confirmed there)."""
+    async def _connected(self, deadline: float) -> None:
+        """Returns once connected; BrokerError if that takes past the deadline (loop time)."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        while not self.connected:
+            if not self._thread.is_alive() or loop.time() >= deadline:
+                raise BrokerError(f"not connected to RabbitMQ: {self._error}")
+            await asyncio.sleep(0.05)
 
-        def task() -> None:
+    async def _submit(self, fn: Callable[[], None], deadline: float) -> None:
+        """Runs fn on the I/O thread and waits for it (publishes are confirmed there); a publish lost with
+        its connection is tried again on the next one until the deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._connected(deadline)
+            waiter = _Call(loop, loop.create_future())
+
+            def task(waiter: _Call = waiter) -> None:
+                with self._lock:
+                    self._submitted.discard(waiter)
+                try:
+                    fn()
+                except BaseException as e:
+                    waiter.settle(None, e)
+                else:
+                    waiter.settle(None, None)
+
+            with self._lock:
+                self._submitted.add(waiter)
             try:
-                fn()
-            except BaseException as e:
-                loop.call_soon_threadsafe(_settle, done, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, done, None, None)
-
-        if not self.connected:
-            raise BrokerError(f"not connected to RabbitMQ: {self._error}")
-        try:
-            self._connection.add_callback_threadsafe(task)
-        except pika.exceptions.ConnectionWrongStateError as e:
-            raise BrokerError(f"not connected to RabbitMQ: {e}") from e
-        await done
+                self._connection.add_callback_threadsafe(task)
+                # A publish not confirmed by the deadline ends the call like a missing reply: TimeoutError.
+                await asyncio.wait_for(waiter.future, max(deadline - loop.time(), 0))
+                return
+            except (ConnectionLost, pika.exceptions.ConnectionWrongStateError) as e:
+                with self._lock:
+                    self._submitted.discard(waiter)
+                if loop.time() >= deadline:
+                    raise ConnectionLost(f"connection to RabbitMQ lost: {e}") from e
+                self.resent += 1
+                # The I/O thread notices the loss too and connects again.
+                await asyncio.sleep(0.05)
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
                    headers: dict[str, Any] | None = None) -> bytes:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._pending[correlation_id] = (loop, future)
-        # The request expires in the queue when nobody waits for it any more.
-        properties = pika.BasicProperties(
-            reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id, delivery_mode=2,
-            content_type="application/json", expiration=str(int(timeout * 1000)), headers=headers or {})
+        deadline = loop.time() + timeout
         try:
-            await self._submit(lambda: self._publish(queue_name, body, properties))
-            return await asyncio.wait_for(future, timeout)
+            while True:
+                waiter = _Call(loop, loop.create_future())
+                self._pending[correlation_id] = waiter
+                # The request expires in the queue when nobody waits for it any more.
+                left = max(deadline - loop.time(), 0.001)
+                properties = pika.BasicProperties(
+                    reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id, delivery_mode=2,
+                    content_type="application/json", expiration=str(max(1, int(left * 1000))), headers=headers or {})
+
+                def publish(waiter: _Call = waiter, properties: pika.BasicProperties = properties) -> None:
+                    self._publish(queue_name, body, properties)
+                    waiter.published_on = self._generation  # on the I/O thread, before any reply is read
+
+                await self._submit(publish, deadline)
+                future = waiter.future
+                try:
+                    return await asyncio.wait_for(future, max(deadline - loop.time(), 0))
+                except ReplyChannelLost:
+                    self.resent += 1  # the reply would go to a channel that no longer exists: ask again
         finally:
             self._pending.pop(correlation_id, None)
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
-                   headers: dict[str, Any] | None = None) -> None:
-        """Publishes without waiting for a reply (asynchronous requests)."""
+                   headers: dict[str, Any] | None = None, timeout: float = 30) -> None:
+        """Publishes without waiting for a reply (asynchronous requests); retried on a new connection for up
+        to `timeout` seconds when the connection is lost."""
         properties = pika.BasicProperties(
             correlation_id=correlation_id, delivery_mode=2, content_type="application/json",
             expiration=str(int(expiration_seconds * 1000)), headers=headers or {})
-        await self._submit(lambda: self._publish(queue_name, body, properties))
+        deadline = asyncio.get_running_loop().time() + timeout
+        await self._submit(lambda: self._publish(queue_name, body, properties), deadline)
 
     def close(self) -> None:
         self._stop.set()
@@ -264,8 +360,8 @@ class RpcPool:
     spreads 32 simultaneous requests over 30-40 ms, more than a worker's batching wait; a few
     connections let them reach the queue together."""
 
-    def __init__(self, url: str, size: int):
-        self.clients = [RpcClient(url) for _ in range(max(1, size))]
+    def __init__(self, url: str, size: int, name: str | None = None):
+        self.clients = [RpcClient(url, name) for _ in range(max(1, size))]
         self._turn = 0
 
     @property
@@ -294,6 +390,18 @@ class RpcPool:
     def close(self) -> None:
         for client in self.clients:
             client.close()
+
+
+@dataclass(eq=False)
+class _Call:
+    """A call waiting for its reply, and the connection its request went out on (0: not yet confirmed)."""
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[bytes]
+    published_on: int = 0
+
+    def settle(self, body: bytes | None, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(_settle, self.future, body, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -140,6 +143,26 @@ def rabbit_queue(cluster: ClusterEnv, name: str) -> dict[str, Any]:
     status, body = http_get(f"{cluster.rabbitmq_api_url}/api/queues/%2F/{name}")
     assert status == 200, body
     return json.loads(body)
+
+
+def connections(cluster: ClusterEnv, name_contains: str) -> set[str]:
+    """The broker's names of the AMQP connections whose client-given name contains `name_contains`. The
+    management API lists a new connection only after its next statistics round."""
+    status, body = http_get(f"{cluster.rabbitmq_api_url}/api/connections")
+    assert status == 200, body
+    return {c["name"] for c in json.loads(body)
+            if name_contains in ((c.get("client_properties") or {}).get("connection_name") or "")}
+
+
+def close_connection(cluster: ClusterEnv, name: str) -> None:
+    """Closes one AMQP connection as the broker does when it restarts or fails over (the client sees
+    CONNECTION_FORCED)."""
+    parts = urllib.parse.urlsplit(cluster.rabbitmq_api_url)
+    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+    request = urllib.request.Request(f"{parts.scheme}://{parts.hostname}:{parts.port}/api/connections/"
+                                     f"{urllib.parse.quote(name)}", method="DELETE",
+                                     headers={"Authorization": f"Basic {token}", "X-Reason": "closed by a test"})
+    urllib.request.urlopen(request, timeout=10).close()
 
 
 def dead_letters(cluster: ClusterEnv, namespace: str, model: str) -> list[tuple[dict[str, Any], bytes]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
 
-from .conftest import Launcher, Process, dead_letters, get, post, rabbit_queue
+from .conftest import Launcher, Process, close_connection, connections, dead_letters, get, post, rabbit_queue
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -270,3 +272,60 @@ def test_asynchronous_requests(launcher: Launcher) -> None:
     eventually(done, timeout=30, what="asynchronous result stored")
     assert result["status"] == "done" and result["completion"]["choices"][0]["finish_reason"] in ("stop", "length")
     assert get(gateway.url("/v1/requests/unknown-id"))[0] == 404
+
+
+def test_broker_connection_blips_cost_latency_not_errors(launcher: Launcher) -> None:
+    """Every client connection closed by the broker twice while 16 clients keep requests in flight: the
+    worker connects again with its model loaded, the gateway sends again what it lost, and every request
+    is answered."""
+    worker = launcher.worker("tiny", batching={"maxBatchSize": 8, "maxWaitMillis": 5},
+                             generation={"maxNewTokens": 24})
+    gateway = launcher.gateway(models=["tiny"])
+    statuses: list[int] = []
+    closed: set[str] = set()
+    blips: list[int] = []
+    done = threading.Event()
+
+    def client(c: int) -> None:
+        i = 0
+        while not done.is_set():
+            status, body = completion(gateway.url(), "tiny", f"client {c} request {i}", max_tokens=24,
+                                      temperature=0.8)
+            assert status == 200, body
+            statuses.append(status)
+            i += 1
+
+    def open_connections() -> set[str]:
+        return connections(launcher.cluster, launcher.namespace) - closed
+
+    def more_answered(count: int) -> None:
+        target = len(statuses) + count
+        eventually(lambda: len(statuses) >= target, timeout=120, interval=0.05, what=f"{count} more answered")
+
+    def blip() -> None:
+        # The worker's connection and the gateway's four, once the management API lists them.
+        eventually(lambda: len(open_connections()) == 5, timeout=60, interval=0.2, what="5 connections listed")
+        now_open = open_connections()
+        for name in now_open:
+            close_connection(launcher.cluster, name)
+        closed.update(now_open)
+        blips.append(len(now_open))
+        eventually(lambda: worker.output().count("connected to RabbitMQ again") == len(blips), timeout=60,
+                   interval=0.05, what="worker connected again")
+
+    with ThreadPoolExecutor(16) as pool:
+        clients = [pool.submit(client, c) for c in range(16)]
+        try:
+            for _ in range(2):
+                more_answered(16)
+                blip()
+            more_answered(16)
+        finally:
+            done.set()
+        for finished in clients:
+            finished.result()
+    assert blips == [5, 5] and set(statuses) == {200}
+    assert worker.process.poll() is None
+    lost = re.findall(r"lost the connection to RabbitMQ .*: (\d+) requests in the batch and (\d+) waiting",
+                      worker.output())
+    assert len(lost) == 2 and sum(int(a) + int(b) for a, b in lost) > 0  # the blips hit work in progress

@@ -332,7 +332,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 def run(config: GatewayConfig, amqp_url: str, redis_url: str | None) -> None:
     import uvicorn
 
-    rpc = RpcPool(amqp_url, config.publish_connections)
+    rpc = RpcPool(amqp_url, config.publish_connections, name=f"kubelm-gateway {config.namespace}")
     rpc.start()
     app = create_app(Gateway(config, rpc, redis_url))
     try:

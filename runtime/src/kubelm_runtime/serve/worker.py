@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from kubelm_contract import keys, protocol, queues, registry
 from kubelm_contract.protocol import ProtocolError, Reply, Request
 
 from .. import allocator, artifacts, models
-from ..broker import Delivery, WorkerChannel
+from ..broker import ConnectionLost, Delivery, WorkerChannel
 from ..redis_store import OptionalRedis, RedisStore
 from . import response_cache
 from .batching import Batcher
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BATCH_FAILURES = 3
 """Batches failing in a row before /livez fails: the loop runs, but the worker only dead-letters."""
 REGISTER_RETRY_SECONDS = 5.0
+RECONNECT_FIRST_DELAY_SECONDS, RECONNECT_MAX_DELAY_SECONDS = 0.5, 10.0
+REPLIED_REMEMBERED = 10_000
 
 
 @dataclass
@@ -81,7 +84,8 @@ class Worker:
         self.health = health or HealthState(config.liveness_timeout_seconds)
         self.batcher: Batcher[Pending] = Batcher(config.batching.max_batch_size,
                                                  config.batching.max_wait_millis / 1000)
-        self.channel = WorkerChannel(amqp_url, prefetch=2 * config.batching.max_batch_size)
+        self.amqp_url = amqp_url
+        self.channel = self._connect()
         self.queue = self.channel.declare(config.namespace, config.name, config.queue)
         self.dead_letter_key = queues.dead_letter_queue(config.namespace, config.name)
         self.in_flight: dict[int, InFlight] = {}
@@ -92,12 +96,24 @@ class Worker:
         """Batches failed in a row (prefill or decode)."""
         self.registered = False
         self.register_tried = 0.0
+        self.replied: OrderedDict[str, None] = OrderedDict()
+        """Request ids (correlation ids) whose reply went out, most recent last: a redelivery of one (its ack
+        was lost with the connection) is acknowledged without a second reply."""
         self.model_id = keys.model_id(config.namespace, config.name)
+
+    def _connect(self) -> WorkerChannel:
+        return WorkerChannel(self.amqp_url, prefetch=2 * self.config.batching.max_batch_size,
+                             name=f"kubelm-serve {self.config.namespace}/{self.config.name}")
 
     # -- deliveries -----------------------------------------------------------------------------
     def on_delivery(self, delivery: Delivery) -> None:
         if delivery.redelivered:
             self.metrics.redelivered.inc()
+            if delivery.correlation_id in self.replied:
+                log.info("request %s was answered before the connection was lost: acknowledged, not answered "
+                         "again", delivery.correlation_id)
+                self.channel.ack(delivery.tag)
+                return
         sent_at = delivery.headers.get(queues.SENT_AT_HEADER)
         if isinstance(sent_at, int | float):
             self.metrics.queue_wait.observe(max(0.0, delivery.received - float(sent_at) / 1000))
@@ -132,6 +148,7 @@ class Worker:
         reply = protocol.error_reply(request_id, kind, message)
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
+            self._replied(delivery)
         self._store_result(delivery, reply)
         self._before_ack()
         self.channel.dead_letter(delivery, self.dead_letter_key, kind, message)
@@ -152,6 +169,7 @@ class Worker:
         self._before_ack()
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
+            self._replied(delivery)
         if self._store_result(delivery, reply):
             self.channel.ack(delivery.tag)
             return True
@@ -161,6 +179,12 @@ class Worker:
         self.metrics.errors.labels(protocol.UNAVAILABLE).inc()
         self.metrics.requests.labels("error").inc()
         return False
+
+    def _replied(self, delivery: Delivery) -> None:
+        if delivery.correlation_id:
+            self.replied[delivery.correlation_id] = None
+            if len(self.replied) > REPLIED_REMEMBERED:
+                self.replied.popitem(last=False)
 
     def _store_result(self, delivery: Delivery, reply: Reply) -> bool:
         """Stores the reply of an asynchronous request; False only when that was asked for and failed."""
@@ -282,31 +306,70 @@ class Worker:
         log.info("serving %s from queue %s (batches of up to %d, %d ms wait)", self.config.name, self.queue,
                  self.config.batching.max_batch_size, self.config.batching.max_wait_millis)
         while True:
-            self.health.tick()
-            self._before_ack()
-            now = time.monotonic()
-            self._register_again_if_due(now)
-            if self.in_flight:
-                # Decoding: whoever arrived during the last step joins now instead of waiting for the batch.
-                self.channel.wait(0)
-                self.admit(now)
-                self.step()
-                continue
-            if self.batcher.ready(now) or (self.draining and len(self.batcher)):
-                self.admit(now)
-                continue
-            if self.draining:
-                self.channel.wait(0)  # dispatch anything that arrived before the cancel completed
-                if len(self.batcher):
-                    continue
-                break
-            left = self.batcher.time_left(now)
-            self.channel.wait(0.5 if left is None else left)
+            try:
+                if not self._turn():
+                    break
+            except ConnectionLost as e:
+                if not self._reconnect(e):
+                    break
         if self.channel.unacked:
             log.error("stopping with %d unacknowledged deliveries; the broker will redeliver them",
                       len(self.channel.unacked))
         self.channel.close()
         log.info("drained and stopped")
+
+    def _turn(self) -> bool:
+        """One turn of the loop; False once drained."""
+        self.health.tick()
+        self._before_ack()
+        now = time.monotonic()
+        self._register_again_if_due(now)
+        if self.in_flight:
+            # Decoding: whoever arrived during the last step joins now instead of waiting for the batch.
+            self.channel.wait(0)
+            self.admit(now)
+            self.step()
+            return True
+        if self.batcher.ready(now) or (self.draining and len(self.batcher)):
+            self.admit(now)
+            return True
+        if self.draining:
+            self.channel.wait(0)  # dispatch anything that arrived before the cancel completed
+            return bool(len(self.batcher))
+        left = self.batcher.time_left(now)
+        self.channel.wait(0.5 if left is None else left)
+        return True
+
+    def _reconnect(self, error: ConnectionLost) -> bool:
+        """After a lost connection: what this worker held is back in the queue (the broker requeues every
+        unacknowledged delivery), so the running batch and the waiting requests are dropped, and the worker
+        connects again with backoff, model still loaded, and consumes again. False when it was draining:
+        then nothing is left to finish."""
+        log.warning("lost the connection to RabbitMQ (%s): %d requests in the batch and %d waiting go back to "
+                    "the queue; connecting again", error, len(self.in_flight), len(self.batcher))
+        self.health.ready = False
+        self.in_flight, self.batch = {}, Batch()
+        while len(self.batcher):
+            self.batcher.take(time.monotonic())
+        self.channel.close()
+        delay = RECONNECT_FIRST_DELAY_SECONDS
+        while not self.draining:
+            self.health.tick()  # the loop is alive: waiting for the broker is no reason to be restarted
+            try:
+                channel = self._connect()
+                self.queue = channel.declare(self.config.namespace, self.config.name, self.config.queue)
+                if self.health.failing is None:
+                    channel.consume(self.queue, self.on_delivery)
+            except ConnectionLost as e:
+                log.warning("RabbitMQ not reachable (%s); trying again in %.1fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_SECONDS)
+                continue
+            self.channel = channel
+            self.health.ready = self.health.failing is None
+            log.info("connected to RabbitMQ again; serving from %s", self.queue)
+            return True
+        return False
 
 
 def run(config: ServeConfig, amqp_url: str, redis_url: str | None) -> None:
