@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -69,10 +71,32 @@ def test_corrupted_chunk_is_refused_and_nothing_is_left(store: RedisStore, tiny_
     chunk = bytearray(store.get(key) or b"")
     chunk[100] ^= 0xFF
     store.set(key, bytes(chunk))
-    with pytest.raises(artifacts.ArtifactCorrupt, match="does not match its digest"):
+    with pytest.raises(artifacts.ArtifactCorrupt, match=r"file .* does not match its digest"):
         artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []
+
+
+def test_a_chunk_is_checked_against_its_own_digest(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    """A corrupted chunk whose files' digests were rewritten to match it (so the file checks pass) is still
+    refused by the chunk's digest."""
+    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny",
+                               chunk_bytes=artifacts.MIN_CHUNK_BYTES)
+    key = keys.artifact_chunk("ns/tiny", stored.version, 1)
+    chunk = bytearray(store.get(key) or b"")
+    chunk[100] ^= 0xFF
+    store.set(key, bytes(chunk))
+    content = b"".join(store.get(keys.artifact_chunk("ns/tiny", stored.version, i)) or b""
+                       for i in range(len(stored.chunks)))
+    files, offset = [], 0
+    for entry in stored.files:
+        files.append(dataclasses.replace(entry, sha256=hashlib.sha256(content[offset:offset + entry.size]).hexdigest()))
+        offset += entry.size
+    forged = dataclasses.replace(stored, files=tuple(files), digest=artifacts.content_digest(files))
+    store.set_json(keys.artifact_manifest("ns/tiny", stored.version), forged.to_json())
+    with pytest.raises(artifacts.ArtifactCorrupt, match="chunk 1 does not match its digest"):
+        artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 def test_missing_chunk_and_unknown_artifact(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,9 @@ def test_precision_choice() -> None:
     assert resolve("fp32", cpu).autocast_dtype is None
     assert resolve("bf16", cpu).autocast_dtype is torch.bfloat16
     assert resolve("fp16", cpu).loss_scaling
-    assert resolve("auto", cpu).name == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve("auto", cpu, cpuinfo="flags : fpu avx2 avx512_bf16").name == "bf16"
+    assert resolve("auto", cpu, cpuinfo="flags : fpu avx2").name == "fp32"
+    assert resolve("fp32", cpu, cpuinfo="flags : amx_bf16").autocast_dtype is None  # asked for: kept
 
 
 def test_schedules() -> None:
@@ -71,22 +72,56 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
 
 
-def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
+class _FailingScaler:
+    def state_dict(self) -> dict:
+        raise RuntimeError("the process dies here, halfway through writing a checkpoint")
+
+
+def _trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    for _ in range(steps):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_checkpoints_restore_optimizer_and_scheduler_state(tmp_path: Path) -> None:
+    model, optimizer, scheduler = _trained(5)
+    saved = checkpoint.save(tmp_path, 5, model, optimizer, scheduler, None, [checkpoint.rng_state()],
+                            {"global_step": 5}, keep=2)
+    fresh = torch.nn.Linear(3, 3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda s: 1.0 / (1 + s))
+    state, rng = checkpoint.load(saved, fresh, fresh_optimizer, fresh_scheduler, None)
+    assert state == {"global_step": 5} and len(rng) == 1
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_scheduler.last_epoch == 5 and fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 6)
+    for p_old, p_new in zip(model.parameters(), fresh.parameters(), strict=True):
+        old, new = optimizer.state[p_old], fresh_optimizer.state[p_new]
+        assert torch.equal(old["exp_avg"], new["exp_avg"]) and torch.equal(old["exp_avg_sq"], new["exp_avg_sq"])
+        assert int(old["step"]) == int(new["step"]) == 5
+
+
+def test_a_checkpoint_interrupted_mid_write_is_never_listed_and_old_ones_are_pruned(tmp_path: Path) -> None:
+    model, optimizer, scheduler = _trained(1)
     for step in (5, 10, 15):
         checkpoint.save(tmp_path, step, model, optimizer, scheduler, None, [checkpoint.rng_state()],
                         {"global_step": step}, keep=2)
-    (tmp_path / ".step-00000020.tmp-1").mkdir()  # a crash mid-write leaves only this behind
+    with pytest.raises(RuntimeError, match="halfway"):  # the weights are written, the rest is not
+        checkpoint.save(tmp_path, 20, model, optimizer, scheduler, _FailingScaler(), [], {"global_step": 20},
+                        keep=2)
+    assert any(p.name.startswith(".step-00000020.tmp") for p in tmp_path.iterdir())
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
     latest = checkpoint.latest(tmp_path)
     assert latest is not None and latest.name == "step-00000015"
-    fresh = torch.nn.Linear(3, 3)
-    state, rng = checkpoint.load(latest, fresh, torch.optim.AdamW(fresh.parameters()),
-                                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
-    assert state == json.loads((latest / checkpoint.STATE_FILE).read_text()) == {"global_step": 15}
-    assert torch.equal(fresh.weight, model.weight) and len(rng) == 1
+    checkpoint.save(tmp_path, 25, model, optimizer, scheduler, None, [], {"global_step": 25}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000015", "step-00000025"]  # leftovers gone
 
 
 def test_world_from_env() -> None:

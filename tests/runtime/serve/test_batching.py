@@ -38,5 +38,7 @@ def test_zero_wait_sends_immediately_and_bad_settings_fail() -> None:
     batcher: Batcher[int] = Batcher(max_batch_size=4, max_wait=0)
     batcher.add(1, now=0)
     assert batcher.ready(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         Batcher(max_batch_size=0, max_wait=0)
+    with pytest.raises(ValueError, match="max_wait >= 0"):
+        Batcher(max_batch_size=1, max_wait=-1)

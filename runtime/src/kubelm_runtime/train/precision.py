@@ -33,14 +33,16 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def resolve(requested: str, device: torch.device) -> Precision:
+def resolve(requested: str, device: torch.device, cpuinfo: str | None = None) -> Precision:
+    """The precision to train in; `auto` picks bf16 where the device runs it fast (`cpuinfo`: this
+    machine's /proc/cpuinfo unless given)."""
     if device.type == "cuda":
         # TF32 matmuls: fp32 range with tensor-core speed for whatever autocast leaves in fp32.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         bf16_ok = torch.cuda.is_bf16_supported()
     else:
-        bf16_ok = cpu_has_fast_bf16()
+        bf16_ok = cpu_has_fast_bf16(cpuinfo)
     if requested == "auto":
         requested = "bf16" if bf16_ok else "fp32"
     if requested == "bf16":
