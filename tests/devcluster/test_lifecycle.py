@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from kubelm_devcluster.supervisor import group_members, marked_processes
+from support import eventually
 
 pytestmark = [pytest.mark.slow]
 
@@ -57,8 +57,8 @@ def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path) -> None:
     assert kubelm_dev(root, "up").returncode == 0
     pgid = _state(root)["supervisor_pid"]
     os.kill(pgid, signal.SIGKILL)
-    # Give orphans time to react to the loss (Erlang, for one, tries to restart epmd).
-    time.sleep(3)
+    # The supervisor gone, its components are orphans (whatever they do about it, down must clean up).
+    eventually(lambda: not _not_zombie(pgid), timeout=30, interval=0.05, what="the supervisor gone")
     assert marked_processes(root), "components should still be around to clean up"
     assert kubelm_dev(root, "down").returncode == 0
     assert group_members(pgid) == []

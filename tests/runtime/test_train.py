@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +91,14 @@ def test_short_run_lowers_validation_loss_and_writes_the_artifact(tmp_path: Path
 
 
 def test_kill_and_resume_continues_the_same_run(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path]) -> None:
-    reference = write_config(tmp_path / "reference", tiny_model, corpus)
+    # Killed once past step 13 (a checkpoint at 10): 60 steps leave the kill plenty of room to land
+    # before the end, however fast the machine.
+    steps = {"maxSteps": 60}
+    reference = write_config(tmp_path / "reference", tiny_model, corpus, hyperparameters=steps)
     assert run_train(reference).returncode == 0
     expected = losses_by_step(tmp_path / "reference" / "out")
 
-    config = write_config(tmp_path / "killed", tiny_model, corpus)
+    config = write_config(tmp_path / "killed", tiny_model, corpus, hyperparameters=steps)
     out = tmp_path / "killed" / "out"
     process = subprocess.Popen(train_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     eventually(lambda: (out / "metrics.jsonl").exists() and max(losses_by_step(out), default=0) >= 13,
@@ -104,15 +106,15 @@ def test_kill_and_resume_continues_the_same_run(tmp_path: Path, tiny_model: Path
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(losses_by_step(out))
-    assert killed_at < 30
+    assert killed_at < 60
 
     result = run_train(config)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr
     resumed = losses_by_step(out)
-    assert max(resumed) == 30 == max(expected)
+    assert max(resumed) == 60 == max(expected)
     # Same data order, optimizer and RNG state: the resumed curve is the uninterrupted one.
-    for step in range(1, 31):
+    for step in range(1, 61):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
     assert json.loads((out / "result.json").read_text())["attempt"] == 2
 
@@ -166,12 +168,11 @@ def test_training_survives_redis_being_down(tmp_path: Path, tiny_model: Path, co
                                             private_redis: RedisServer) -> None:
     private_redis.stop()
     config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 10})
-    started = time.monotonic()
     result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
     assert result.returncode == 0, result.stderr
-    assert "continuing without progress reporting" in result.stderr
+    # One warning, not one per report: after the first failure Redis is left alone for its quiet period.
+    assert result.stderr.count("continuing without progress reporting") == 1
     assert json.loads((tmp_path / "out" / "result.json").read_text())["steps"] == 10
-    assert time.monotonic() - started < 120
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -17,6 +17,7 @@ import pika
 import pytest
 
 from kubelm_contract import keys, protocol, queues
+from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
@@ -59,17 +60,39 @@ def test_worker_reexecutes_itself_on_jemalloc(launcher: Launcher) -> None:
 
 
 def test_200_concurrent_requests_are_answered_in_batches(launcher: Launcher) -> None:
-    worker = launcher.worker("tiny", batching={"maxBatchSize": 32, "maxWaitMillis": 50})
-    gateway = launcher.gateway()
+    """200 requests queued through the gateway before any worker runs (so batching does not depend on how
+    fast they arrive), then one worker works through the backlog in batches."""
+    queue = _declare(launcher, "tiny")
+    gateway = launcher.gateway(models=["tiny"], requestTimeoutSeconds=300)
     with ThreadPoolExecutor(max_workers=200) as pool:
-        results = list(pool.map(lambda i: completion(gateway.url(), "tiny", f"count {i}", max_tokens=4,
-                                                     temperature=0.5), range(200)))
+        futures = [pool.submit(completion, gateway.url(), "tiny", f"count {i}", max_tokens=4, temperature=0.5)
+                   for i in range(200)]
+        eventually(lambda: rabbit_ready(launcher.cluster, queue) == 200, timeout=120, interval=0.1,
+                   what="200 requests queued")
+        worker = launcher.worker("tiny", batching={"maxBatchSize": 32, "maxWaitMillis": 50})
+        results = [f.result() for f in futures]
     assert [status for status, _ in results] == [200] * 200
     assert len({body["id"] for _, body in results}) == 200
     steps = worker.metric("kubelm_batch_size_count")
     rows_per_step = worker.metric("kubelm_batch_size_sum") / steps
     assert worker.metric("kubelm_requests_total", '{outcome="ok"}') == 200
     assert rows_per_step > 2, rows_per_step
+
+
+def _declare(launcher: Launcher, model: str) -> str:
+    """The model's queues as a worker declares them (the same contract function), before any worker runs."""
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    name = queues.declare_model_queues(connection.channel(), launcher.namespace, model, QueueSpec())
+    connection.close()
+    return name
+
+
+def rabbit_ready(cluster: ClusterEnv, queue: str) -> int:
+    """Messages ready in the queue this moment (a passive declare; the management API lags)."""
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    connection.close()
+    return count
 
 
 def _send_raw(cluster: ClusterEnv, queue: str, body: bytes, reply_to: str | None = None,
@@ -83,7 +106,7 @@ def _send_raw(cluster: ClusterEnv, queue: str, body: bytes, reply_to: str | None
 
 def test_sigkill_mid_batch_loses_nothing(launcher: Launcher) -> None:
     first = launcher.worker("tiny", **SLOW)
-    gateway = launcher.gateway()
+    gateway = launcher.gateway(requestTimeoutSeconds=600)  # delivery is under test, not latency
     with ThreadPoolExecutor(max_workers=24) as pool:
         futures = [pool.submit(completion, gateway.url(), "tiny", f"story {i}", max_tokens=200, temperature=0.9)
                    for i in range(24)]
@@ -101,7 +124,7 @@ def test_sigkill_mid_batch_loses_nothing(launcher: Launcher) -> None:
 
 def test_sigterm_drains_without_redelivery(launcher: Launcher) -> None:
     worker = launcher.worker("tiny", **SLOW)
-    gateway = launcher.gateway()
+    gateway = launcher.gateway(requestTimeoutSeconds=600)  # delivery is under test, not latency
     queue = queues.request_queue(launcher.namespace, "tiny")
     with ThreadPoolExecutor(max_workers=12) as pool:
         futures = [pool.submit(completion, gateway.url(), "tiny", f"story {i}", max_tokens=200, temperature=0.9)
@@ -119,7 +142,7 @@ def test_sigterm_drains_without_redelivery(launcher: Launcher) -> None:
     assert second.metric("kubelm_redelivered_total") == 0
     eventually(lambda: "redeliver" in rabbit_queue(launcher.cluster, queue).get("message_stats", {})
                or rabbit_queue(launcher.cluster, queue).get("message_stats", {}).get("ack", 0) >= 12,
-               timeout=10, what="statistics refreshed")
+               timeout=60, what="statistics refreshed")
     stats = rabbit_queue(launcher.cluster, queue).get("message_stats", {})
     assert stats.get("redeliver", 0) == 0, stats
 

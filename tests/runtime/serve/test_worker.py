@@ -96,8 +96,21 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
     engine = Engine.load(str(tiny_model), dtype="fp32")
     engine.eos = -1  # a tiny model may pick EOS early; decode every row to its length
     order: list[str] = []
+    decode, arrived = engine.step, threading.Event()
     with running_worker(cluster, engine, tmp_path, "joins", limits={"maxNewTokens": 200},
                         batching={"maxBatchSize": 4, "maxWaitMillis": 0}) as (worker, ask):
+        def step_once_the_short_one_arrived(batch: Batch) -> list[Any]:
+            # The long request's decoding waits (on the worker's own thread, still taking deliveries) until
+            # the short one has been delivered: however slow the machine, it arrives mid-batch.
+            while not arrived.is_set():
+                if len(worker.batcher) or len(worker.in_flight) > 1:
+                    arrived.set()
+                else:
+                    worker.channel.wait(0.01)
+            return decode(batch)
+
+        engine.step = step_once_the_short_one_arrived  # type: ignore[method-assign]
+
         async def answered(prompt: str, tokens: int) -> dict[str, Any]:
             reply = await ask(prompt, tokens)
             order.append(prompt)
