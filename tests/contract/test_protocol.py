@@ -50,6 +50,21 @@ def test_invalid_requests(body: object, kind: str, message: str) -> None:
     assert info.value.kind == kind and message in str(info.value)
 
 
+def test_limits_at_and_past_their_edges() -> None:
+    """64 prompts, ids of 128 characters, 4 stop strings of 64 characters: accepted; one more is refused."""
+    assert len(parse({"id": "a", "prompts": ["x"] * protocol.MAX_PROMPTS}).prompts) == 64
+    with pytest.raises(ProtocolError, match="prompts"):
+        parse({"id": "a", "prompts": ["x"] * (protocol.MAX_PROMPTS + 1)})
+    assert parse({"id": "i" * 128, "prompt": "x"}).id == "i" * 128
+    with pytest.raises(ProtocolError, match="id must be 1-128 characters"):
+        parse({"id": "i" * 129, "prompt": "x"})
+    stops = ["s" * 64] * protocol.MAX_STOP_SEQUENCES
+    assert parse({"id": "a", "prompt": "x", "params": {"stop": stops}}).decoding.stop == tuple(stops)
+    for too_many in ([*stops, "t"], ["s" * 65]):
+        with pytest.raises(ProtocolError, match="up to 4 non-empty strings of at most 64 characters"):
+            parse({"id": "a", "prompt": "x", "params": {"stop": too_many}})
+
+
 def test_reply_round_trip_and_errors() -> None:
     reply = Reply("r", (Choice("hi", "stop", 3, 1),), timings={"generate_ms": 2.0}, model="m")
     data = json.loads(reply.to_json())

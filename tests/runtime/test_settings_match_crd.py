@@ -43,7 +43,7 @@ LM_SPEC = LM_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties
 
 
 def test_serving_settings_match_the_languagemodel_crd() -> None:
-    from kubelm_runtime.serve.settings import Artifacts, Batching, Generation, LimitsSpec, Queue, Responses
+    from kubelm_runtime.serve.settings import Batching, Generation, LimitsSpec, Queue, Responses
 
     sections = {
         Generation: LM_SPEC["generation"]["properties"],
@@ -51,7 +51,6 @@ def test_serving_settings_match_the_languagemodel_crd() -> None:
         Batching: LM_SPEC["batching"]["properties"],
         Queue: LM_SPEC["queue"]["properties"],
         Responses: LM_SPEC["cache"]["properties"]["responses"]["properties"],
-        Artifacts: LM_SPEC["cache"]["properties"]["artifacts"]["properties"],
     }
     for cls, schema in sections.items():
         names = {camel(f.name) for f in dataclasses.fields(cls)}

@@ -116,7 +116,9 @@ def test_a_checkpoint_interrupted_mid_write_is_never_listed_and_old_ones_are_pru
     with pytest.raises(RuntimeError, match="halfway"):  # the weights are written, the rest is not
         checkpoint.save(tmp_path, 20, model, optimizer, scheduler, _FailingScaler(), [], {"global_step": 20},
                         keep=2)
-    assert any(p.name.startswith(".step-00000020.tmp") for p in tmp_path.iterdir())
+    # The failed write left nothing behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000015"]
+    (tmp_path / ".step-00000020.tmp-killed").mkdir()  # what a process killed mid-write leaves behind
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
     latest = checkpoint.latest(tmp_path)
     assert latest is not None and latest.name == "step-00000015"

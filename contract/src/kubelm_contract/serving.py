@@ -62,12 +62,6 @@ class Responses:
 
 
 @dataclass(frozen=True)
-class Artifacts:
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
 class Cache:
     responses: Responses = field(default_factory=Responses)
-    artifacts: Artifacts = field(default_factory=Artifacts)
     deletion_policy: Literal["Delete", "Retain"] = "Delete"

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +21,7 @@ from typing import BinaryIO
 
 from kubelm_contract import keys
 
+from .atomic import atomic_directory
 from .redis_store import RedisStore
 
 MANIFEST_FILE = "kubelm-manifest.json"
@@ -241,10 +239,7 @@ def fetch(store: RedisStore, name: str, destination: Path, version: int | None =
     artifact = describe(store, name, version)
     if content_digest(artifact.files) != artifact.digest:
         raise ArtifactCorrupt(f"artifact {name}@{artifact.version}: manifest file list does not match its digest")
-    destination = destination.resolve()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
+    with atomic_directory(destination.resolve()) as staging:
         writer = _FileWriter(staging, artifact.files)
         chunk_keys = [keys.artifact_chunk(name, artifact.version, i) for i in range(len(artifact.chunks))]
         # Three stages overlap: a thread fetches ahead, another checks chunk digests, and this one
@@ -265,12 +260,6 @@ def fetch(store: RedisStore, name: str, destination: Path, version: int | None =
                     raise ArtifactCorrupt(
                         f"artifact {name}@{artifact.version}: chunk {index} does not match its digest")
         writer.close()
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return artifact
 
 

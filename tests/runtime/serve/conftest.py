@@ -70,12 +70,13 @@ class Launcher:
         self.namespace = f"t{uuid.uuid4().hex[:8]}"
         self.started: list[Process] = []
 
-    def _start(self, kind: str, config: dict[str, Any], redis_url: str | None, ready_path: str) -> Process:
+    def _start(self, kind: str, config: dict[str, Any], redis_url: str | None, ready_path: str,
+               amqp_url: str | None = None) -> Process:
         name = f"{kind}-{len(self.started)}"
         path = self.tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         log = self.tmp_path / f"{name}.log"
-        env = {**os.environ, "KUBELM_AMQP_URL": self.cluster.amqp_url}
+        env = {**os.environ, "KUBELM_AMQP_URL": amqp_url or self.cluster.amqp_url}
         env.pop("KUBELM_REDIS_URL", None)
         if redis_url:
             env["KUBELM_REDIS_URL"] = redis_url
@@ -103,10 +104,11 @@ class Launcher:
             "cacheDir": str(self.tmp_path / "cache"), "healthPort": free_port(), "dtype": "fp32", **overrides}
         return self._start("serve", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")
 
-    def gateway(self, redis_url: str | None = "", **overrides: Any) -> Process:
+    def gateway(self, redis_url: str | None = "", amqp_url: str | None = None, **overrides: Any) -> Process:
         config = {"namespace": self.namespace, "host": "127.0.0.1", "port": free_port(),
                   "requestTimeoutSeconds": 30, **overrides}
-        return self._start("gateway", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")
+        return self._start("gateway", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz",
+                           amqp_url)
 
     def stop_all(self) -> None:
         for started in self.started:

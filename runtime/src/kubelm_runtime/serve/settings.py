@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kubelm_contract.serving import Artifacts, Batching, Cache, Generation, LimitsSpec, Queue, Responses
+from kubelm_contract.serving import Batching, Cache, Generation, LimitsSpec, Queue, Responses
 from kubelm_contract.settings import SettingsError
 
 from ..config import ModelSource
 
-__all__ = ["Artifacts", "Batching", "Cache", "GatewayConfig", "Generation", "LimitsSpec", "Queue", "Responses",
+__all__ = ["Batching", "Cache", "GatewayConfig", "Generation", "LimitsSpec", "Queue", "Responses",
            "ServeConfig"]
 
 

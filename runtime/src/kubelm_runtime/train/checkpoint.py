@@ -1,13 +1,11 @@
-"""Atomic checkpoints: written into a temporary directory, then renamed into place.
-
-A directory named step-NNNNNNNN is complete by construction; a crash leaves at
-most a .tmp directory, which is ignored and removed. Only the newest `keep` survive.
+"""Checkpoints as atomic directories (`kubelm_runtime.atomic`): a directory named step-NNNNNNNN is
+complete by construction; a crash leaves at most a dot-named leftover, which listings ignore and the
+next save removes. Only the newest `keep` survive.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -18,16 +16,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from ..atomic import atomic_directory, remove_leftovers
+
 NAME = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,28 +50,16 @@ def latest(directory: Path) -> Path | None:
 
 def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: Any, scaler: Any, rng_states: list[dict[str, Any]], state: dict[str, Any], keep: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
-    tmp = directory / f".step-{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_states}, tmp / "training.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    with atomic_directory(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_states}, tmp / "training.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(".step-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(directory, "step-*")
     return final
 
 

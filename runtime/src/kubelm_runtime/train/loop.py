@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kubelm_contract.settings import dump
 
 from .. import artifacts, models
+from ..atomic import atomic_directory
 from ..progress import ProgressReporter
 from ..redis_store import RedisStore, StoreUnavailable
 from . import checkpoint, distributed, precision
@@ -67,20 +66,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 class Training:
@@ -253,10 +238,9 @@ class Training:
                     if best is None or eval_loss < float(best):
                         state["best_eval_loss"] = eval_loss
                         if world.is_writer:
-                            tmp = _atomic_dir(self.out / "best")
-                            save_model(raw_model, str(tmp / "model.safetensors"))
-                            (tmp / "best.json").write_text(json.dumps({"step": step, "evalLoss": eval_loss}))
-                            _commit_dir(tmp, self.out / "best")
+                            with atomic_directory(self.out / "best") as tmp:
+                                save_model(raw_model, str(tmp / "model.safetensors"))
+                                (tmp / "best.json").write_text(json.dumps({"step": step, "evalLoss": eval_loss}))
                 if end_of_epoch:
                     epoch, step_in_epoch = epoch + 1, 0
                 if step % cfg.checkpointing.interval_steps == 0 or step == total_steps:
@@ -325,26 +309,25 @@ class Training:
 
     def _write_model(self, model: Any, metrics: dict[str, float]) -> dict[str, Any]:
         final = self.out / "model"
-        tmp = _atomic_dir(final)
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        files = artifacts.scan_directory(tmp)
-        manifest = {
-            "digest": artifacts.content_digest(files),
-            "baseModel": self.config.base_model.describe(),
-            "dataset": {
-                "fingerprint": self._dataset_fingerprint(),
-                **{k: v for k, v in dump(self.config.dataset).items()},
-            },
-            "hyperparameters": dump(self.config.hyperparameters),
-            "precision": self.precision.name,
-            "worldSize": self.world.size,
-            "metrics": metrics,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
-        }
-        (tmp / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _commit_dir(tmp, final)
+        with atomic_directory(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            files = artifacts.scan_directory(tmp)
+            manifest = {
+                "digest": artifacts.content_digest(files),
+                "baseModel": self.config.base_model.describe(),
+                "dataset": {
+                    "fingerprint": self._dataset_fingerprint(),
+                    **{k: v for k, v in dump(self.config.dataset).items()},
+                },
+                "hyperparameters": dump(self.config.hyperparameters),
+                "precision": self.precision.name,
+                "worldSize": self.world.size,
+                "metrics": metrics,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            }
+            (tmp / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         artifact: dict[str, Any] = {"uri": str(final), "digest": manifest["digest"], "metrics": metrics}
         if self.config.publish.artifact_cache and self.store is not None:
             stored = self._publish_with_retry(final)

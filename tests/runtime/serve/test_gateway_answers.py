@@ -1,0 +1,236 @@
+"""What the gateway and the broker answer when a request cannot be served now: the documented 429s,
+503s, dead-lettering by the queue's own limits, asynchronous results, and the health endpoints."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+
+from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
+from kubelm_devcluster.probes import http_get
+from kubelm_devcluster.standalone import RedisServer
+from support import ClusterEnv, eventually
+
+from .conftest import Launcher, dead_letters, get, post
+
+pytestmark = [pytest.mark.services]
+
+
+def _declare(launcher: Launcher, model: str, spec: QueueSpec) -> str:
+    """The model's queues as a worker would declare them (the contract's function); no worker runs."""
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    name = queues.declare_model_queues(connection.channel(), launcher.namespace, model, spec)
+    connection.close()
+    return name
+
+
+def _ready(cluster: ClusterEnv, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    connection.close()
+    return count
+
+
+def _in_background(url: str, body: dict[str, Any]) -> None:
+    """A request left waiting for its reply (nobody serves it); its answer is not awaited, and it ends
+    with the gateway when the test stops it."""
+    def send() -> None:
+        with suppress(OSError):
+            post(url, body)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def _completions(gateway_url: str) -> str:
+    return f"{gateway_url}/v1/completions"
+
+
+def test_429_over_max_concurrency(launcher: Launcher) -> None:
+    queue = _declare(launcher, "busy", QueueSpec())
+    gateway = launcher.gateway(models=["busy"], maxConcurrency=1, requestTimeoutSeconds=300)
+    _in_background(_completions(gateway.url()), {"model": "busy", "prompt": "first", "max_tokens": 2})
+    eventually(lambda: _ready(launcher.cluster, queue) == 1, timeout=60, what="the first request queued")
+    status, error = post(_completions(gateway.url()), {"model": "busy", "prompt": "second", "max_tokens": 2})
+    assert status == 429 and error["error"]["type"] == "rate_limit_error"
+    assert _ready(launcher.cluster, queue) == 1  # the refused one never reached the queue
+
+
+def test_503_for_a_model_without_a_queue_and_for_a_full_queue(launcher: Launcher) -> None:
+    full = _declare(launcher, "full", QueueSpec(max_length=1))  # x-overflow: reject-publish
+    gateway = launcher.gateway(models=["ghost", "full"], requestTimeoutSeconds=300)
+    status, error = post(_completions(gateway.url()), {"model": "ghost", "prompt": "x", "max_tokens": 2})
+    assert status == 503 and "has no request queue yet" in error["error"]["message"]
+    # A quorum queue takes one message past x-max-length (its length is checked before each enqueue),
+    # then refuses.
+    for prompt in ("first", "second"):
+        _in_background(_completions(gateway.url()), {"model": "full", "prompt": prompt, "max_tokens": 2})
+    eventually(lambda: _ready(launcher.cluster, full) == 2, timeout=60, what="the queue full")
+    status, error = post(_completions(gateway.url()), {"model": "full", "prompt": "third", "max_tokens": 2})
+    assert status == 503 and "at its queue limit" in error["error"]["message"]
+    assert _ready(launcher.cluster, full) == 2
+
+
+class _Forwarder:
+    """A TCP forwarder in front of the broker that can go away: the broker as a client sees it when the
+    network or the broker is down."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.open:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:  # accepted while going down
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def down(self) -> None:
+        """No new connections (refused), and every open one cut."""
+        self.open = False
+        with suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+        self.listener.close()
+        for s in self.sockets:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def _forwarded(cluster: ClusterEnv) -> Iterator[tuple[_Forwarder, str]]:
+    parts = urllib.parse.urlsplit(cluster.amqp_url)
+    forwarder = _Forwarder(int(parts.port or 5672))
+    try:
+        yield forwarder, parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{forwarder.port}").geturl()
+    finally:
+        forwarder.down()
+
+
+def test_503_and_not_ready_while_the_broker_is_unreachable(launcher: Launcher) -> None:
+    _declare(launcher, "tiny", QueueSpec())
+    with _forwarded(launcher.cluster) as (forwarder, amqp_url):
+        gateway = launcher.gateway(models=["tiny"], amqp_url=amqp_url, requestTimeoutSeconds=2,
+                                   publishConnections=1)
+        forwarder.down()
+        eventually(lambda: http_get(gateway.url("/readyz"))[0] == 503, timeout=60, what="gateway not ready")
+        status, error = post(_completions(gateway.url()), {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert status == 503 and "not connected to RabbitMQ" in error["error"]["message"]
+        assert http_get(gateway.url("/healthz"))[0] == 200  # alive: restarting would not bring the broker back
+
+
+def _death_reasons(cluster: ClusterEnv, namespace: str, model: str) -> list[str]:
+    return [str(d[0]["x-death"][0]["reason"]) for d in dead_letters(cluster, namespace, model)
+            if d[0].get("x-death")]
+
+
+def test_the_queue_dead_letters_past_its_delivery_limit(launcher: Launcher) -> None:
+    queue = _declare(launcher, "flaky", QueueSpec(delivery_limit=2))
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    channel = connection.channel()
+    channel.basic_publish("", queue, b"{}", pika.BasicProperties(delivery_mode=2))
+    deliveries, reasons = 0, []
+
+    def fail_it_until_dead_lettered() -> bool:
+        """A consumer that keeps failing: each failure hands the message back, until the broker gives up."""
+        nonlocal deliveries
+        method, _, _ = channel.basic_get(queue)
+        if method is not None:
+            deliveries += 1
+            channel.basic_nack(method.delivery_tag, requeue=True)
+        reasons.extend(_death_reasons(launcher.cluster, launcher.namespace, "flaky"))
+        return bool(reasons)
+
+    eventually(fail_it_until_dead_lettered, timeout=60, interval=0.01, what="the message dead-lettered")
+    connection.close()
+    assert reasons == ["delivery_limit"]
+    assert deliveries == 3  # the first delivery and the two the limit allows
+
+
+def test_the_queue_dead_letters_what_waited_past_its_ttl(launcher: Launcher) -> None:
+    queue = _declare(launcher, "stale", QueueSpec(message_ttl_seconds=1))
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    connection.channel().basic_publish("", queue, b"{}", pika.BasicProperties(delivery_mode=2))
+    connection.close()
+    reasons: list[str] = []
+    eventually(lambda: bool(reasons.__iadd__(_death_reasons(launcher.cluster, launcher.namespace, "stale"))),
+               timeout=60, what="the message dead-lettered")
+    assert reasons == ["expired"] and _ready(launcher.cluster, queue) == 0
+
+
+def test_asynchronous_requests_pending_failed_and_without_redis(launcher: Launcher, tmp_path: Path) -> None:
+    queue = _declare(launcher, "tiny", QueueSpec())
+    gateway = launcher.gateway(models=["tiny"])
+    body = {"model": "tiny", "prompt": "the old fox", "max_tokens": 2}
+    status, accepted = post(f"{gateway.url()}/v1/requests", body)
+    assert status == 202
+    eventually(lambda: _ready(launcher.cluster, queue) == 1, timeout=60, what="the request queued")
+    status, pending = get(f"{gateway.url()}/v1/requests/{accepted['id']}")  # no worker yet
+    assert status == 202 and pending["status"] == "pending"
+    # A request the worker refuses (its prompt is over the model's input limit) ends as `failed`.
+    launcher.worker("tiny", limits={"maxInputTokens": 2})
+    status, failed = post(f"{gateway.url()}/v1/requests", {**body, "prompt": "one two three four five six"})
+    assert status == 202
+    results: list[dict[str, Any]] = []
+
+    def finished() -> bool:
+        code, result = get(f"{gateway.url()}/v1/requests/{failed['id']}")
+        results.append(result)
+        return code == 200
+
+    eventually(finished, timeout=60, interval=0.1, what="the refused request's result")
+    assert results[-1]["status"] == "failed" and results[-1]["error"]["type"] == "prompt_too_long"
+    redis = RedisServer(tmp_path / "redis")  # never started: connections refused
+    without = launcher.gateway(models=["tiny"], redis_url=redis.url)
+    status, error = post(f"{without.url()}/v1/requests", body)
+    assert status == 503 and "need Redis, which is unavailable" in error["error"]["message"]
+
+
+def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
+    worker = launcher.worker("tiny")
+    gateway = launcher.gateway()
+    request = {"model": "tiny", "prompt": "the old fox", "max_tokens": 3, "temperature": 0}
+    assert post(_completions(gateway.url()), request)[0] == 200
+    assert post(_completions(gateway.url()), request)[0] == 200  # answered from the cache by the gateway
+    assert http_get(worker.url("/livez")) == (200, b"ok\n") and http_get(worker.url("/healthz"))[0] == 200
+    assert http_get(gateway.url("/healthz"))[0] == 200
+    for name in ("kubelm_queue_wait_seconds_count", "kubelm_batch_wait_seconds_count",
+                 "kubelm_generation_seconds_count", "kubelm_generated_tokens_total"):
+        assert worker.metric(name) >= 1, name
+    assert worker.metric("kubelm_requests_total", '{outcome="ok"}') == 1
+    assert worker.metric("kubelm_requests_total", '{outcome="cached"}') == 0
+    assert worker.metric("kubelm_errors_total", '{type="internal"}') == 0
+    _, text = http_get(gateway.url("/metrics"))
+    exported = text.decode()
+    assert 'kubelm_gateway_requests_total{route="/v1/completions",status="200"} 2.0' in exported
+    assert 'kubelm_gateway_latency_seconds_count{model="tiny"} 1.0' in exported
