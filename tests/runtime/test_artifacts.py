@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -144,3 +145,33 @@ def test_cli_deletes_every_version_of_an_artifact(private_redis: RedisServer, st
     assert "ns/old" in capsys.readouterr().err
     assert artifacts.describe(store, "ns/kept").version == 1
     assert cli.main(["artifact", "delete", "ns/old"]) == 1  # nothing left to remove
+
+
+def test_a_manifest_whose_file_list_does_not_match_its_digest_is_refused(store: RedisStore, tiny_model: Path,
+                                                                        tmp_path: Path) -> None:
+    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny")
+    forged = dataclasses.replace(stored, digest="sha256:" + "0" * 64)
+    store.set_json(keys.artifact_manifest("ns/tiny", stored.version), forged.to_json())
+    with pytest.raises(artifacts.ArtifactCorrupt, match="manifest file list does not match its digest"):
+        artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_cli_builds_a_tiny_model_publishes_and_fetches_it(private_redis: RedisServer, corpus: dict[str, Path],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from kubelm_runtime import cli
+
+    built = tmp_path / "built"
+    assert cli.main(["tiny-model", "--corpus", str(corpus["train"]), "--out", str(built), "--vocab-size", "300",
+                     "--layers", "1", "--embd", "32", "--positions", "64"]) == 0
+    model = load_causal_lm(str(built))
+    assert model.config.n_layer == 1 and model.config.n_embd == 32
+    monkeypatch.setenv("KUBELM_REDIS_URL", private_redis.url)
+    capsys.readouterr()
+    assert cli.main(["artifact", "publish", str(built), "--name", "ns/built"]) == 0
+    published = json.loads(capsys.readouterr().out)
+    assert cli.main(["artifact", "fetch", "artifact://ns/built", str(tmp_path / "fetched")]) == 0
+    fetched = json.loads(capsys.readouterr().out)
+    assert fetched["digest"] == published["digest"] == artifacts.content_digest(
+        artifacts.scan_directory(tmp_path / "fetched"))

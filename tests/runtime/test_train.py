@@ -215,3 +215,12 @@ def test_too_little_evaluation_data_fails_before_training(tmp_path: Path, tiny_m
     assert "invalid configuration" not in result.stderr
     # Refused before the first step, not after the training it would have thrown away.
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_configuration_file_comes_from_kubelm_config_without_a_flag(tmp_path: Path, tiny_model: Path,
+                                                                       corpus: dict[str, Path]) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"lerningRate": 0.1})
+    result = subprocess.run([sys.executable, "-m", "kubelm_runtime", "train"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "KUBELM_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert "hyperparameters.lerningRate: unknown setting" in result.stderr

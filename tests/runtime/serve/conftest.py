@@ -97,9 +97,9 @@ class Launcher:
         eventually(up, timeout=90, interval=0.1, what=f"{name} ready")
         return started
 
-    def worker(self, model: str, redis_url: str | None = "", **overrides: Any) -> Process:
+    def worker(self, name: str, redis_url: str | None = "", **overrides: Any) -> Process:
         config: dict[str, Any] = {
-            "name": model, "namespace": self.namespace, "model": {"uri": str(self.tiny_model)},
+            "name": name, "namespace": self.namespace, "model": {"uri": str(self.tiny_model)},
             "batching": {"maxBatchSize": 16, "maxWaitMillis": 20}, "generation": {"maxNewTokens": 8},
             "cacheDir": str(self.tmp_path / "cache"), "healthPort": free_port(), "dtype": "fp32", **overrides}
         return self._start("serve", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")

@@ -19,6 +19,7 @@ import pytest
 from kubelm_contract import keys, protocol, queues
 from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.standalone import RedisServer
+from kubelm_runtime import artifacts
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
 
@@ -352,3 +353,19 @@ def test_broker_connection_blips_cost_latency_not_errors(launcher: Launcher) -> 
     lost = re.findall(r"lost the connection to RabbitMQ .*: (\d+) requests in the batch and (\d+) waiting",
                       worker.output())
     assert len(lost) == 2 and sum(int(a) + int(b) for a, b in lost) > 0  # the blips hit work in progress
+
+
+def test_a_worker_serves_a_published_artifact(launcher: Launcher) -> None:
+    """`model.artifact`: the worker fetches the model from the artifact cache into its cache directory,
+    checks it, loads it and serves it; the gateway routes to it by name."""
+    store = RedisStore(launcher.cluster.redis_url)
+    name = f"{launcher.namespace}/tiny"
+    stored = artifacts.publish(store, launcher.tiny_model, name)
+    try:
+        worker = launcher.worker("tiny", model={"artifact": stored.uri})
+        gateway = launcher.gateway()
+        status, body = completion(gateway.url(), "tiny", "the old fox", max_tokens=3, temperature=0)
+        assert status == 200 and body["choices"][0]["text"] is not None
+        assert f"fetched {stored.uri}" in worker.output()
+    finally:
+        artifacts.delete(store, name)
