@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,3 +225,24 @@ def test_the_configuration_file_comes_from_kubelm_config_without_a_flag(tmp_path
                             timeout=300, env={**os.environ, "KUBELM_CONFIG": str(config)})
     assert result.returncode == 2
     assert "hyperparameters.lerningRate: unknown setting" in result.stderr
+
+
+def test_jsonl_data_with_accumulation_no_clipping_and_evaluation_at_epoch_ends(
+        tmp_path: Path, tiny_model: Path, corpus: dict[str, Path]) -> None:
+    """JSONL records through the whole trainer, gradientAccumulationSteps 2, maxGradNorm 0 (no clipping),
+    evalIntervalSteps 0: evaluated exactly at the end of each epoch, and it learns."""
+    jsonl = {}
+    for split, path in corpus.items():
+        jsonl[split] = tmp_path / f"{split}.jsonl"
+        paragraphs = [p for p in path.read_text().split("\n\n") if p.strip()]
+        jsonl[split].write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs))
+    config = write_config(tmp_path, tiny_model, corpus, dataset={
+        "train": str(jsonl["train"]), "validation": str(jsonl["valid"]), "test": str(jsonl["test"]),
+        "format": "jsonl", "textField": "body"}, hyperparameters={
+        "maxSteps": None, "epochs": 2, "gradientAccumulationSteps": 2, "maxGradNorm": 0, "evalIntervalSteps": 0})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr
+    per_epoch = int(re.search(r"\((\d+) per epoch\)", result.stderr)[1])  # type: ignore[index]
+    evaluations = [m for m in metrics(tmp_path / "out") if "evalLoss" in m and "testLoss" not in m]
+    assert [m["step"] for m in evaluations] == [per_epoch, 2 * per_epoch]
+    assert evaluations[1]["evalLoss"] < evaluations[0]["evalLoss"]
