@@ -246,3 +246,13 @@ def test_jsonl_data_with_accumulation_no_clipping_and_evaluation_at_epoch_ends(
     evaluations = [m for m in metrics(tmp_path / "out") if "evalLoss" in m and "testLoss" not in m]
     assert [m["step"] for m in evaluations] == [per_epoch, 2 * per_epoch]
     assert evaluations[1]["evalLoss"] < evaluations[0]["evalLoss"]
+
+
+def test_a_run_that_fails_says_so_in_its_progress(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],
+                                                  private_redis: RedisServer) -> None:
+    config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"batchSize": 4096})
+    result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
+    assert result.returncode == 2, result.stderr
+    progress = RedisStore(private_redis.url).get_json(keys.progress("tests/tiny"))
+    assert progress["phase"] == "Failed"
+    assert progress["message"].startswith("DataError: training data too small")
