@@ -36,3 +36,38 @@ def test_the_gateway_connection_thread_survives_an_error_that_is_not_amqp(cluste
         client.close()
         channel.queue_delete(queue)
         admin.close()
+
+
+def test_a_second_reply_to_one_request_is_dropped(cluster: ClusterEnv) -> None:
+    """A request served twice (redelivered after a worker died with it) answers twice; the caller gets
+    the first reply and the second goes nowhere, without an error."""
+    queue = f"t-{uuid.uuid4().hex[:8]}"
+    admin = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    channel = admin.channel()
+    channel.queue_declare(queue, arguments={"x-expires": 60_000})
+    client = RpcClient(cluster.amqp_url)
+    client.start()
+
+    def answer_twice() -> None:
+        eventually(lambda: channel.queue_declare(queue, passive=True).method.message_count == 1, timeout=30,
+                   interval=0.02, what="the request queued")
+        _, properties, _ = channel.basic_get(queue, auto_ack=True)
+        for body in (b"first", b"second"):
+            channel.basic_publish("", properties.reply_to, body,
+                                  pika.BasicProperties(correlation_id=properties.correlation_id))
+
+    async def call_then_another() -> tuple[bytes, bytes]:
+        first = asyncio.ensure_future(client.call(queue, b"{}", "id-1", 60))
+        await asyncio.get_running_loop().run_in_executor(None, answer_twice)
+        replied = await first
+        # The client still works, and the stray second reply did not reach the next call.
+        second = asyncio.ensure_future(client.call(queue, b"{}", "id-2", 60))
+        await asyncio.get_running_loop().run_in_executor(None, answer_twice)
+        return replied, await second
+
+    try:
+        assert asyncio.run(call_then_another()) == (b"first", b"first")
+    finally:
+        client.close()
+        channel.queue_delete(queue)
+        admin.close()

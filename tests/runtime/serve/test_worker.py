@@ -185,7 +185,9 @@ def test_a_result_that_cannot_be_stored_is_counted_as_an_error(
                    timeout=30, what="the request dead-lettered")
         assert dead[0][0][queues.ERROR_TYPE_HEADER] == protocol.UNAVAILABLE
         sample = worker.metrics.registry.get_sample_value
-        assert sample("kubelm_requests_total", {"outcome": "error"}) == 1
+        # Counted right after the dead-lettering: this thread may see the message first.
+        eventually(lambda: sample("kubelm_requests_total", {"outcome": "error"}) == 1, timeout=10,
+                   interval=0.02, what="counted as an error")
         assert sample("kubelm_requests_total", {"outcome": "ok"}) == 0
         assert sample("kubelm_errors_total", {"type": protocol.UNAVAILABLE}) == 1
 
@@ -202,3 +204,22 @@ def test_a_worker_started_while_redis_is_down_registers_its_model_when_it_return
                        interval=0.2, what="the model registered")
             assert store.hget_json(keys.MODEL_REGISTRY, worker.model_id)["queue"] == worker.queue
             assert asyncio.run(ask("still serving", 2))["ok"]
+
+
+def test_a_client_publishing_straight_to_the_queue_gets_the_workers_cache(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    """No gateway in front: the worker looks the response cache up itself, fills it on a miss and answers
+    a repeated deterministic request from it."""
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    with RedisServer(tmp_path / "redis") as redis, \
+            running_worker(cluster, engine, tmp_path, "cached", redis_url=redis.url) as (worker, ask):
+        first = asyncio.run(ask("the old fox", 4))
+        second = asyncio.run(ask("the old fox", 4))
+        sample = worker.metrics.registry.get_sample_value
+        assert not first["cached"] and second["cached"]
+        assert first["choices"] == second["choices"]
+        assert sample("kubelm_response_cache_total", {"result": "miss"}) == 1
+        assert sample("kubelm_response_cache_total", {"result": "hit"}) == 1
+        # Counted right after the reply went out: the client may read the metrics first.
+        eventually(lambda: sample("kubelm_requests_total", {"outcome": "cached"}) == 1, timeout=10,
+                   interval=0.02, what="counted as cached")
