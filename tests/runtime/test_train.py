@@ -81,6 +81,10 @@ def test_short_run_lowers_validation_loss_and_writes_the_artifact(tmp_path: Path
     assert evals[0] > evals[-1] and evals[-1] < 0.6 * 6.24, evals
     summary = json.loads((out / "result.json").read_text())
     assert summary["metrics"]["evalLoss"] == min(evals)
+    best = json.loads((out / "best" / "best.json").read_text())
+    step_of = {m["evalLoss"]: m["step"] for m in metrics(out) if "evalLoss" in m and "testLoss" not in m}
+    assert best == {"step": step_of[min(evals)], "evalLoss": min(evals)}
+    assert (out / "best" / "model.safetensors").stat().st_size > 0
     assert summary["metrics"]["testLoss"] < 0.6 * 6.24
     manifest = artifacts.read_manifest(out / "model")
     assert manifest["digest"] == artifacts.content_digest(artifacts.scan_directory(out / "model"))
@@ -169,10 +173,11 @@ def test_training_survives_redis_being_down(tmp_path: Path, tiny_model: Path, co
                                             private_redis: RedisServer) -> None:
     private_redis.stop()
     config = write_config(tmp_path, tiny_model, corpus, hyperparameters={"maxSteps": 10})
-    result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url})
+    result = run_train(config, {"KUBELM_REDIS_URL": private_redis.url, "KUBELM_LOG_LEVEL": "warning"})
     assert result.returncode == 0, result.stderr
     # One warning, not one per report: after the first failure Redis is left alone for its quiet period.
     assert result.stderr.count("continuing without progress reporting") == 1
+    assert " INFO " not in result.stderr  # KUBELM_LOG_LEVEL: the step lines a run logs by default are hidden
     assert json.loads((tmp_path / "out" / "result.json").read_text())["steps"] == 10
 
 
