@@ -4,7 +4,7 @@ import fnmatch
 
 import pytest
 
-from kubelm_contract import keys
+from kubelm_contract import env, keys
 from kubelm_contract.volumes import LocationError, claim_of, local_path
 
 
@@ -25,6 +25,14 @@ def test_artifact_keys_share_one_hash_tag() -> None:
 ])
 def test_local_path(uri: str, path: str) -> None:
     assert local_path(uri, "/mnt/kubelm/volumes") == path
+
+
+def test_the_volumes_root_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(env.VOLUMES_ROOT, raising=False)
+    assert local_path("pvc://data/x") == "/mnt/kubelm/volumes/data/x"
+    monkeypatch.setenv(env.VOLUMES_ROOT, "/elsewhere")
+    assert local_path("pvc://data/x") == "/elsewhere/data/x"
+    assert local_path("pvc://data/x", "/given") == "/given/data/x"
 
 
 def test_claim_and_bad_locations() -> None:

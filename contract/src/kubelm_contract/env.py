@@ -14,6 +14,8 @@ RABBITMQ_API_URL = "KUBELM_RABBITMQ_API_URL"
 CONFIG_FILE = "KUBELM_CONFIG"
 """Path of the runtime's JSON or YAML configuration (docs/runtime-contract.md)."""
 LOG_LEVEL = "KUBELM_LOG_LEVEL"
+VOLUMES_ROOT = "KUBELM_VOLUMES_ROOT"
+"""Where the pvc:// claims are mounted (kubelm_contract.volumes)."""
 MALLOC = "KUBELM_MALLOC"
 """Memory allocator of serving workers: "jemalloc" (the default; used when installed, by
 re-executing the process with it preloaded) or "system"."""

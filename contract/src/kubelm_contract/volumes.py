@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import PurePosixPath
 
-VOLUMES_ROOT_VARIABLE = "KUBELM_VOLUMES_ROOT"
+from . import env
+
 DEFAULT_VOLUMES_ROOT = "/mnt/kubelm/volumes"
 
 
@@ -32,7 +33,7 @@ def local_path(uri: str, volumes_root: str | None = None) -> str:
     if uri.startswith("pvc://"):
         claim = claim_of(uri)
         rest = uri[len("pvc://") + len(str(claim)):].lstrip("/")
-        root = volumes_root or os.environ.get(VOLUMES_ROOT_VARIABLE, DEFAULT_VOLUMES_ROOT)
+        root = volumes_root or os.environ.get(env.VOLUMES_ROOT, DEFAULT_VOLUMES_ROOT)
         return str(PurePosixPath(root, str(claim), rest))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]

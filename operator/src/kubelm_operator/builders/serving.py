@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from kubelm_contract import env, queues, training
 from kubelm_contract.settings import dump
-from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT, VOLUMES_ROOT_VARIABLE, claim_of
+from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT, claim_of
 
 from ..hashing import digest
 from ..naming import child_name
@@ -106,7 +106,7 @@ def _connection_env(owner: Owner, with_redis: bool) -> list[dict[str, Any]]:
 def _base_env(config_file: str) -> list[dict[str, Any]]:
     return [
         {"name": env.CONFIG_FILE, "value": posixpath.join(training.CONFIG_DIR, config_file)},
-        {"name": VOLUMES_ROOT_VARIABLE, "value": DEFAULT_VOLUMES_ROOT},
+        {"name": env.VOLUMES_ROOT, "value": DEFAULT_VOLUMES_ROOT},
         # The root filesystem is read-only: everything that writes under HOME writes to /tmp.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": posixpath.join(training.CACHE_DIR, "hf")},

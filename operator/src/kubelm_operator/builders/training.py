@@ -10,7 +10,7 @@ from typing import Any
 
 from kubelm_contract import env, training
 from kubelm_contract.settings import dump
-from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT, VOLUMES_ROOT_VARIABLE
+from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT
 
 from ..hashing import digest
 from ..naming import JOB_NAME_MAX, child_name
@@ -185,7 +185,7 @@ def _env(owner: Owner, spec: TrainingJobSpec, with_redis: bool) -> list[dict[str
     n = names(owner)
     variables: list[dict[str, Any]] = [
         {"name": env.CONFIG_FILE, "value": posixpath.join(training.CONFIG_DIR, training.CONFIG_FILE_NAME)},
-        {"name": VOLUMES_ROOT_VARIABLE, "value": DEFAULT_VOLUMES_ROOT},
+        {"name": env.VOLUMES_ROOT, "value": DEFAULT_VOLUMES_ROOT},
         # The root filesystem is read-only: everything that writes under HOME writes to /tmp.
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": posixpath.join(training.CACHE_DIR, "hf")},
