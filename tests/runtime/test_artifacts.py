@@ -65,13 +65,18 @@ def test_versions_and_registry(store: RedisStore, tiny_model: Path, tmp_path: Pa
     assert artifacts.parse_artifact_uri(second.uri) == ("ns/tiny", 2)
 
 
-def test_corrupted_chunk_is_refused_and_nothing_is_left(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
-    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny",
-                               chunk_bytes=artifacts.MIN_CHUNK_BYTES)
+def _published_with_a_corrupt_chunk(store: RedisStore, directory: Path) -> artifacts.StoredArtifact:
+    """`ns/tiny` published in small chunks, then one byte of chunk 1 flipped in Redis."""
+    stored = artifacts.publish(store, directory, "ns/tiny", chunk_bytes=artifacts.MIN_CHUNK_BYTES)
     key = keys.artifact_chunk("ns/tiny", stored.version, 1)
     chunk = bytearray(store.get(key) or b"")
     chunk[100] ^= 0xFF
     store.set(key, bytes(chunk))
+    return stored
+
+
+def test_corrupted_chunk_is_refused_and_nothing_is_left(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
+    _published_with_a_corrupt_chunk(store, _model_dir(tiny_model, tmp_path))
     with pytest.raises(artifacts.ArtifactCorrupt, match=r"file .* does not match its digest"):
         artifacts.fetch(store, "ns/tiny", tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
@@ -81,12 +86,7 @@ def test_corrupted_chunk_is_refused_and_nothing_is_left(store: RedisStore, tiny_
 def test_a_chunk_is_checked_against_its_own_digest(store: RedisStore, tiny_model: Path, tmp_path: Path) -> None:
     """A corrupted chunk whose files' digests were rewritten to match it (so the file checks pass) is still
     refused by the chunk's digest."""
-    stored = artifacts.publish(store, _model_dir(tiny_model, tmp_path), "ns/tiny",
-                               chunk_bytes=artifacts.MIN_CHUNK_BYTES)
-    key = keys.artifact_chunk("ns/tiny", stored.version, 1)
-    chunk = bytearray(store.get(key) or b"")
-    chunk[100] ^= 0xFF
-    store.set(key, bytes(chunk))
+    stored = _published_with_a_corrupt_chunk(store, _model_dir(tiny_model, tmp_path))
     content = b"".join(store.get(keys.artifact_chunk("ns/tiny", stored.version, i)) or b""
                        for i in range(len(stored.chunks)))
     files, offset = [], 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pika
 import pytest
@@ -14,11 +16,21 @@ from support import ClusterEnv, eventually
 pytestmark = pytest.mark.services
 
 
-def test_the_gateway_connection_thread_survives_an_error_that_is_not_amqp(cluster: ClusterEnv) -> None:
+@pytest.fixture
+def scratch(cluster: ClusterEnv) -> Iterator[tuple[Any, str]]:
+    """A channel of the test's own and a queue of its own on the session's broker."""
     queue = f"t-{uuid.uuid4().hex[:8]}"
     admin = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
     channel = admin.channel()
     channel.queue_declare(queue, arguments={"x-expires": 60_000})
+    yield channel, queue
+    channel.queue_delete(queue)
+    admin.close()
+
+
+def test_the_gateway_connection_thread_survives_an_error_that_is_not_amqp(cluster: ClusterEnv,
+                                                                          scratch: tuple[Any, str]) -> None:
+    channel, queue = scratch
     client = RpcClient(cluster.amqp_url)
     client.start()
     try:
@@ -34,17 +46,12 @@ def test_the_gateway_connection_thread_survives_an_error_that_is_not_amqp(cluste
         assert channel.queue_declare(queue, passive=True).method.message_count == 1
     finally:
         client.close()
-        channel.queue_delete(queue)
-        admin.close()
 
 
-def test_a_second_reply_to_one_request_is_dropped(cluster: ClusterEnv) -> None:
+def test_a_second_reply_to_one_request_is_dropped(cluster: ClusterEnv, scratch: tuple[Any, str]) -> None:
     """A request served twice (redelivered after a worker died with it) answers twice; the caller gets
     the first reply and the second goes nowhere, without an error."""
-    queue = f"t-{uuid.uuid4().hex[:8]}"
-    admin = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
-    channel = admin.channel()
-    channel.queue_declare(queue, arguments={"x-expires": 60_000})
+    channel, queue = scratch
     client = RpcClient(cluster.amqp_url)
     client.start()
 
@@ -69,5 +76,3 @@ def test_a_second_reply_to_one_request_is_dropped(cluster: ClusterEnv) -> None:
         assert asyncio.run(call_then_another()) == (b"first", b"first")
     finally:
         client.close()
-        channel.queue_delete(queue)
-        admin.close()

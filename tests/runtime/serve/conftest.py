@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.probes import http_get
 from support import ClusterEnv, eventually
 
@@ -165,6 +166,23 @@ def close_connection(cluster: ClusterEnv, name: str) -> None:
                                      f"{urllib.parse.quote(name)}", method="DELETE",
                                      headers={"Authorization": f"Basic {token}", "X-Reason": "closed by a test"})
     urllib.request.urlopen(request, timeout=10).close()
+
+
+def declare_queues(launcher: Launcher, model: str, spec: QueueSpec | None = None) -> str:
+    """The model's queues as a worker declares them (the contract's own function), before any worker runs;
+    the request queue's name."""
+    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    name = queues.declare_model_queues(connection.channel(), launcher.namespace, model, spec or QueueSpec())
+    connection.close()
+    return name
+
+
+def ready_messages(cluster: ClusterEnv, queue: str) -> int:
+    """Messages ready in the queue this moment (a passive declare; the management API's figures lag)."""
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    connection.close()
+    return count
 
 
 def dead_letters(cluster: ClusterEnv, namespace: str, model: str) -> list[tuple[dict[str, Any], bytes]]:

@@ -14,30 +14,14 @@ from typing import Any
 import pika
 import pytest
 
-from kubelm_contract import queues
 from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.probes import http_get
 from kubelm_devcluster.standalone import RedisServer
 from support import ClusterEnv, eventually
 
-from .conftest import Launcher, dead_letters, get, post
+from .conftest import Launcher, dead_letters, declare_queues, get, post, ready_messages
 
 pytestmark = [pytest.mark.services]
-
-
-def _declare(launcher: Launcher, model: str, spec: QueueSpec) -> str:
-    """The model's queues as a worker would declare them (the contract's function); no worker runs."""
-    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
-    name = queues.declare_model_queues(connection.channel(), launcher.namespace, model, spec)
-    connection.close()
-    return name
-
-
-def _ready(cluster: ClusterEnv, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
-    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
-    connection.close()
-    return count
 
 
 def _in_background(url: str, body: dict[str, Any]) -> None:
@@ -55,17 +39,17 @@ def _completions(gateway_url: str) -> str:
 
 
 def test_429_over_max_concurrency(launcher: Launcher) -> None:
-    queue = _declare(launcher, "busy", QueueSpec())
+    queue = declare_queues(launcher, "busy", QueueSpec())
     gateway = launcher.gateway(models=["busy"], maxConcurrency=1, requestTimeoutSeconds=300)
     _in_background(_completions(gateway.url()), {"model": "busy", "prompt": "first", "max_tokens": 2})
-    eventually(lambda: _ready(launcher.cluster, queue) == 1, timeout=60, what="the first request queued")
+    eventually(lambda: ready_messages(launcher.cluster, queue) == 1, timeout=60, what="the first request queued")
     status, error = post(_completions(gateway.url()), {"model": "busy", "prompt": "second", "max_tokens": 2})
     assert status == 429 and error["error"]["type"] == "rate_limit_error"
-    assert _ready(launcher.cluster, queue) == 1  # the refused one never reached the queue
+    assert ready_messages(launcher.cluster, queue) == 1  # the refused one never reached the queue
 
 
 def test_503_for_a_model_without_a_queue_and_for_a_full_queue(launcher: Launcher) -> None:
-    full = _declare(launcher, "full", QueueSpec(max_length=1))  # x-overflow: reject-publish
+    full = declare_queues(launcher, "full", QueueSpec(max_length=1))  # x-overflow: reject-publish
     gateway = launcher.gateway(models=["ghost", "full"], requestTimeoutSeconds=300)
     status, error = post(_completions(gateway.url()), {"model": "ghost", "prompt": "x", "max_tokens": 2})
     assert status == 503 and "has no request queue yet" in error["error"]["message"]
@@ -73,10 +57,10 @@ def test_503_for_a_model_without_a_queue_and_for_a_full_queue(launcher: Launcher
     # then refuses.
     for prompt in ("first", "second"):
         _in_background(_completions(gateway.url()), {"model": "full", "prompt": prompt, "max_tokens": 2})
-    eventually(lambda: _ready(launcher.cluster, full) == 2, timeout=60, what="the queue full")
+    eventually(lambda: ready_messages(launcher.cluster, full) == 2, timeout=60, what="the queue full")
     status, error = post(_completions(gateway.url()), {"model": "full", "prompt": "third", "max_tokens": 2})
     assert status == 503 and "at its queue limit" in error["error"]["message"]
-    assert _ready(launcher.cluster, full) == 2
+    assert ready_messages(launcher.cluster, full) == 2
 
 
 class _Forwarder:
@@ -138,7 +122,7 @@ def _forwarded(cluster: ClusterEnv) -> Iterator[tuple[_Forwarder, str]]:
 
 
 def test_503_and_not_ready_while_the_broker_is_unreachable(launcher: Launcher) -> None:
-    _declare(launcher, "tiny", QueueSpec())
+    declare_queues(launcher, "tiny", QueueSpec())
     with _forwarded(launcher.cluster) as (forwarder, amqp_url):
         gateway = launcher.gateway(models=["tiny"], amqp_url=amqp_url, requestTimeoutSeconds=2,
                                    publishConnections=1)
@@ -155,7 +139,7 @@ def _death_reasons(cluster: ClusterEnv, namespace: str, model: str) -> list[str]
 
 
 def test_the_queue_dead_letters_past_its_delivery_limit(launcher: Launcher) -> None:
-    queue = _declare(launcher, "flaky", QueueSpec(delivery_limit=2))
+    queue = declare_queues(launcher, "flaky", QueueSpec(delivery_limit=2))
     connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
     channel = connection.channel()
     channel.basic_publish("", queue, b"{}", pika.BasicProperties(delivery_mode=2))
@@ -178,23 +162,23 @@ def test_the_queue_dead_letters_past_its_delivery_limit(launcher: Launcher) -> N
 
 
 def test_the_queue_dead_letters_what_waited_past_its_ttl(launcher: Launcher) -> None:
-    queue = _declare(launcher, "stale", QueueSpec(message_ttl_seconds=1))
+    queue = declare_queues(launcher, "stale", QueueSpec(message_ttl_seconds=1))
     connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
     connection.channel().basic_publish("", queue, b"{}", pika.BasicProperties(delivery_mode=2))
     connection.close()
     reasons: list[str] = []
     eventually(lambda: bool(reasons.__iadd__(_death_reasons(launcher.cluster, launcher.namespace, "stale"))),
                timeout=60, what="the message dead-lettered")
-    assert reasons == ["expired"] and _ready(launcher.cluster, queue) == 0
+    assert reasons == ["expired"] and ready_messages(launcher.cluster, queue) == 0
 
 
 def test_asynchronous_requests_pending_failed_and_without_redis(launcher: Launcher, tmp_path: Path) -> None:
-    queue = _declare(launcher, "tiny", QueueSpec())
+    queue = declare_queues(launcher, "tiny", QueueSpec())
     gateway = launcher.gateway(models=["tiny"])
     body = {"model": "tiny", "prompt": "the old fox", "max_tokens": 2}
     status, accepted = post(f"{gateway.url()}/v1/requests", body)
     assert status == 202
-    eventually(lambda: _ready(launcher.cluster, queue) == 1, timeout=60, what="the request queued")
+    eventually(lambda: ready_messages(launcher.cluster, queue) == 1, timeout=60, what="the request queued")
     status, pending = get(f"{gateway.url()}/v1/requests/{accepted['id']}")  # no worker yet
     assert status == 202 and pending["status"] == "pending"
     # A request the worker refuses (its prompt is over the model's input limit) ends as `failed`.

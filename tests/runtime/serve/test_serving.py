@@ -17,13 +17,23 @@ import pika
 import pytest
 
 from kubelm_contract import keys, protocol, queues
-from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.standalone import RedisServer
 from kubelm_runtime import artifacts
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
 
-from .conftest import Launcher, Process, close_connection, connections, dead_letters, get, post, rabbit_queue
+from .conftest import (
+    Launcher,
+    Process,
+    close_connection,
+    connections,
+    dead_letters,
+    declare_queues,
+    get,
+    post,
+    rabbit_queue,
+    ready_messages,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -63,12 +73,12 @@ def test_worker_reexecutes_itself_on_jemalloc(launcher: Launcher) -> None:
 def test_200_concurrent_requests_are_answered_in_batches(launcher: Launcher) -> None:
     """200 requests queued through the gateway before any worker runs (so batching does not depend on how
     fast they arrive), then one worker works through the backlog in batches."""
-    queue = _declare(launcher, "tiny")
+    queue = declare_queues(launcher, "tiny")
     gateway = launcher.gateway(models=["tiny"], requestTimeoutSeconds=300)
     with ThreadPoolExecutor(max_workers=200) as pool:
         futures = [pool.submit(completion, gateway.url(), "tiny", f"count {i}", max_tokens=4, temperature=0.5)
                    for i in range(200)]
-        eventually(lambda: rabbit_ready(launcher.cluster, queue) == 200, timeout=120, interval=0.1,
+        eventually(lambda: ready_messages(launcher.cluster, queue) == 200, timeout=120, interval=0.1,
                    what="200 requests queued")
         worker = launcher.worker("tiny", batching={"maxBatchSize": 32, "maxWaitMillis": 50})
         results = [f.result() for f in futures]
@@ -78,22 +88,6 @@ def test_200_concurrent_requests_are_answered_in_batches(launcher: Launcher) -> 
     rows_per_step = worker.metric("kubelm_batch_size_sum") / steps
     assert worker.metric("kubelm_requests_total", '{outcome="ok"}') == 200
     assert rows_per_step > 2, rows_per_step
-
-
-def _declare(launcher: Launcher, model: str) -> str:
-    """The model's queues as a worker declares them (the same contract function), before any worker runs."""
-    connection = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
-    name = queues.declare_model_queues(connection.channel(), launcher.namespace, model, QueueSpec())
-    connection.close()
-    return name
-
-
-def rabbit_ready(cluster: ClusterEnv, queue: str) -> int:
-    """Messages ready in the queue this moment (a passive declare; the management API lags)."""
-    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
-    count = int(connection.channel().queue_declare(queue, passive=True).method.message_count)
-    connection.close()
-    return count
 
 
 def _send_raw(cluster: ClusterEnv, queue: str, body: bytes, reply_to: str | None = None,

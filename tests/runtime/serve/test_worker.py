@@ -25,7 +25,7 @@ from kubelm_runtime.serve.settings import ServeConfig
 from kubelm_runtime.serve.worker import MAX_CONSECUTIVE_BATCH_FAILURES, Worker
 from support import ClusterEnv, eventually
 
-from .conftest import dead_letters
+from .conftest import dead_letters, ready_messages
 
 pytestmark = [pytest.mark.services]
 
@@ -141,13 +141,6 @@ def _publish(cluster: ClusterEnv, worker: Worker, headers: dict[str, Any] | None
     return request_id
 
 
-def _ready_messages(cluster: ClusterEnv, queue_name: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
-    count = int(connection.channel().queue_declare(queue_name, passive=True).method.message_count)
-    connection.close()
-    return count
-
-
 def test_batches_failing_in_a_row_fail_liveness_and_leave_the_queue_to_other_workers(
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
     engine = Engine.load(str(tiny_model), dtype="fp32")
@@ -169,7 +162,7 @@ def test_batches_failing_in_a_row_fail_liveness_and_leave_the_queue_to_other_wor
         # No longer consuming: a new request stays in the queue for a healthy worker instead of being
         # dead-lettered by this one.
         _publish(cluster, worker)
-        eventually(lambda: _ready_messages(cluster, worker.queue) == 1, timeout=10, what="request left queued")
+        eventually(lambda: ready_messages(cluster, worker.queue) == 1, timeout=10, what="request left queued")
         assert worker.metrics.registry.get_sample_value("kubelm_requests_total", {"outcome": "error"}) == 3
 
 
