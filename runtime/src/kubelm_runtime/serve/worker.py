@@ -63,6 +63,10 @@ class InFlight:
     """Rows decoding together right after it joined."""
 
 
+def _reply_key(delivery: Delivery) -> str:
+    return f"{delivery.correlation_id}|{delivery.reply_to}"
+
+
 def model_digest(reference: str, source_description: str) -> str:
     """The content digest for cache keys: from the artifact manifest when there is one."""
     manifest = Path(reference) / artifacts.MANIFEST_FILE
@@ -97,8 +101,9 @@ class Worker:
         self.registered = False
         self.register_tried = 0.0
         self.replied: OrderedDict[str, None] = OrderedDict()
-        """Request ids (correlation ids) whose reply went out, most recent last: a redelivery of one (its ack
-        was lost with the connection) is acknowledged without a second reply."""
+        """Replies that went out (request id and reply address), most recent last: a redelivery of one (its ack
+        was lost with the connection) is acknowledged without a second reply. The address is part of the key:
+        a gateway that lost its reply channel sends the request again with a new one, and that copy is answered."""
         self.model_id = keys.model_id(config.namespace, config.name)
 
     def _connect(self) -> WorkerChannel:
@@ -109,7 +114,7 @@ class Worker:
     def on_delivery(self, delivery: Delivery) -> None:
         if delivery.redelivered:
             self.metrics.redelivered.inc()
-            if delivery.correlation_id in self.replied:
+            if _reply_key(delivery) in self.replied:
                 log.info("request %s was answered before the connection was lost: acknowledged, not answered "
                          "again", delivery.correlation_id)
                 self.channel.ack(delivery.tag)
@@ -182,7 +187,7 @@ class Worker:
 
     def _replied(self, delivery: Delivery) -> None:
         if delivery.correlation_id:
-            self.replied[delivery.correlation_id] = None
+            self.replied[_reply_key(delivery)] = None
             if len(self.replied) > REPLIED_REMEMBERED:
                 self.replied.popitem(last=False)
 
