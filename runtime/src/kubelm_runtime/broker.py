@@ -201,8 +201,6 @@ class RpcClient:
         self._thread = threading.Thread(target=self._run, name="amqp-rpc", daemon=True)
         self._connection: Any = None
         self._channel: Any = None
-        self.resent = 0
-        """Publishes repeated after a lost connection (both kinds above)."""
 
     @property
     def connected(self) -> bool:
@@ -307,7 +305,6 @@ class RpcClient:
                     self._submitted.discard(waiter)
                 if loop.time() >= deadline:
                     raise ConnectionLost(f"connection to RabbitMQ lost: {e}") from e
-                self.resent += 1
                 # The I/O thread notices the loss too and connects again.
                 await asyncio.sleep(0.05)
 
@@ -334,7 +331,7 @@ class RpcClient:
                 try:
                     return await asyncio.wait_for(future, max(deadline - loop.time(), 0))
                 except ReplyChannelLost:
-                    self.resent += 1  # the reply would go to a channel that no longer exists: ask again
+                    continue  # the reply would go to a channel that no longer exists: ask again
         finally:
             self._pending.pop(correlation_id, None)
 
