@@ -216,3 +216,24 @@ def test_a_client_publishing_straight_to_the_queue_gets_the_workers_cache(
         # Counted right after the reply went out: the client may read the metrics first.
         eventually(lambda: sample("kubelm_requests_total", {"outcome": "cached"}) == 1, timeout=10,
                    interval=0.02, what="counted as cached")
+
+
+def test_the_response_cache_comes_back_with_redis(cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    """Redis goes away: requests are answered without the cache; it comes back (empty, as a restarted
+    Redis without persistence is): after the quiet period the worker fills the cache and answers from it."""
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    redis = RedisServer(tmp_path / "redis")
+    with redis, running_worker(cluster, engine, tmp_path, "returning", redis_url=redis.url,
+                               redisRetrySeconds=1) as (worker, ask):
+        assert asyncio.run(ask("the old fox", 4))["ok"]
+        assert asyncio.run(ask("the old fox", 4))["cached"]
+        redis.stop()
+        during = [asyncio.run(ask(prompt, 4)) for prompt in ("the old fox", "a new fox")]
+        assert all(reply["ok"] and not reply["cached"] for reply in during)
+        assert not worker.redis.available
+        redis.start()
+        eventually(lambda: asyncio.run(ask("the old fox", 4))["cached"], timeout=60, interval=0.2,
+                   what="answered from the cache again")
+        assert worker.redis.available
+        stats = RedisStore(redis.url).hgetall_json(keys.cache_stats(worker.model_id))
+        assert stats["hits"] >= 1 and stats["misses"] >= 1

@@ -34,6 +34,9 @@ class ServeConfig:
     health_port: int = 8081
     liveness_timeout_seconds: float = 120.0
     """A worker whose loop has not turned for this long reports itself stuck."""
+    redis_retry_seconds: float = 30.0
+    """After Redis fails to answer, serving goes on without the response cache and tries Redis again
+    only after this long, so an unreachable Redis costs one connection timeout per period, not per batch."""
 
     def __post_init__(self) -> None:
         if self.generation.max_new_tokens > self.limits.max_new_tokens:

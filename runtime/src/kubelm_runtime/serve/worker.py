@@ -83,7 +83,7 @@ class Worker:
         self.digest = digest
         self.defaults = config.generation.decoding()
         self.limits = config.limits.limits()
-        self.redis = OptionalRedis(redis_url, "the response cache")
+        self.redis = OptionalRedis(redis_url, "the response cache", retry_after=config.redis_retry_seconds)
         self.metrics = metrics or WorkerMetrics()
         self.health = health or HealthState(config.liveness_timeout_seconds)
         self.batcher: Batcher[Pending] = Batcher(config.batching.max_batch_size,
