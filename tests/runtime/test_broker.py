@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 import pika
 import pytest
 
-from kubelm_runtime.broker import RpcClient
-from support import ClusterEnv, eventually
+from kubelm_runtime.broker import Delivery, RpcClient, WorkerChannel
+from support import ClusterEnv, eventually, forwarded
 
 pytestmark = pytest.mark.services
 
@@ -76,3 +77,34 @@ def test_a_second_reply_to_one_request_is_dropped(cluster: ClusterEnv, scratch: 
         assert asyncio.run(call_then_another()) == (b"first", b"first")
     finally:
         client.close()
+
+
+def test_a_cancel_the_broker_never_confirms_is_given_up_and_the_deliveries_go_back(
+        cluster: ClusterEnv, scratch: tuple[Any, str]) -> None:
+    """Draining waits for the broker's cancel-ok only so long: when the broker's answers stop arriving,
+    the worker gives the cancel up after the deadline, closes without hanging, and what it held
+    unacknowledged goes back to the queue for another worker."""
+    channel, queue = scratch
+    for n in range(3):
+        channel.basic_publish("", queue, f"request {n}".encode())
+    with forwarded(cluster.amqp_url) as (forwarder, url):
+        worker = WorkerChannel(url, prefetch=10, heartbeat=600)
+        delivered: list[Delivery] = []
+        worker.consume(queue, delivered.append)
+
+        def all_delivered() -> bool:
+            worker.wait(0.05)
+            return len(delivered) == 3
+
+        eventually(all_delivered, timeout=30, interval=0, what="three deliveries")
+        forwarder.hold_answers()
+        assert worker.stop_consuming(deadline_seconds=1) is False
+        assert len(worker.unacked) == 3
+        closing = threading.Thread(target=worker.close, daemon=True)
+        closing.start()
+        closing.join(60)  # a hang, not a speed: the heartbeat (600 s) would be the only other way out
+        assert not closing.is_alive(), "closing waited for a broker that does not answer"
+    eventually(lambda: channel.queue_declare(queue, passive=True).method.message_count == 3, timeout=60,
+               what="the unacknowledged deliveries back in the queue")
+    redelivered = [channel.basic_get(queue, auto_ack=True)[0].redelivered for _ in range(3)]
+    assert redelivered == [True, True, True]

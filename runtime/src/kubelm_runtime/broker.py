@@ -96,6 +96,7 @@ class WorkerChannel:
             raise ConnectionLost(f"could not connect to RabbitMQ: {type(e).__name__}: {e}") from e
         self.consumer_tag: str | None = None
         self._cancelled: list[str] = []
+        self._broker_silent = False
         self.unacked: set[int] = set()
         """Delivery tags received and not yet acknowledged (must be empty after a drain)."""
 
@@ -134,6 +135,7 @@ class WorkerChannel:
             self.connection.process_data_events(time_limit=0.1)
         self._cancelled.append(tag)
         if not cancelled:
+            self._broker_silent = True
             log.warning("the broker did not confirm the consumer's cancel within %gs; unacknowledged deliveries "
                         "go back to the queue when the connection closes", deadline_seconds)
         return bool(cancelled)
@@ -168,13 +170,28 @@ class WorkerChannel:
             headers=headers, delivery_mode=2, correlation_id=delivery.correlation_id))
         self.ack(delivery.tag)
 
-    def close(self) -> None:
+    def close(self, abort_after_seconds: float = 5.0) -> None:
         # Consumers cancelled in stop_consuming are gone at the broker; pika must not cancel them again.
         for tag in self._cancelled:
             self.channel._consumer_infos.pop(tag, None)
+        if self._broker_silent:
+            self._abort(abort_after_seconds)
+            return
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):
             if self.connection.is_open:
                 self.connection.close()
+
+    def _abort(self, seconds: float) -> None:
+        """Cuts the connection without the close handshake. pika's close waits for the broker's close-ok
+        with no bound, and a broker that left a cancel unanswered will not answer a close either; when the
+        socket goes, the broker puts back whatever was unacknowledged. Reaches into pika the way its own
+        heartbeat check does when a connection goes silent."""
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            if self.connection.is_open:
+                self.connection._impl._terminate_stream(pika.exceptions.StreamLostError("the broker stopped answering"))
+            give_up_at = time.monotonic() + seconds
+            while not self.connection.is_closed and time.monotonic() < give_up_at:
+                self.connection.process_data_events(time_limit=0.1)
 
 
 class RpcClient:

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +14,7 @@ import pytest
 from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.probes import http_get
 from kubelm_devcluster.standalone import RedisServer
-from support import ClusterEnv, eventually
+from support import ClusterEnv, eventually, forwarded
 
 from .conftest import Launcher, dead_letters, declare_queues, get, post, ready_messages
 
@@ -63,67 +60,9 @@ def test_503_for_a_model_without_a_queue_and_for_a_full_queue(launcher: Launcher
     assert ready_messages(launcher.cluster, full) == 2
 
 
-class _Forwarder:
-    """A TCP forwarder in front of the broker that can go away: the broker as a client sees it when the
-    network or the broker is down."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        self.open = True
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while self.open:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open:  # accepted while going down
-                client.close()
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def down(self) -> None:
-        """No new connections (refused), and every open one cut."""
-        self.open = False
-        with suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
-        self.listener.close()
-        for s in self.sockets:
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
-@contextmanager
-def _forwarded(cluster: ClusterEnv) -> Iterator[tuple[_Forwarder, str]]:
-    parts = urllib.parse.urlsplit(cluster.amqp_url)
-    forwarder = _Forwarder(int(parts.port or 5672))
-    try:
-        yield forwarder, parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{forwarder.port}").geturl()
-    finally:
-        forwarder.down()
-
-
 def test_503_and_not_ready_while_the_broker_is_unreachable(launcher: Launcher) -> None:
     declare_queues(launcher, "tiny", QueueSpec())
-    with _forwarded(launcher.cluster) as (forwarder, amqp_url):
+    with forwarded(launcher.cluster.amqp_url) as (forwarder, amqp_url):
         gateway = launcher.gateway(models=["tiny"], amqp_url=amqp_url, requestTimeoutSeconds=2,
                                    publishConnections=1)
         forwarder.down()
