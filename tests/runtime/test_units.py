@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from kubelm_runtime.cpu import cpu_has_fast_bf16
 from kubelm_runtime.train import checkpoint
 from kubelm_runtime.train.data import DataError, epoch_order, iter_documents
 from kubelm_runtime.train.distributed import world_from_env
 from kubelm_runtime.train.loop import lr_lambda, param_groups
-from kubelm_runtime.train.precision import cpu_has_fast_bf16, resolve
+from kubelm_runtime.train.precision import resolve
 
 
 def test_epoch_order_is_deterministic_disjoint_and_even() -> None:

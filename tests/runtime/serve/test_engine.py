@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kubelm_contract.protocol import Decoding
+from kubelm_runtime.cpu import cpu_has_fast_bf16
 from kubelm_runtime.serve.engine import Batch, Engine, Item, Output
 from kubelm_runtime.serve.kvcache import GrowingCache, GrowingLayer, room_for
-from kubelm_runtime.train.precision import cpu_has_fast_bf16
 
 
 @pytest.fixture(scope="module", params=["lean", "transformers"])

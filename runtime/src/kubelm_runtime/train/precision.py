@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from ..cpu import cpu_has_fast_bf16
 
 
 @dataclass(frozen=True)
@@ -20,17 +21,6 @@ class Precision:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
-
-def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve(requested: str, device: torch.device, cpuinfo: str | None = None) -> Precision:

@@ -1,0 +1,20 @@
+"""What this machine's CPU is fast at, for training's and serving's precision choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags of /proc/cpuinfo (or of the text given); empty where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(cpuinfo.split())
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
+    return bool(cpu_flags(cpuinfo) & {"amx_bf16", "avx512_bf16"})
