@@ -279,7 +279,8 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
             "serve": {"name": "bench", "model": {"uri": str(model_dir)}, "cacheDir": str(tmp / "cache"),
                       "healthPort": health_port, "limits": {"maxNewTokens": 256},
                       "batching": {"maxBatchSize": n, "maxWaitMillis": int(max_wait * 1000)}},
-            "gateway": {"port": gateway_port, "host": "127.0.0.1", "requestTimeoutSeconds": 600},
+            "gateway": {"port": gateway_port, "host": "127.0.0.1", "requestTimeoutSeconds": 600,
+                        "accessLog": False},
         }
         for kind, config in configs.items():
             (tmp / f"{kind}.yaml").write_text(yaml.safe_dump(config))

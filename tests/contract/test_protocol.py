@@ -91,3 +91,9 @@ def test_queue_arguments() -> None:
                       "x-dead-letter-routing-key": "kubelm.ns.m.dead"}
     classic = queues.request_queue_arguments("ns", "m", queues.QueueSpec(type="classic", dead_letter=False))
     assert classic == {"x-queue-type": "classic"}
+
+
+def test_a_cancellation_names_one_request_and_anything_else_is_not_one() -> None:
+    assert queues.parse_cancel_message(queues.cancel_message("abc-1")) == "abc-1"
+    for body in (b"not json", b'{"id": 7}', b"[1]", b"\xff"):
+        assert queues.parse_cancel_message(body) is None

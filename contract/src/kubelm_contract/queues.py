@@ -6,12 +6,17 @@ is idempotent when the arguments match), so a worker also runs stand-alone.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 DEAD_LETTER_EXCHANGE = "kubelm.dead-letter"
 """A direct exchange; each model's dead-letter queue is bound with its own routing key."""
 DEFAULT_DELIVERY_LIMIT = 3
+CANCEL_EXCHANGE = "kubelm.cancel"
+"""A direct exchange for cancellations: a gateway whose client went away publishes the request's id
+with the request queue's name as routing key, and every worker consuming that queue receives it on a
+queue of its own connection."""
 
 # Headers the runtime sets on messages it dead-letters itself (RabbitMQ adds x-death on its own).
 ERROR_TYPE_HEADER = "kubelm-error-type"
@@ -76,3 +81,22 @@ def declare_model_queues(channel: Any, namespace: str, model: str, spec: QueueSp
         channel.queue_bind(dead, DEAD_LETTER_EXCHANGE, routing_key=dead)
     channel.queue_declare(name, durable=True, arguments=request_queue_arguments(namespace, model, spec))
     return name
+
+
+def declare_cancel_exchange(channel: Any) -> None:
+    """Declares the cancellation exchange (idempotent): whoever publishes or binds to it first."""
+    channel.exchange_declare(CANCEL_EXCHANGE, exchange_type="direct", durable=True)
+
+
+def cancel_message(request_id: str) -> bytes:
+    return json.dumps({"v": 1, "id": request_id}).encode()
+
+
+def parse_cancel_message(body: bytes) -> str | None:
+    """The request id a cancellation names; None for a body that is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    request_id = data.get("id") if isinstance(data, dict) else None
+    return request_id if isinstance(request_id, str) else None

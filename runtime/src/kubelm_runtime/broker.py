@@ -114,6 +114,21 @@ class WorkerChannel:
         self.consumer_tag = self.channel.basic_consume(queue_name, callback, auto_ack=False)
 
     @_lost_as_broker_error()
+    def consume_cancels(self, queue_name: str, on_cancel: Callable[[str], None]) -> None:
+        """Receives the cancellations gateways send for requests of `queue_name`, on a queue of this
+        connection's own (it goes with the connection; cancellations sent meanwhile are not seen)."""
+        queues.declare_cancel_exchange(self.channel)
+        own = self.channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        self.channel.queue_bind(own, queues.CANCEL_EXCHANGE, routing_key=queue_name)
+
+        def callback(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+            request_id = queues.parse_cancel_message(body)
+            if request_id is not None:
+                on_cancel(request_id)
+
+        self.channel.basic_consume(own, callback, auto_ack=True)
+
+    @_lost_as_broker_error()
     def stop_consuming(self, deadline_seconds: float = 30.0) -> bool:
         """Cancels the consumer; every message that reaches us before the broker's cancel-ok is still
         handed to the consumer, so nothing delivered goes back to the queue (a redelivery). False when no
@@ -234,6 +249,7 @@ class RpcClient:
                 connection = pika.BlockingConnection(_parameters(self.url, name=self.name))
                 channel = connection.channel()
                 channel.confirm_delivery()
+                queues.declare_cancel_exchange(channel)  # published to when a client goes away
                 channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
                 self._channel, self._connection = channel, connection
                 self._generation += 1
@@ -362,6 +378,20 @@ class RpcClient:
         deadline = asyncio.get_running_loop().time() + timeout
         await self._submit(lambda: self._publish(queue_name, body, properties), deadline)
 
+    async def cancel(self, queue_name: str, correlation_id: str, timeout: float = 5) -> None:
+        """Tells the workers of `queue_name` that nobody waits for this request any more: the one decoding
+        it stops, and one that receives it later skips it. Best effort: with no worker listening (none
+        running, or one connecting again) the cancellation is dropped and the reply goes nowhere."""
+        body = queues.cancel_message(correlation_id)
+
+        def publish() -> None:
+            try:
+                self._channel.basic_publish(queues.CANCEL_EXCHANGE, queue_name, body)
+            except _LOST as e:
+                raise ConnectionLost(f"{type(e).__name__}: {e}") from e
+
+        await self._submit(publish, asyncio.get_running_loop().time() + timeout)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
@@ -400,6 +430,9 @@ class RpcPool:
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
                    headers: dict[str, Any] | None = None) -> None:
         await self._next().send(queue_name, body, correlation_id, expiration_seconds, headers)
+
+    async def cancel(self, queue_name: str, correlation_id: str) -> None:
+        await self._next().cancel(queue_name, correlation_id)
 
     def close(self) -> None:
         for client in self.clients:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,13 +120,52 @@ class RedisStore:
         self._client.close()
 
 
-class OptionalRedis:
+class AsyncRedisStore:
+    """RedisStore's calls for asyncio code (redis.asyncio): the gateway's event loop waits for Redis
+    without blocking, at the cost of a synchronous call (a thread hop would double it)."""
+
+    def __init__(self, url: str, timeout: float = 5.0):
+        self.url = url
+        self._client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
+        self._lookup = self._client.register_script(LOOKUP_ALL_OR_NONE)
+
+    async def _call(self, pending: Awaitable[Any]) -> Any:
+        try:
+            return await pending
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"redis at {self.url}: {e}") from e
+        except redis.RedisError as e:
+            raise StoreError(f"redis at {self.url}: {type(e).__name__}: {e}") from e
+
+    async def get_json(self, key: str) -> Any:
+        raw = await self._call(self._client.get(key))
+        return None if raw is None else json.loads(raw)
+
+    async def set_json(self, key: str, value: Any, ttl_seconds: int | None = None) -> None:
+        await self._call(self._client.set(key, json.dumps(value, separators=(",", ":")), ex=ttl_seconds))
+
+    async def hget_json(self, name: str, field: str) -> Any:
+        raw = await self._call(self._client.hget(name, field))  # type: ignore[arg-type]
+        return None if raw is None else json.loads(raw)
+
+    async def hgetall_json(self, name: str) -> dict[str, Any]:
+        raw = await self._call(self._client.hgetall(name))  # type: ignore[arg-type]
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def get_json_all_or_none(self, keys: Sequence[str], stats: str) -> list[Any] | None:
+        """As RedisStore.get_json_all_or_none: one round trip, a hit or a miss counted in `stats`."""
+        found = await self._call(self._lookup(keys=[stats, *keys]))
+        return None if found is None else [json.loads(raw) for raw in found]
+
+
+class _Optional:
     """Redis as an optional helper: while it is unreachable calls return a default at once, and it is
     tried again after a quiet period, so callers (training, serving) never stall on it. An error answer
     or a malformed document fails that one call (the default, and a warning): the next may succeed."""
 
-    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
-        self.store = RedisStore(url, timeout=timeout) if url else None
+    def __init__(self, configured: bool, purpose: str, retry_after: float):
+        self.configured = configured
         self.purpose = purpose
         self.retry_after = retry_after
         self._down_since: float | None = None
@@ -141,25 +181,61 @@ class OptionalRedis:
 
     @property
     def available(self) -> bool:
-        return self.store is not None and self._down_since is None
+        return self.configured and self._down_since is None
 
-    def call(self, fn: Callable[[RedisStore], T], default: T, force: bool = False) -> T:
-        if self.store is None:
-            return default
-        now = time.monotonic()
-        if not force and self._down_since is not None and now - self._down_since < self.retry_after:
-            return default
-        try:
-            result = fn(self.store)
-        except StoreUnavailable as e:
+    def _resting(self, force: bool) -> bool:
+        """Whether to skip Redis now: not configured, or unreachable within the quiet period."""
+        if not self.configured:
+            return True
+        return not force and self._down_since is not None and time.monotonic() - self._down_since < self.retry_after
+
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, StoreUnavailable):
             if self._down_since is None:
-                log.warning("redis unavailable, continuing without %s: %s", self.purpose, e)
-            self._down_since = now
-            return default
-        except (StoreError, ValueError, TypeError) as e:  # an error reply; a document not in the expected shape
-            self._warn(e)
-            return default
+                log.warning("redis unavailable, continuing without %s: %s", self.purpose, error)
+            self._down_since = time.monotonic()
+        else:  # an error reply; a document not in the expected shape
+            self._warn(error)
+
+    def _succeeded(self) -> None:
         if self._down_since is not None:
             log.info("redis is back: %s resumes", self.purpose)
             self._down_since = None
+
+
+class OptionalRedis(_Optional):
+    __doc__ = _Optional.__doc__
+
+    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
+        super().__init__(bool(url), purpose, retry_after)
+        self.store = RedisStore(url, timeout=timeout) if url else None
+
+    def call(self, fn: Callable[[RedisStore], T], default: T, force: bool = False) -> T:
+        if self.store is None or self._resting(force):
+            return default
+        try:
+            result = fn(self.store)
+        except (StoreError, ValueError, TypeError) as e:
+            self._failed(e)
+            return default
+        self._succeeded()
+        return result
+
+
+class AsyncOptionalRedis(_Optional):
+    """OptionalRedis for asyncio code."""
+
+    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
+        super().__init__(bool(url), purpose, retry_after)
+        self.store = AsyncRedisStore(url, timeout=timeout) if url else None
+
+    async def call(self, fn: Callable[[AsyncRedisStore], Awaitable[T]], default: T, force: bool = False) -> T:
+        if self.store is None or self._resting(force):
+            return default
+        try:
+            result = await fn(self.store)
+        except (StoreError, ValueError, TypeError) as e:
+            self._failed(e)
+            return default
+        self._succeeded()
         return result

@@ -42,3 +42,14 @@ def test_zero_wait_sends_immediately_and_bad_settings_fail() -> None:
         Batcher(max_batch_size=0, max_wait=0)
     with pytest.raises(ValueError, match="max_wait >= 0"):
         Batcher(max_batch_size=1, max_wait=-1)
+
+
+def test_removed_items_leave_the_wait_and_an_empty_batcher_waits_anew() -> None:
+    batcher: Batcher[str] = Batcher(max_batch_size=4, max_wait=1.0)
+    for item in ("a", "b", "c"):
+        batcher.add(item, now=10.0)
+    assert batcher.remove(lambda item: item == "b") == ["b"]
+    assert batcher.remove(lambda item: item == "z") == []
+    assert batcher.time_left(10.5) == pytest.approx(0.5)  # the oldest still waits from when it came
+    assert batcher.remove(lambda item: True) == ["a", "c"]
+    assert batcher.time_left(11.0) is None and not batcher.ready(99.0)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from contextlib import suppress
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import pika
 import pytest
 
+from kubelm_contract import queues
 from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.probes import http_get
 from kubelm_devcluster.standalone import RedisServer
@@ -157,3 +160,73 @@ def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
     exported = text.decode()
     assert 'kubelm_gateway_requests_total{route="/v1/completions",status="200"} 2.0' in exported
     assert 'kubelm_gateway_latency_seconds_count{model="tiny"} 1.0' in exported
+
+
+def test_a_client_that_writes_a_large_body_first_reads_the_413(launcher: Launcher) -> None:
+    """urllib writes the whole body before it reads: an 8 MiB prompt over the 1 MiB limit must come back
+    as the 413 JSON error, not as a connection reset under the client's write; the connection stays
+    usable for the next request. A wrong token on a large body is the same case."""
+    gateway = launcher.gateway(models=["tiny"])
+    url = _completions(gateway.url())
+    status, error = post(url, {"model": "tiny", "prompt": "y" * (8 * 1024 * 1024), "max_tokens": 2})
+    assert status == 413 and "request body over 1048576 bytes" in error["error"]["message"]
+
+    token_gateway = launcher.gateway(models=["tiny"], authTokenFile=_token_file(launcher, "s3cret"))
+    status, error = post(_completions(token_gateway.url()), {"model": "tiny", "prompt": "y" * 500_000})
+    assert status == 401 and error["error"]["type"] == "authentication_error"
+
+
+def _token_file(launcher: Launcher, token: str) -> str:
+    path = launcher.tmp_path / "token"
+    path.write_text(token)
+    return str(path)
+
+
+def test_the_gateway_says_where_it_listens_and_logs_each_request_unless_told_not_to(launcher: Launcher) -> None:
+    declare_queues(launcher, "tiny", QueueSpec())
+    logged = launcher.gateway(models=["tiny"])
+    quiet = launcher.gateway(models=["tiny"], accessLog=False)
+    for gateway in (logged, quiet):
+        # A line is written right after its response goes out, before the gateway reads the next request:
+        # once the second is answered, the first one's line is there (when there is one).
+        for prompt in ("first", "second"):
+            assert post(_completions(gateway.url()), {"model": "ghost", "prompt": prompt})[0] == 404
+        assert f"listening on http://127.0.0.1:{gateway.port}" in gateway.output()
+    assert '"POST /v1/completions" 404' in logged.output()
+    assert "/v1/completions" not in quiet.output()
+    assert "access log off" in quiet.output()
+
+
+def test_a_client_that_disconnects_cancels_its_request_at_the_workers(launcher: Launcher) -> None:
+    """No worker yet: the request waits in the queue while its client goes away. The gateway sends the
+    cancellation where the queue's workers listen, naming the request waiting there, and counts a 499."""
+    queue = declare_queues(launcher, "tiny", QueueSpec())
+    gateway = launcher.gateway(models=["tiny"])
+    listener = pika.BlockingConnection(pika.URLParameters(launcher.cluster.amqp_url))
+    channel = listener.channel()
+    queues.declare_cancel_exchange(channel)
+    own = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(own, queues.CANCEL_EXCHANGE, routing_key=queue)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "never mind", "max_tokens": 2}).encode()
+        client = socket.create_connection(("127.0.0.1", gateway.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        eventually(lambda: ready_messages(launcher.cluster, queue) == 1, timeout=30, what="the request queued")
+        client.close()
+        received: list[Any] = []
+        eventually(lambda: received.append(channel.basic_get(own, auto_ack=True)) or received[-1][0] is not None,
+                   timeout=30, what="the cancellation")
+        cancelled = queues.parse_cancel_message(received[-1][2])
+        waiting = channel.basic_get(queue, auto_ack=True)
+        assert cancelled is not None and json.loads(waiting[2])["id"] == cancelled
+
+        def counted() -> bool:
+            try:
+                return gateway.metric("kubelm_gateway_requests_total", '{route="/v1/completions",status="499"}') == 1
+            except AssertionError:  # not counted yet: the series appears with its first count
+                return False
+
+        eventually(counted, timeout=30, what="counted as 499")
+    finally:
+        listener.close()

@@ -7,6 +7,7 @@ it may block waiting for more.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -54,3 +55,12 @@ class Batcher(Generic[T]):
         batch, self._items = self._items[:size], self._items[size:]
         self._oldest = now if self._items else None
         return batch
+
+    def remove(self, matches: Callable[[T], bool]) -> list[T]:
+        """Takes out the waiting items that match (cancelled before they were batched)."""
+        removed = [item for item in self._items if matches(item)]
+        if removed:
+            self._items = [item for item in self._items if not matches(item)]
+            if not self._items:
+                self._oldest = None
+        return removed

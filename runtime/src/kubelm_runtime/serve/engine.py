@@ -21,7 +21,7 @@ import torch
 
 from kubelm_contract.protocol import Decoding
 
-from ..train.precision import cpu_has_fast_bf16
+from ..cpu import cpu_has_fast_bf16
 from . import gpt2, packing
 from .kvcache import GrowingCache
 
@@ -191,6 +191,17 @@ class Engine:
         batch.logits = self._forward(tokens[:, None], attention, batch.positions, batch.cache)
         batch.attention, batch.positions = attention, batch.positions + 1
         return finished
+
+    def cancel(self, batch: Batch, keys: set[Any]) -> int:
+        """Takes the unfinished rows of `keys` out of the batch before the next step; returns how many."""
+        cancelled = 0
+        for row in batch.rows:
+            if row.finish is None and row.key in keys:
+                row.finish = "cancelled"
+                cancelled += 1
+        if cancelled:
+            self._compact(batch)
+        return cancelled
 
     def _forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
                  cache: GrowingCache) -> torch.Tensor:

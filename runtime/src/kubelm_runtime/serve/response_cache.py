@@ -8,11 +8,12 @@ parameter, so a new model version or other parameters never hit an old entry.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from kubelm_contract import keys, protocol
 from kubelm_contract.protocol import Choice, Decoding
 
-from ..redis_store import OptionalRedis, RedisStore
+from ..redis_store import AsyncOptionalRedis, AsyncRedisStore, OptionalRedis, RedisStore
 
 
 def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list[str] | None:
@@ -22,16 +23,29 @@ def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list
     return [protocol.cache_key_material(digest, p, decoding) for p in prompts]
 
 
+def _choices(documents: list[Any] | None) -> tuple[Choice, ...] | None:
+    # Built inside the Redis call: a malformed entry is a miss, not a crash.
+    return None if documents is None else tuple(Choice(**c) for c in documents)
+
+
 def lookup(redis: OptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
     """The cached choices when every prompt is cached (counted as a hit), else None (a miss)."""
     response_keys = [keys.response(model, m) for m in material]
 
     def found(store: RedisStore) -> tuple[Choice, ...] | None:
-        documents = store.get_json_all_or_none(response_keys, keys.cache_stats(model))
-        # Built inside the call: a malformed entry is a miss, not a crash.
-        return None if documents is None else tuple(Choice(**c) for c in documents)
+        return _choices(store.get_json_all_or_none(response_keys, keys.cache_stats(model)))
 
     return redis.call(found, None)
+
+
+async def lookup_async(redis: AsyncOptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
+    """`lookup` for asyncio code."""
+    response_keys = [keys.response(model, m) for m in material]
+
+    async def found(store: AsyncRedisStore) -> tuple[Choice, ...] | None:
+        return _choices(await store.get_json_all_or_none(response_keys, keys.cache_stats(model)))
+
+    return await redis.call(found, None)
 
 
 def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:

@@ -61,6 +61,8 @@ class GatewayConfig:
     simultaneous requests reach the queue within a worker's batching wait."""
     auth_token_file: str | None = None
     """File holding the bearer token clients must send (a mounted Secret); no auth when unset."""
+    access_log: bool = True
+    """A line per /v1/ request (client, method, path, status, milliseconds); off for benchmarks."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.publish_connections <= 64:

@@ -105,6 +105,8 @@ class Worker:
         was lost with the connection) is acknowledged without a second reply. The address is part of the key:
         a gateway that lost its reply channel sends the request again with a new one, and that copy is answered."""
         self.model_id = keys.model_id(config.namespace, config.name)
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        """Requests whose caller went away, most recent last: skipped if delivered (again)."""
 
     def _connect(self) -> WorkerChannel:
         return WorkerChannel(self.amqp_url, prefetch=2 * self.config.batching.max_batch_size,
@@ -136,6 +138,10 @@ class Worker:
         except ProtocolError as e:
             self._refuse(delivery, request_id, e.kind, str(e))
             return
+        if request.id in self.cancelled:
+            log.info("request %s was cancelled by its caller before it was delivered: skipped", request.id)
+            self._drop_cancelled(delivery)
+            return
         material = (response_cache.materials(self.digest, request.prompts, request.decoding)
                     if self.config.cache.responses.enabled else None)
         checked = bool(delivery.headers.get(queues.CACHE_CHECKED_HEADER))
@@ -147,6 +153,30 @@ class Worker:
                 self.metrics.requests.labels("cached").inc()
             return
         self.batcher.add(Pending(delivery, request, material, prompt_ids), time.monotonic())
+
+    def on_cancel(self, request_id: str) -> None:
+        """The caller went away (a gateway's client disconnected): the request's rows leave the batch before
+        the next step, or it leaves the waiting line, unanswered and acknowledged; one not here yet is
+        skipped when it comes (it may be another worker's, or come back redelivered)."""
+        self.cancelled[request_id] = None
+        if len(self.cancelled) > REPLIED_REMEMBERED:
+            self.cancelled.popitem(last=False)
+        for key, flight in list(self.in_flight.items()):
+            if flight.pending.request.id == request_id:
+                self.engine.cancel(self.batch, {(key, i) for i in range(len(flight.outputs))})
+                del self.in_flight[key]
+                log.info("request %s cancelled by its caller after %.1fs of decoding", request_id,
+                         time.monotonic() - flight.admitted)
+                self._drop_cancelled(flight.pending.delivery)
+                return
+        for pending in self.batcher.remove(lambda pending: pending.request.id == request_id):
+            log.info("request %s cancelled by its caller while it waited for a batch", request_id)
+            self._drop_cancelled(pending.delivery)
+
+    def _drop_cancelled(self, delivery: Delivery) -> None:
+        self._before_ack()
+        self.channel.ack(delivery.tag)
+        self.metrics.requests.labels("cancelled").inc()
 
     def _refuse(self, delivery: Delivery, request_id: str, kind: str, message: str) -> None:
         log.info("refusing request %s: %s: %s", request_id, kind, message)
@@ -246,6 +276,21 @@ class Worker:
                 del self.in_flight[key]
                 self._finish(flight)
 
+    def drop_expired(self) -> None:
+        """A request past its deadline leaves the batch before the next step: its caller has stopped
+        waiting (the gateway answered 504 at the same deadline), so every further token would be wasted.
+        It is refused as expired (dead-lettered), like one that expired before it was served."""
+        now = time.time()
+        expired = [key for key, flight in self.in_flight.items() if flight.pending.request.expired(now)]
+        if not expired:
+            return
+        self.engine.cancel(self.batch, {(key, i) for key in expired for i in range(len(self.in_flight[key].outputs))})
+        for key in expired:
+            flight = self.in_flight.pop(key)
+            self._refuse(flight.pending.delivery, flight.pending.request.id, protocol.EXPIRED,
+                         f"the request's deadline passed while it was being decoded (after "
+                         f"{time.monotonic() - flight.admitted:.1f}s); decoding stopped")
+
     def _finish(self, flight: InFlight) -> None:
         pending, outputs = flight.pending, [o for o in flight.outputs if o is not None]
         elapsed = time.monotonic() - flight.admitted
@@ -305,6 +350,7 @@ class Worker:
             log.info("registered %s with the model registry", self.model_id)
 
     def run(self) -> None:
+        self.channel.consume_cancels(self.queue, self.on_cancel)
         self.channel.consume(self.queue, self.on_delivery)
         self.register()
         self.health.ready = True
@@ -332,8 +378,10 @@ class Worker:
         if self.in_flight:
             # Decoding: whoever arrived during the last step joins now instead of waiting for the batch.
             self.channel.wait(0)
+            self.drop_expired()
             self.admit(now)
-            self.step()
+            if self.in_flight:  # none left when every request in the batch expired
+                self.step()
             return True
         if self.batcher.ready(now) or (self.draining and len(self.batcher)):
             self.admit(now)
@@ -363,6 +411,7 @@ class Worker:
             try:
                 channel = self._connect()
                 self.queue = channel.declare(self.config.namespace, self.config.name, self.config.queue)
+                channel.consume_cancels(self.queue, self.on_cancel)
                 if self.health.failing is None:
                     channel.consume(self.queue, self.on_delivery)
             except ConnectionLost as e:

@@ -1,0 +1,288 @@
+"""The gateway's serving layer: from a parsed OpenAI request to its answer, with no HTTP in it.
+
+Its two outside parts come in as small interfaces — a `Dispatcher` (the broker's RPC pool) and a
+`GatewayStore` (the model registry, the response cache and asynchronous results) — so it runs on
+in-memory fakes in unit tests and on RabbitMQ and Redis in the gateway. Refusals are `ApiError`s
+in OpenAI's shape; the routes only turn them into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from kubelm_contract import keys, protocol, queues
+from kubelm_contract.protocol import Choice, Decoding, Limits, ProtocolError
+
+from ..broker import BrokerError, NoSuchQueue, QueueFull, new_request_id
+from ..redis_store import AsyncOptionalRedis, AsyncRedisStore
+from . import openai_api, response_cache
+from .openai_api import ApiError, CompletionRequest
+from .settings import GatewayConfig
+
+log = logging.getLogger(__name__)
+ROUTE_TTL = 2.0
+
+
+class Dispatcher(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
+                   headers: dict[str, Any] | None = None) -> bytes: ...
+
+    async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
+                   headers: dict[str, Any] | None = None) -> None: ...
+
+    async def cancel(self, queue_name: str, correlation_id: str) -> None: ...
+
+
+class GatewayStore(Protocol):
+    """What the gateway keeps in Redis. Every call answers a default while Redis is unreachable."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def registry(self) -> dict[str, dict[str, Any]]: ...
+
+    async def registry_entry(self, model_id: str) -> dict[str, Any] | None: ...
+
+    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None: ...
+
+    async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool: ...
+
+    async def result(self, key: str) -> dict[str, Any] | None: ...
+
+
+class RedisGatewayStore:
+    """The GatewayStore on Redis, through redis.asyncio: a slow or silent Redis holds up the requests
+    that need it, never the event loop and every other connection of the gateway."""
+
+    def __init__(self, redis_url: str | None):
+        self.redis = AsyncOptionalRedis(redis_url, "the model registry and asynchronous results", retry_after=5)
+
+    @property
+    def available(self) -> bool:
+        return self.redis.available
+
+    async def registry(self) -> dict[str, dict[str, Any]]:
+        return await self.redis.call(lambda store: store.hgetall_json(keys.MODEL_REGISTRY), {})
+
+    async def registry_entry(self, model_id: str) -> dict[str, Any] | None:
+        entry: dict[str, Any] | None = await self.redis.call(
+            lambda store: store.hget_json(keys.MODEL_REGISTRY, model_id), None)
+        return entry
+
+    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None:
+        return await response_cache.lookup_async(self.redis, model_id, material)
+
+    async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool:
+        async def write(store: AsyncRedisStore) -> bool:
+            await store.set_json(key, document, ttl_seconds)
+            return True
+
+        # Forced: a client asked for something only Redis can keep; try it now rather than refuse.
+        return await self.redis.call(write, False, force=True)
+
+    async def result(self, key: str) -> dict[str, Any] | None:
+        stored: dict[str, Any] | None = await self.redis.call(lambda store: store.get_json(key), None, force=True)
+        return stored
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kubelm_gateway_requests", "HTTP requests, by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("kubelm_gateway_latency_seconds", "Completion latency", ["model"],
+                                 registry=self.registry)
+
+
+def broker_failure(error: BrokerError, model: str) -> ApiError:
+    if isinstance(error, NoSuchQueue):
+        return openai_api.unavailable(f"model {model!r} has no request queue yet")
+    if isinstance(error, QueueFull):
+        return openai_api.unavailable(f"model {model!r} is at its queue limit; retry later")
+    return openai_api.unavailable(str(error))
+
+
+def worker_defaults(entry: dict[str, Any]) -> Decoding:
+    defaults = dict(entry.get("defaults") or {})
+    defaults["stop"] = tuple(defaults.get("stop", ()))
+    return Decoding(**defaults)
+
+
+class CompletionService:
+    def __init__(self, config: GatewayConfig, dispatcher: Dispatcher, store: GatewayStore,
+                 metrics: GatewayMetrics | None = None):
+        self.config = config
+        self.dispatcher = dispatcher
+        self.store = store
+        self.metrics = metrics or GatewayMetrics()
+        self.slots = asyncio.Semaphore(config.max_concurrency)
+        self._routes: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._cancellations: set[asyncio.Task[None]] = set()
+
+    # -- routing --------------------------------------------------------------------------------
+    async def models(self) -> dict[str, dict[str, Any]]:
+        known: dict[str, dict[str, Any]] = {
+            name: {"queue": queues.request_queue(self.config.namespace, name)} for name in self.config.models}
+        prefix = keys.model_id(self.config.namespace, "")
+        registered = await self.store.registry()
+        known.update({name[len(prefix):]: entry for name, entry in registered.items() if name.startswith(prefix)})
+        return known
+
+    async def route(self, model: str) -> dict[str, Any]:
+        """The model's registry entry; a found entry is reused for ROUTE_TTL seconds (saves a Redis
+        round trip per request; a worker re-registering with new settings is seen that much later)."""
+        now = time.monotonic()
+        remembered = self._routes.get(model)
+        if remembered is not None and now - remembered[0] < ROUTE_TTL:
+            return remembered[1]
+        entry = await self.store.registry_entry(keys.model_id(self.config.namespace, model))
+        if entry is None and model in self.config.models:
+            entry = {"queue": queues.request_queue(self.config.namespace, model)}
+        if entry is None:
+            raise ApiError(404, f"model {model!r} does not exist", "invalid_request_error", "model_not_found")
+        self._routes[model] = (now, entry)
+        return entry
+
+    def build(self, body: CompletionRequest, entry: dict[str, Any], request_id: str) -> protocol.Request:
+        """The protocol request for `body`, refused here when the worker would refuse it."""
+        if body.stream:
+            raise openai_api.invalid("stream=true is not supported; use stream=false", protocol.INVALID_REQUEST)
+        if body.n != 1 or body.echo or body.logprobs is not None:
+            raise openai_api.invalid("n must be 1, and echo and logprobs are not supported", protocol.INVALID_REQUEST)
+        ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
+        if body.max_tokens is not None and body.max_tokens > ceiling:
+            raise openai_api.invalid(f"max_tokens {body.max_tokens} is over this model's limit of {ceiling}",
+                                     protocol.INVALID_REQUEST)
+        params = {k: v for k, v in {
+            "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+            "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
+            "seed": body.seed}.items() if v is not None}
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # Only what the client set travels; parsing with the worker's registered defaults gives the
+        # decoding the worker will use, and refuses here what the worker would refuse.
+        deadline = time.time() + self.config.request_timeout_seconds
+        raw = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": prompts, "params": params,
+                          "deadline": deadline, "model": body.model}).encode()
+        try:
+            return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
+        except ProtocolError as e:
+            raise openai_api.invalid(str(e), e.kind) from e
+
+    async def _prepare(self, body: CompletionRequest) -> tuple[dict[str, Any], protocol.Request]:
+        entry = await self.route(body.model)
+        return entry, self.build(body, entry, new_request_id())
+
+    async def cached(self, entry: dict[str, Any], message: protocol.Request) -> tuple[protocol.Reply | None, bool]:
+        """(the reply from the response cache, whether the cache was really consulted): a hit needs no trip
+        through the queue, and after a real miss the worker need not look again."""
+        if not entry.get("responseCache") or "digest" not in entry:
+            return None, False
+        material = response_cache.materials(entry["digest"], message.prompts, message.decoding)
+        if not material:
+            return None, False
+        choices = await self.store.cached_choices(keys.model_id(self.config.namespace, str(message.model)),
+                                                  material)
+        if choices is None:
+            return None, self.store.available
+        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model), True
+
+    # -- the API --------------------------------------------------------------------------------
+    async def complete(self, body: CompletionRequest,
+                       client_gone: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """The completion for `body`. `client_gone` returns once the client has gone away: the request
+        is then cancelled at the workers (its decoding stops) and this ends with 499."""
+        entry, message = await self._prepare(body)
+        hit, cache_checked = await self.cached(entry, message)
+        if hit is not None:
+            return openai_api.completion(hit, body.model, int(time.time()))
+        if self.slots.locked():
+            raise ApiError(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
+        timeout = self.config.request_timeout_seconds
+        started = time.perf_counter()
+        async with self.slots:
+            try:
+                headers = {queues.SENT_AT_HEADER: int(time.time() * 1000),
+                           queues.CACHE_CHECKED_HEADER: int(cache_checked)}
+                call = self.dispatcher.call(entry["queue"], message.to_json(), message.id, timeout, headers)
+                raw = await self._unless_gone(call, client_gone, entry["queue"], message.id)
+            except TimeoutError:
+                raise ApiError(504, f"no reply within {timeout:g}s; the request expires in the queue",
+                               "timeout_error") from None
+            except BrokerError as e:
+                raise broker_failure(e, body.model) from e
+        reply = protocol.Reply.from_json(raw)
+        self.metrics.latency.labels(body.model).observe(time.perf_counter() - started)
+        if reply.error:
+            raise openai_api.reply_error(*reply.error)
+        return openai_api.completion(reply, body.model, int(time.time()))
+
+    async def _unless_gone(self, call: Awaitable[bytes], client_gone: Callable[[], Awaitable[None]] | None,
+                           queue: str, request_id: str) -> bytes:
+        """The reply, unless the client goes first (or this task is cancelled): then the workers are told."""
+        if client_gone is None:
+            return await call
+        waiting, gone = asyncio.ensure_future(call), asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            self._cancel_at_workers(queue, request_id)
+            raise
+        finally:
+            gone.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            self._cancel_at_workers(queue, request_id)
+            raise ApiError(499, "the client closed the connection before the reply", "client_closed_request")
+        return waiting.result()
+
+    def _cancel_at_workers(self, queue: str, request_id: str) -> None:
+        """Sends the cancellation on its own task: whoever cancelled this one does not wait for it."""
+        task = asyncio.get_running_loop().create_task(self.dispatcher.cancel(queue, request_id))
+        self._cancellations.add(task)
+        task.add_done_callback(self._cancellation_sent)
+
+    def _cancellation_sent(self, task: asyncio.Task[None]) -> None:
+        self._cancellations.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not cancel a request at the workers: %s", task.exception())
+
+    async def submit(self, body: CompletionRequest) -> dict[str, Any]:
+        """Queues the request for an asynchronous answer, which the worker stores in Redis."""
+        entry, message = await self._prepare(body)
+        result_key = keys.result(message.id)
+        ttl = self.config.result_ttl_seconds
+        if not await self.store.put_result(result_key, {"status": "pending", "model": body.model}, ttl):
+            raise openai_api.unavailable("asynchronous requests need Redis, which is unavailable")
+        try:
+            await self.dispatcher.send(entry["queue"], message.to_json(), message.id, ttl, {
+                queues.RESULT_KEY_HEADER: result_key, queues.RESULT_TTL_HEADER: ttl,
+                queues.SENT_AT_HEADER: int(time.time() * 1000)})
+        except BrokerError as e:
+            raise broker_failure(e, body.model) from e
+        return {"id": message.id, "status": "pending", "model": body.model}
+
+    async def result(self, request_id: str) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of an asynchronous request: 202 while pending, 200 once done or failed."""
+        stored = await self.store.result(keys.result(request_id))
+        if stored is None:
+            raise ApiError(404, f"no request {request_id!r} (unknown, or its result expired)",
+                           "invalid_request_error")
+        if stored.get("status") != "done":
+            return 202, {"id": request_id, "status": "pending"}
+        reply = protocol.Reply.from_json(json.dumps(stored["reply"]))
+        if reply.error:
+            return 200, {"id": request_id, "status": "failed",
+                         "error": {"type": reply.error[0], "message": reply.error[1]}}
+        return 200, {"id": request_id, "status": "done",
+                     "completion": openai_api.completion(reply, reply.model or "", int(time.time()))}

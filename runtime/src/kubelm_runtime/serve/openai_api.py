@@ -1,0 +1,92 @@
+"""The OpenAI API as the gateway speaks it: the request model, response bodies and the error shape.
+
+Pure: no HTTP framework, broker or Redis, so every shape is testable on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kubelm_contract import protocol
+
+# How the worker's error kinds reach HTTP clients.
+STATUS_BY_ERROR = {protocol.INVALID_REQUEST: 400, protocol.PROMPT_TOO_LONG: 400, protocol.EXPIRED: 504,
+                   protocol.UNAVAILABLE: 503, protocol.INTERNAL: 500}
+
+
+class ApiError(Exception):
+    """A refusal in OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+
+
+def invalid(message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code)
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, "unavailable_error")
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions request, plus top_k and repetition_penalty."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=10)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    n: int = 1
+    stream: bool = False
+    user: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    try:
+        return CompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise invalid(problems) from e
+
+
+def reply_error(kind: str, message: str) -> ApiError:
+    """The worker's refusal of a request, as the HTTP client sees it."""
+    client_side = kind in (protocol.INVALID_REQUEST, protocol.PROMPT_TOO_LONG)
+    return ApiError(STATUS_BY_ERROR.get(kind, 500), message, "invalid_request_error" if client_side else "server_error",
+                    kind)
+
+
+def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
+    prompt_tokens = sum(c.prompt_tokens for c in reply.choices)
+    completion_tokens = sum(c.completion_tokens for c in reply.choices)
+    return {
+        "id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
+        "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                    for i, c in enumerate(reply.choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "system_fingerprint": None,
+        # Extra fields are ignored by OpenAI clients; they say how the answer was produced.
+        "kubelm": {"cached": reply.cached, "timings": reply.timings},
+    }
+
+
+def model_list(names: list[str]) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kubelm"}
+                                       for name in sorted(names)]}

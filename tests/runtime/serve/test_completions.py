@@ -1,0 +1,264 @@
+"""The gateway's serving layer on in-memory fakes of the broker and Redis: no servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from kubelm_contract import keys, protocol, queues
+from kubelm_contract.protocol import Choice
+from kubelm_contract.settings import load
+from kubelm_runtime.broker import BrokerError, NoSuchQueue, QueueFull
+from kubelm_runtime.serve import response_cache
+from kubelm_runtime.serve.completions import CompletionService, worker_defaults
+from kubelm_runtime.serve.openai_api import ApiError, CompletionRequest
+from kubelm_runtime.serve.settings import GatewayConfig
+
+NAMESPACE = "team"
+DIGEST = "sha256:" + "ab" * 32
+
+
+class FakeDispatcher:
+    """The broker's RPC pool: records what was sent and answers with what the test scripted."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        self.sent: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        self.cancelled: list[tuple[str, str]] = []
+        self.answer: Any = None
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
+                   headers: dict[str, Any] | None = None) -> bytes:
+        request = json.loads(body)
+        self.calls.append((queue_name, request, headers or {}))
+        await self.release.wait()
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        if self.answer is not None:
+            return self.answer(request)  # type: ignore[no-any-return]
+        choice = Choice(text=" fine", finish_reason="length", prompt_tokens=2, completion_tokens=1)
+        return protocol.Reply(id=request["id"], choices=(choice,) * len(request["prompts"]),
+                              model=request["model"]).to_json()
+
+    async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
+                   headers: dict[str, Any] | None = None) -> None:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        self.sent.append((queue_name, json.loads(body), headers or {}))
+
+
+    async def cancel(self, queue_name: str, correlation_id: str) -> None:
+        self.cancelled.append((queue_name, correlation_id))
+
+
+class MemoryStore:
+    """Redis as dicts; `available = False` makes it answer like an unreachable Redis."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.responses: dict[str, Choice] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.reads = 0
+
+    async def registry(self) -> dict[str, dict[str, Any]]:
+        return dict(self.entries) if self.available else {}
+
+    async def registry_entry(self, model_id: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return self.entries.get(model_id) if self.available else None
+
+    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None:
+        found = [self.responses.get(keys.response(model_id, m)) for m in material]
+        return tuple(found) if self.available and all(found) else None  # type: ignore[arg-type]
+
+    async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool:
+        if self.available:
+            self.results[key] = document
+        return self.available
+
+    async def result(self, key: str) -> dict[str, Any] | None:
+        return self.results.get(key) if self.available else None
+
+
+def make(**config: Any) -> tuple[CompletionService, FakeDispatcher, MemoryStore]:
+    """The serving layer for namespace `team`, whose registry lists `tiny` with a digest and the cache on."""
+    store = MemoryStore()
+    store.entries[keys.model_id(NAMESPACE, "tiny")] = {
+        "queue": queues.request_queue(NAMESPACE, "tiny"), "digest": DIGEST, "maxNewTokens": 64,
+        "responseCache": True, "defaults": {"max_new_tokens": 16}}
+    dispatcher = FakeDispatcher()
+    gateway_config = load(GatewayConfig, {"namespace": NAMESPACE, **config})
+    return CompletionService(gateway_config, dispatcher, store), dispatcher, store
+
+
+def request(**fields: Any) -> CompletionRequest:
+    return CompletionRequest(**{"model": "tiny", "prompt": "the old fox", **fields})
+
+
+def refused(coroutine: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(coroutine)
+    return caught.value
+
+
+def test_a_completion_goes_to_the_models_queue_with_the_registered_defaults() -> None:
+    completions, dispatcher, _ = make()
+    answer = asyncio.run(completions.complete(request(prompt=["one", "two"])))
+    queue, sent, headers = dispatcher.calls[0]
+    assert queue == queues.request_queue(NAMESPACE, "tiny")
+    assert sent["prompts"] == ["one", "two"]
+    assert sent["params"]["max_new_tokens"] == 16  # the model's registered default, not the gateway's
+    assert headers[queues.CACHE_CHECKED_HEADER] == 0  # sampled by default: not cacheable, not looked up
+    assert [c["text"] for c in answer["choices"]] == [" fine", " fine"]
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert answer["id"] == f"cmpl-{sent['id']}" and answer["kubelm"]["cached"] is False
+
+
+def test_a_cache_hit_is_answered_without_the_queue_and_a_miss_tells_the_worker_it_was_checked() -> None:
+    completions, dispatcher, store = make()
+    first = asyncio.run(completions.complete(request(temperature=0, max_tokens=4)))
+    assert not first["kubelm"]["cached"]
+    assert dispatcher.calls[0][2][queues.CACHE_CHECKED_HEADER] == 1
+    entry = store.entries[keys.model_id(NAMESPACE, "tiny")]
+    message = protocol.parse_request(json.dumps(dispatcher.calls[0][1]).encode(), worker_defaults(entry),
+                                     protocol.Limits(max_new_tokens=64))
+    [material] = response_cache.materials(DIGEST, message.prompts, message.decoding)  # type: ignore[misc]
+    store.responses[keys.response(keys.model_id(NAMESPACE, "tiny"), material)] = Choice(
+        text=" cached", finish_reason="length", prompt_tokens=3, completion_tokens=4)
+    second = asyncio.run(completions.complete(request(temperature=0, max_tokens=4)))
+    assert second["kubelm"]["cached"] and second["choices"][0]["text"] == " cached"
+    assert len(dispatcher.calls) == 1
+    store.available = False  # a miss that did not consult Redis: the worker must look itself
+    asyncio.run(completions.complete(request(temperature=0, max_tokens=5)))
+    assert dispatcher.calls[-1][2][queues.CACHE_CHECKED_HEADER] == 0
+
+
+def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() -> None:
+    completions, _, store = make(models=["pinned"])
+    asyncio.run(completions.complete(request()))
+    asyncio.run(completions.complete(request()))
+    assert store.reads == 1
+    store.available = False
+    asyncio.run(completions.complete(request(model="pinned")))
+    error = refused(completions.complete(request(model="ghost")))
+    assert (error.status, error.code) == (404, "model_not_found")
+    assert sorted(asyncio.run(completions.models())) == ["pinned"]
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"stream": True}, "stream=true is not supported"),
+    ({"n": 2}, "n must be 1"),
+    ({"max_tokens": 65}, "over this model's limit of 64"),
+    ({"prompt": ["p"] * (protocol.MAX_PROMPTS + 1)}, "prompts"),
+])
+def test_what_the_worker_would_refuse_is_refused_before_the_queue(fields: dict[str, Any], message: str) -> None:
+    completions, dispatcher, _ = make()
+    error = refused(completions.complete(request(**fields)))
+    assert error.status == 400 and message in error.message
+    assert error.body()["error"]["type"] == "invalid_request_error"
+    assert not dispatcher.calls
+
+
+def test_over_max_concurrency_is_429_and_the_slot_comes_back() -> None:
+    async def scenario() -> tuple[ApiError | None, dict[str, Any]]:
+        completions, dispatcher, _ = make(maxConcurrency=1)
+        dispatcher.release.clear()
+        first = asyncio.create_task(completions.complete(request()))
+        while not dispatcher.calls:
+            await asyncio.sleep(0)
+        try:
+            await completions.complete(request())
+            second = None
+        except ApiError as e:
+            second = e
+        dispatcher.release.set()
+        await first
+        return second, await completions.complete(request())
+
+    error, later = asyncio.run(scenario())
+    assert error is not None and error.status == 429 and error.kind == "rate_limit_error"
+    assert later["choices"]
+
+
+@pytest.mark.parametrize(("failure", "status", "message"), [
+    (TimeoutError(), 504, "no reply within 30s"),
+    (NoSuchQueue("gone"), 503, "has no request queue yet"),
+    (QueueFull("full"), 503, "at its queue limit"),
+    (BrokerError("not connected to RabbitMQ"), 503, "not connected to RabbitMQ"),
+])
+def test_broker_failures_map_to_openai_errors(failure: BaseException, status: int, message: str) -> None:
+    completions, dispatcher, _ = make(requestTimeoutSeconds=30)
+    dispatcher.answer = failure
+    error = refused(completions.complete(request()))
+    assert error.status == status and message in error.message
+
+
+@pytest.mark.parametrize(("kind", "status", "error_type"), [
+    (protocol.PROMPT_TOO_LONG, 400, "invalid_request_error"),
+    (protocol.EXPIRED, 504, "server_error"),
+    (protocol.UNAVAILABLE, 503, "server_error"),
+    (protocol.INTERNAL, 500, "server_error"),
+])
+def test_a_workers_error_reply_keeps_its_kind(kind: str, status: int, error_type: str) -> None:
+    completions, dispatcher, _ = make()
+    dispatcher.answer = lambda sent: protocol.Reply(id=sent["id"], error=(kind, "it went wrong")).to_json()
+    error = refused(completions.complete(request()))
+    assert (error.status, error.kind, error.code, error.message) == (status, error_type, kind, "it went wrong")
+
+
+def test_asynchronous_requests_pending_done_failed_and_without_redis() -> None:
+    completions, dispatcher, store = make(resultTtlSeconds=120)
+    accepted = asyncio.run(completions.submit(request()))
+    key = keys.result(accepted["id"])
+    assert store.results[key] == {"status": "pending", "model": "tiny"}
+    _, _, headers = dispatcher.sent[0]
+    assert headers[queues.RESULT_KEY_HEADER] == key and headers[queues.RESULT_TTL_HEADER] == 120
+    assert asyncio.run(completions.result(accepted["id"])) == (202, {"id": accepted["id"], "status": "pending"})
+
+    choice = {"text": " done", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+    store.results[key] = {"status": "done", "reply": {"v": protocol.VERSION, "id": accepted["id"],
+                                                      "model": "tiny", "choices": [choice]}}
+    status, body = asyncio.run(completions.result(accepted["id"]))
+    assert status == 200 and body["completion"]["choices"][0]["text"] == " done"
+    store.results[key] = {"status": "done", "reply": json.loads(
+        protocol.Reply(id=accepted["id"], error=(protocol.EXPIRED, "too late")).to_json())}
+    assert asyncio.run(completions.result(accepted["id"]))[1]["error"] == {"type": "expired", "message": "too late"}
+    assert refused(completions.result("unknown")).status == 404
+
+    store.available = False
+    error = refused(completions.submit(request()))
+    assert error.status == 503 and "need Redis" in error.message
+    assert len(dispatcher.sent) == 1
+
+
+def test_a_client_that_goes_away_cancels_its_request_at_the_workers() -> None:
+    async def scenario() -> tuple[ApiError, dict[str, Any], FakeDispatcher]:
+        completions, dispatcher, _ = make()
+        dispatcher.release.clear()  # no reply comes
+        gone = asyncio.Event()
+        waiting = asyncio.create_task(completions.complete(request(), gone.wait))
+        while not dispatcher.calls:
+            await asyncio.sleep(0)
+        gone.set()
+        try:
+            await waiting
+        except ApiError as e:
+            error = e
+        while not dispatcher.cancelled:  # sent on a task of its own
+            await asyncio.sleep(0)
+        dispatcher.release.set()  # a client that stays gets its reply, and nothing is cancelled
+        answered = await completions.complete(request(), asyncio.Event().wait)
+        return error, answered, dispatcher
+
+    error, answered, dispatcher = asyncio.run(scenario())
+    assert error.status == 499
+    assert dispatcher.cancelled == [(queues.request_queue(NAMESPACE, "tiny"), dispatcher.calls[0][1]["id"])]
+    assert answered["choices"] and len(dispatcher.cancelled) == 1
