@@ -151,8 +151,10 @@ def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
     assert http_get(worker.url("/livez")) == (200, b"ok\n") and http_get(worker.url("/healthz"))[0] == 200
     assert http_get(gateway.url("/healthz"))[0] == 200
     for name in ("kubelm_queue_wait_seconds_count", "kubelm_batch_wait_seconds_count",
-                 "kubelm_generation_seconds_count", "kubelm_generated_tokens_total"):
+                 "kubelm_generation_seconds_count", "kubelm_generated_tokens_total", "kubelm_prompt_tokens_total",
+                 "kubelm_time_to_first_token_seconds_count", "kubelm_request_duration_seconds_count"):
         assert worker.metric(name) >= 1, name
+    assert worker.metric("kubelm_time_per_output_token_seconds_count") >= 0  # exported (rows of 1 token skip it)
     assert worker.metric("kubelm_requests_total", '{outcome="ok"}') == 1
     assert worker.metric("kubelm_requests_total", '{outcome="cached"}') == 0
     assert worker.metric("kubelm_errors_total", '{type="internal"}') == 0

@@ -349,3 +349,23 @@ def test_a_request_cancelled_before_it_is_delivered_is_skipped(
         assert request_id == "early" and sample("kubelm_batch_size_count") == steps
         assert asyncio.run(ask("still serving", 2))["ok"]
         assert not worker.channel.unacked
+
+
+def test_latency_is_reported_as_time_to_first_token_between_tokens_and_in_all(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    engine.eos = -1  # every row decodes its 5 tokens
+    with running_worker(cluster, engine, tmp_path, "timed") as (worker, ask):
+        reply = asyncio.run(ask("the old fox", 5))
+        sample = worker.metrics.registry.get_sample_value
+        # Observed right after the reply went out: this thread may see the reply first.
+        eventually(lambda: sample("kubelm_request_duration_seconds_count") == 1, timeout=10, interval=0.02,
+                   what="the request's latency observed")
+        first, between, whole = (sample(f"kubelm_{name}_sum") for name in (
+            "time_to_first_token_seconds", "time_per_output_token_seconds", "request_duration_seconds"))
+        assert sample("kubelm_time_to_first_token_seconds_count") == 1
+        assert sample("kubelm_time_per_output_token_seconds_count") == 1  # one row of more than one token
+        assert 0 < first < whole and between > 0 and first + 4 * between <= whole
+        assert sample("kubelm_generated_tokens_total") == 5
+        assert sample("kubelm_prompt_tokens_total") == reply["choices"][0]["prompt_tokens"] == len(
+            engine.encode("the old fox"))

@@ -42,6 +42,10 @@ class Output:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # When the row's first token was chosen and when its last was (time.monotonic()); not part of what
+    # the output is, so two runs of the same request compare equal.
+    first_token_at: float | None = field(default=None, compare=False)
+    finished_at: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Row:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     finish: str | None = None
+    first_token_at: float | None = None
 
 
 @dataclass
@@ -213,6 +218,8 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _advance(self, row: Row, token: int) -> None:
+        if row.first_token_at is None:
+            row.first_token_at = time.monotonic()
         if token == self.eos:
             row.finish = "stop"
             return
@@ -227,7 +234,8 @@ class Engine:
     def _output(self, row: Row) -> Output:
         text = self._cut_at_stop(self.tokenizer.decode(row.generated, skip_special_tokens=True),
                                  row.item.decoding.stop)
-        return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated))
+        return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated), row.first_token_at,
+                      time.monotonic())
 
     def _compact(self, batch: Batch) -> torch.Tensor | None:
         """Drops finished rows, and the leading columns that only they needed; returns the indices of

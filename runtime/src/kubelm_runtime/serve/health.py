@@ -29,7 +29,18 @@ class WorkerMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("kubelm_batch_size", "Rows decoded together, per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.first_token = Histogram("kubelm_time_to_first_token_seconds",
+                                     "Time from delivery to the request's first generated token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.per_token = Histogram("kubelm_time_per_output_token_seconds",
+                                   "Time between tokens after the first, per row of a request",
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+                                   registry=r)
+        self.duration = Histogram("kubelm_request_duration_seconds",
+                                  "Time from delivery to the reply, for requests decoded here",
+                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("kubelm_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("kubelm_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)
         self.redelivered = Counter("kubelm_redelivered", "Requests the broker delivered again (after a worker "
                                    "died with them)", registry=r)

@@ -296,6 +296,7 @@ class Worker:
         elapsed = time.monotonic() - flight.admitted
         self.metrics.generation.observe(elapsed)
         self.metrics.tokens.inc(sum(o.completion_tokens for o in outputs))
+        self.metrics.prompt_tokens.inc(sum(o.prompt_tokens for o in outputs))
         choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
                         for o in outputs)
         reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
@@ -304,8 +305,22 @@ class Worker:
         if not self._answer(pending.delivery, reply):
             return
         self.metrics.requests.labels("ok").inc()
+        self._observe_latency(flight, outputs)
         for material, choice in zip(pending.material or (), choices, strict=False):
             response_cache.store(self.redis, self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
+
+    def _observe_latency(self, flight: InFlight, outputs: list[Output]) -> None:
+        """Time to first token and between tokens, as vLLM reports them; delivery is in wall time,
+        the rest in monotonic time from when the request joined the batch."""
+        waited = max(0.0, flight.admitted_wall - flight.pending.delivery.received)
+        firsts = [o.first_token_at for o in outputs if o.first_token_at is not None]
+        if firsts:
+            self.metrics.first_token.observe(waited + min(firsts) - flight.admitted)
+        for output in outputs:
+            if output.first_token_at is not None and output.finished_at is not None and output.completion_tokens > 1:
+                self.metrics.per_token.observe((output.finished_at - output.first_token_at)
+                                               / (output.completion_tokens - 1))
+        self.metrics.duration.observe(waited + time.monotonic() - flight.admitted)
 
     def _fail_batch(self, error: Exception) -> None:
         log.exception("generation failed for %d requests", len(self.in_flight), exc_info=error)
