@@ -97,3 +97,23 @@ def test_a_cancellation_names_one_request_and_anything_else_is_not_one() -> None
     assert queues.parse_cancel_message(queues.cancel_message("abc-1")) == "abc-1"
     for body in (b"not json", b'{"id": 7}', b"[1]", b"\xff"):
         assert queues.parse_cancel_message(body) is None
+
+
+def test_n_samples_per_prompt_take_consecutive_seeds_and_stay_within_the_row_limit() -> None:
+    raw = json.dumps({"v": 1, "id": "r", "prompts": ["a", "b"], "n": 3, "params": {"seed": 7}}).encode()
+    request = protocol.parse_request(raw, Decoding(), Limits())
+    assert request.n == 3 and protocol.parse_request(request.to_json(), Decoding(), Limits()) == request
+    assert [(p, d.seed) for p, d in request.samples()] == [("a", 7), ("a", 8), ("a", 9), ("b", 7), ("b", 8), ("b", 9)]
+    greedy = protocol.parse_request(json.dumps({"v": 1, "id": "g", "prompt": "a", "n": 2}).encode(), Decoding(),
+                                    Limits())
+    assert [d.seed for _, d in greedy.samples()] == [None, None]
+    for n, message in ((0, "n must be an integer"), (True, "n must be an integer"), (17, "from 1 to 16")):
+        with pytest.raises(ProtocolError, match=message):
+            protocol.parse_request(json.dumps({"v": 1, "id": "x", "prompt": "a", "n": n}).encode(), Decoding(),
+                                   Limits())
+    with pytest.raises(ProtocolError, match="prompts times n is 66"):
+        protocol.parse_request(json.dumps({"v": 1, "id": "x", "prompts": ["a"] * 33, "n": 2}).encode(), Decoding(),
+                               Limits())
+    reply = Reply(id="r", choices=(Choice("x", "stop", 5, 2),) * 6, n=3)
+    assert json.loads(reply.to_json())["usage"] == {"prompt_tokens": 10, "completion_tokens": 12}
+    assert Reply.from_json(reply.to_json()).n == 3

@@ -13,12 +13,14 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 VERSION = 1
 CONTENT_TYPE = "application/json"
 MAX_PROMPTS = 64
+"""Also the most rows one request may ask for: prompts times `n`."""
+MAX_N = 16
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOP_SEQUENCES = 4
 
@@ -71,6 +73,8 @@ class Request:
     deadline: float | None = None
     """Unix time after which the answer is useless (also the message expiration)."""
     model: str | None = None
+    n: int = 1
+    """Completions per prompt: rows sharing one prefill; choices are ordered prompt by prompt."""
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) > self.deadline
@@ -82,7 +86,20 @@ class Request:
             body["deadline"] = self.deadline
         if self.model is not None:
             body["model"] = self.model
+        if self.n != 1:
+            body["n"] = self.n
         return json.dumps(body, separators=(",", ":")).encode()
+
+    def samples(self) -> list[tuple[str, Decoding]]:
+        """(prompt, decoding) of each row in choice order: `n` per prompt. A seeded request's samples
+        take seed, seed + 1, …, so they differ from each other and stay reproducible."""
+        rows = []
+        for prompt in self.prompts:
+            for j in range(self.n):
+                seed = self.decoding.seed
+                rows.append((prompt, self.decoding if seed is None or j == 0
+                             else replace(self.decoding, seed=(seed + j) % 2**63)))
+        return rows
 
 
 @dataclass(frozen=True)
@@ -102,10 +119,20 @@ class Reply:
     timings: dict[str, float] = field(default_factory=dict)
     cached: bool = False
     model: str | None = None
+    n: int = 1
+    """Choices per prompt (the request's `n`): a prompt's tokens count once in the usage."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.choices[::self.n])
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
 
     def to_json(self) -> bytes:
         body: dict[str, Any] = {"v": VERSION, "id": self.id, "ok": self.ok}
@@ -113,15 +140,14 @@ class Reply:
             body["error"] = {"type": self.error[0], "message": self.error[1]}
         else:
             body["choices"] = [asdict(c) for c in self.choices]
-            body["usage"] = {
-                "prompt_tokens": sum(c.prompt_tokens for c in self.choices),
-                "completion_tokens": sum(c.completion_tokens for c in self.choices),
-            }
+            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
             body["cached"] = self.cached
         if self.timings:
             body["timings"] = self.timings
         if self.model:
             body["model"] = self.model
+        if self.n != 1:
+            body["n"] = self.n
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -135,6 +161,7 @@ class Reply:
             timings=dict(data.get("timings", {})),
             cached=bool(data.get("cached", False)),
             model=data.get("model"),
+            n=int(data.get("n", 1)),
         )
 
 
@@ -205,7 +232,7 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
         raise ProtocolError(INVALID_REQUEST, f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ProtocolError(INVALID_REQUEST, "body must be a JSON object")
-    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model"})
+    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model", "n"})
     if unknown:
         raise ProtocolError(INVALID_REQUEST, f"unknown field(s): {', '.join(unknown)}")
     if data.get("v", VERSION) != VERSION:
@@ -227,8 +254,14 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError(INVALID_REQUEST, "model must be a string")
+    n = data.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ProtocolError(INVALID_REQUEST, f"n must be an integer from 1 to {MAX_N}")
+    if len(prompts) * n > MAX_PROMPTS:
+        raise ProtocolError(INVALID_REQUEST, f"prompts times n is {len(prompts) * n}; at most {MAX_PROMPTS} "
+                                             "completions per request")
     return Request(request_id, tuple(prompts), parse_decoding(data.get("params"), defaults, limits),
-                   float(deadline) if deadline is not None else None, model)
+                   float(deadline) if deadline is not None else None, model, n)
 
 
 def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> str:

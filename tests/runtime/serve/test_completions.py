@@ -14,7 +14,7 @@ from kubelm_contract.settings import load
 from kubelm_runtime.broker import BrokerError, NoSuchQueue, QueueFull
 from kubelm_runtime.serve import response_cache
 from kubelm_runtime.serve.completions import CompletionService, worker_defaults
-from kubelm_runtime.serve.openai_api import ApiError, CompletionRequest
+from kubelm_runtime.serve.openai_api import ApiError, CompletionRequest, parse_completion_request
 from kubelm_runtime.serve.settings import GatewayConfig
 
 NAMESPACE = "team"
@@ -44,8 +44,9 @@ class FakeDispatcher:
         if self.answer is not None:
             return self.answer(request)  # type: ignore[no-any-return]
         choice = Choice(text=" fine", finish_reason="length", prompt_tokens=2, completion_tokens=1)
-        return protocol.Reply(id=request["id"], choices=(choice,) * len(request["prompts"]),
-                              model=request["model"]).to_json()
+        n = request.get("n", 1)
+        return protocol.Reply(id=request["id"], choices=(choice,) * (len(request["prompts"]) * n),
+                              model=request["model"], n=n).to_json()
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
                    headers: dict[str, Any] | None = None) -> None:
@@ -155,7 +156,9 @@ def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() 
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"stream": True}, "stream=true is not supported"),
-    ({"n": 2}, "n must be 1"),
+    ({"n": 17}, "n must be an integer from 1 to 16"),
+    ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompts times n is 80"),
+    ({"logprobs": 2}, "echo and logprobs are not supported"),
     ({"max_tokens": 65}, "over this model's limit of 64"),
     ({"prompt": ["p"] * (protocol.MAX_PROMPTS + 1)}, "prompts"),
 ])
@@ -262,3 +265,22 @@ def test_a_client_that_goes_away_cancels_its_request_at_the_workers() -> None:
     assert error.status == 499
     assert dispatcher.cancelled == [(queues.request_queue(NAMESPACE, "tiny"), dispatcher.calls[0][1]["id"])]
     assert answered["choices"] and len(dispatcher.cancelled) == 1
+
+
+def test_n_completions_per_prompt_go_to_the_worker_and_count_each_prompt_once() -> None:
+    completions, dispatcher, _ = make()
+    answer = asyncio.run(completions.complete(request(prompt=["one", "two"], n=3, temperature=0)))
+    _, sent, headers = dispatcher.calls[0]
+    assert sent["n"] == 3 and sent["prompts"] == ["one", "two"]
+    assert headers[queues.CACHE_CHECKED_HEADER] == 0  # an entry holds one completion: not cached
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3, 4, 5]
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+
+def test_an_unknown_field_is_refused_by_name_and_a_malformed_body_says_what_is_wrong() -> None:
+    with pytest.raises(ApiError) as unknown:
+        parse_completion_request(b'{"model": "tiny", "prompt": "x", "best_of": 2}')
+    assert unknown.value.status == 400 and "best_of: Extra inputs are not permitted" in unknown.value.message
+    with pytest.raises(ApiError) as missing:
+        parse_completion_request(b'{"prompt": "x", "temperature": -1}')
+    assert "model: Field required" in missing.value.message and "temperature" in missing.value.message

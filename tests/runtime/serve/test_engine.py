@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,3 +172,24 @@ def test_packed_linear_layers_match_the_plain_model(tiny_model: Path, lean: bool
     expected = plain._forward(ids, attention, positions, GrowingCache())
     got = packed._forward(ids, attention, positions, GrowingCache())
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_rows_with_the_same_prompt_share_one_prefill_and_decode_as_if_alone(engine: Engine) -> None:
+    """A request's n samples: the prompt is prefilled once for all of them (one row through the model),
+    and each sample decodes exactly as it would alone."""
+    samples = [Item("the old fox", Decoding(max_new_tokens=8, temperature=1.0, seed=seed)) for seed in (5, 6, 7)]
+    alone = [engine.generate([item])[0] for item in samples]
+    forward, prefilled = engine._forward, []
+
+    def counted(input_ids: Any, *args: Any) -> Any:
+        if input_ids.shape[1] > 1:  # a prefill, not a decode step
+            prefilled.append(input_ids.shape[0])
+        return forward(input_ids, *args)
+
+    engine._forward = counted  # type: ignore[method-assign]
+    try:
+        together = engine.generate([*samples, Item("two", Decoding(max_new_tokens=8, temperature=0))])
+    finally:
+        engine._forward = forward  # type: ignore[method-assign]
+    assert prefilled == [2]  # "the old fox" once, "two" once
+    assert together[:3] == alone

@@ -57,6 +57,14 @@ def test_openai_client_gets_completions(launcher: Launcher) -> None:
     assert [c.index for c in result.choices] == [0, 1]
     assert all(c.finish_reason in ("stop", "length") for c in result.choices)
     assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens <= 10
+    # n samples per prompt, seeded: ordered prompt by prompt, reproducible, each prompt counted once.
+    sampled = client.completions.create(model="tiny", prompt=["the old fox", "two plus"], max_tokens=5, n=3,
+                                        temperature=1.0, seed=11)
+    assert [c.index for c in sampled.choices] == list(range(6))
+    again = client.completions.create(model="tiny", prompt=["the old fox", "two plus"], max_tokens=5, n=3,
+                                      temperature=1.0, seed=11)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+    assert sampled.usage.prompt_tokens == result.usage.prompt_tokens
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="no-such-model", prompt="x")
     with pytest.raises(openai.BadRequestError, match="over this model's limit"):

@@ -157,8 +157,8 @@ class CompletionService:
         """The protocol request for `body`, refused here when the worker would refuse it."""
         if body.stream:
             raise openai_api.invalid("stream=true is not supported; use stream=false", protocol.INVALID_REQUEST)
-        if body.n != 1 or body.echo or body.logprobs is not None:
-            raise openai_api.invalid("n must be 1, and echo and logprobs are not supported", protocol.INVALID_REQUEST)
+        if body.echo or body.logprobs is not None:
+            raise openai_api.invalid("echo and logprobs are not supported", protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
         if body.max_tokens is not None and body.max_tokens > ceiling:
             raise openai_api.invalid(f"max_tokens {body.max_tokens} is over this model's limit of {ceiling}",
@@ -172,7 +172,7 @@ class CompletionService:
         # decoding the worker will use, and refuses here what the worker would refuse.
         deadline = time.time() + self.config.request_timeout_seconds
         raw = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": prompts, "params": params,
-                          "deadline": deadline, "model": body.model}).encode()
+                          "deadline": deadline, "model": body.model, "n": body.n}).encode()
         try:
             return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
         except ProtocolError as e:
@@ -187,7 +187,7 @@ class CompletionService:
         through the queue, and after a real miss the worker need not look again."""
         if not entry.get("responseCache") or "digest" not in entry:
             return None, False
-        material = response_cache.materials(entry["digest"], message.prompts, message.decoding)
+        material = response_cache.materials(entry["digest"], message.prompts, message.decoding, message.n)
         if not material:
             return None, False
         choices = await self.store.cached_choices(keys.model_id(self.config.namespace, str(message.model)),

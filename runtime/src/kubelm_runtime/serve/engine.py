@@ -147,18 +147,25 @@ class Engine:
         encoded = iter(self.tokenizer(unknown, add_special_tokens=False)["input_ids"] if unknown else [])
         rows = [Row(key, item, list(item.ids if item.ids is not None else next(encoded)),
                     self._generator(item.decoding)) for key, item in entries]
-        # An empty prompt starts from BOS (EOS for GPT-2), as for unconditional text.
-        inputs = [r.prompt_ids or [self.bos] for r in rows]
-        width = max(len(ids) for ids in inputs)
-        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(inputs):
+        # An empty prompt starts from BOS (EOS for GPT-2), as for unconditional text. Rows with the same
+        # prompt (a request's `n` samples) share one prefill: its cache and logits are copied per row.
+        inputs = [tuple(r.prompt_ids or [self.bos]) for r in rows]
+        unique = list(dict.fromkeys(inputs))
+        width = max(len(ids) for ids in unique)
+        input_ids = torch.full((len(unique), width), self.pad, dtype=torch.long)
+        attention = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, ids in enumerate(unique):
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             attention[i, width - len(ids):] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         cache = GrowingCache()
         logits = self._forward(input_ids, attention, positions, cache)
+        if len(unique) < len(rows):
+            where = {ids: i for i, ids in enumerate(unique)}
+            copies = torch.tensor([where[ids] for ids in inputs], dtype=torch.long, device=self.device)
+            cache.keep(copies)
+            attention, positions, logits = attention[copies], positions[copies], logits[copies]
         following = positions[:, -1:] + 1
         self._compact(batch)
         if batch.attention is None or batch.positions is None or batch.logits is None:

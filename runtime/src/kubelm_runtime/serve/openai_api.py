@@ -73,8 +73,7 @@ def reply_error(kind: str, message: str) -> ApiError:
 
 
 def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
-    prompt_tokens = sum(c.prompt_tokens for c in reply.choices)
-    completion_tokens = sum(c.completion_tokens for c in reply.choices)
+    prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
     return {
         "id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
         "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}

@@ -16,9 +16,10 @@ from kubelm_contract.protocol import Choice, Decoding
 from ..redis_store import AsyncOptionalRedis, AsyncRedisStore, OptionalRedis, RedisStore
 
 
-def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding) -> list[str] | None:
-    """Cache key material per prompt, or None when the request is not cacheable."""
-    if not decoding.deterministic:
+def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding, n: int = 1) -> list[str] | None:
+    """Cache key material per prompt, or None when the request is not cacheable (sampled without a
+    seed, or several completions per prompt: an entry holds one)."""
+    if not decoding.deterministic or n != 1:
         return None
     return [protocol.cache_key_material(digest, p, decoding) for p in prompts]
 

@@ -142,7 +142,7 @@ class Worker:
             log.info("request %s was cancelled by its caller before it was delivered: skipped", request.id)
             self._drop_cancelled(delivery)
             return
-        material = (response_cache.materials(self.digest, request.prompts, request.decoding)
+        material = (response_cache.materials(self.digest, request.prompts, request.decoding, request.n)
                     if self.config.cache.responses.enabled else None)
         checked = bool(delivery.headers.get(queues.CACHE_CHECKED_HEADER))
         cached = response_cache.lookup(self.redis, self.model_id, material) if material and not checked else None
@@ -248,10 +248,11 @@ class Worker:
         entries = []
         for pending in admitted:
             self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
-            self.in_flight[id(pending)] = InFlight(pending, [None] * len(pending.request.prompts), now,
-                                                   started_wall)
-            entries += [((id(pending), i), Item(p, pending.request.decoding, ids))
-                        for i, (p, ids) in enumerate(zip(pending.request.prompts, pending.prompt_ids, strict=True))]
+            samples = pending.request.samples()  # n rows per prompt; the engine prefills a prompt once
+            row_ids = [ids for ids in pending.prompt_ids for _ in range(pending.request.n)]
+            self.in_flight[id(pending)] = InFlight(pending, [None] * len(samples), now, started_wall)
+            entries += [((id(pending), i), Item(prompt, decoding, ids))
+                        for i, ((prompt, decoding), ids) in enumerate(zip(samples, row_ids, strict=True))]
         try:
             self.engine.join(self.batch, entries)
         except Exception as e:  # a failed prefill fails what is in the batch, not the worker
@@ -299,7 +300,7 @@ class Worker:
         self.metrics.prompt_tokens.inc(sum(o.prompt_tokens for o in outputs))
         choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
                         for o in outputs)
-        reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, timings={
+        reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, n=pending.request.n, timings={
             "batch_wait_ms": round((flight.admitted_wall - pending.delivery.received) * 1000, 3),
             "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
         if not self._answer(pending.delivery, reply):
