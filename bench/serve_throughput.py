@@ -94,6 +94,25 @@ class KeepAlive:
         assert response.status == 200, payload
         return json.loads(payload)
 
+    def stream(self, path: str, body: dict) -> tuple[float, int]:
+        """A streamed completion read to its end: (seconds to the first text, completion tokens)."""
+        started = time.perf_counter()
+        self.connection.request("POST", path, json.dumps({**body, "stream": True,
+                                                          "stream_options": {"include_usage": True}}),
+                                {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        assert response.status == 200, response.read()
+        first, tokens = None, 0
+        for line in response:  # Server-Sent Events, one `data:` line each
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter() - started
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+        return first if first is not None else time.perf_counter() - started, tokens
+
 
 def amqp_round_trips(amqp_url: str, queue: str, count: int) -> list[tuple[float, float]]:
     """Single requests straight onto a model's queue, as the gateway sends them: (round trip, the
@@ -315,9 +334,25 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
             timed.last = reply  # type: ignore[attr-defined]
             return elapsed
 
+        first_tokens: list[float] = []
+
+        def streamed(prompt: str) -> int:
+            if not hasattr(local, "client"):
+                local.client = KeepAlive(gateway_port)
+            first, produced = local.client.stream("/v1/completions", {
+                "model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0.7, "top_k": 50})
+            first_tokens.append(first)
+            return int(produced)
+
+        def concurrent_streams(tag: str) -> int:
+            return sum(pool.map(streamed, prompts(n, tag)))
+
         concurrent("warm")
         pairs = [(tokens_per_second(functools.partial(concurrent, f"q{i}")),
                   tokens_per_second(functools.partial(in_process_run, i))) for i in range(5)]
+        # Streaming against not streaming, paired, the same requests through the same gateway.
+        streaming = [(tokens_per_second(functools.partial(concurrent_streams, f"s{i}")),
+                      tokens_per_second(functools.partial(concurrent, f"n{i}"))) for i in range(3)]
         latency = [timed({"prompt": f"latency {i}", "max_tokens": 1, "temperature": 0}) for i in range(30)]
         amqp = amqp_round_trips(connection["KUBELM_AMQP_URL"], "kubelm.default.bench.requests", 50)
         ready = multiprocessing.Event()
@@ -330,7 +365,8 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
         hits = [timed({"prompt": "cache 0", "max_tokens": tokens, "temperature": 0}) for _ in range(50)]
         assert timed.last["kubelm"]["cached"]  # type: ignore[attr-defined]
         pool.shutdown()
-        return {"pairs": pairs, "latency": latency, "amqp": amqp, "floor": floor, "misses": misses, "hits": hits,
+        return {"pairs": pairs, "streaming": streaming, "first_tokens": first_tokens,
+                "latency": latency, "amqp": amqp, "floor": floor, "misses": misses, "hits": hits,
                 "joined": sorted(set(joined))}
     finally:
         for process in processes:
@@ -366,6 +402,10 @@ def main() -> None:
     print(f"in-process batched worker, same batch          {local_tps:8.0f} tokens/s   queue/in-process: "
           f"{statistics.median(ratios):.2f}x median of {len(ratios)} paired runs "
           f"({ratios[0]:.2f}-{ratios[-1]:.2f}x), {queue_tps / local_tps:.2f}x best/best (goal >= 0.9x)")
+    streamed = sorted(s / q for s, q in queued["streaming"])
+    print(f"streaming, {n} concurrent: {max(s for s, _ in queued['streaming']):.0f} tokens/s, streamed/not "
+          f"{statistics.median(streamed):.2f}x median of {len(streamed)} paired runs ({streamed[0]:.2f}-"
+          f"{streamed[-1]:.2f}x) (goal >= 0.9x); time to first text p50 {p50(queued['first_tokens']):.0f} ms")
     print(f"  the {n} queued requests joined the running batch in {len(queued['joined'])} groups "
           f"(rows after each join: {queued['joined']})")
     added = p50([rtt - own for rtt, own in queued["amqp"]])

@@ -75,6 +75,8 @@ class Request:
     model: str | None = None
     n: int = 1
     """Completions per prompt: rows sharing one prefill; choices are ordered prompt by prompt."""
+    stream: bool = False
+    """Send text as it is generated (chunk messages, then the reply)."""
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) > self.deadline
@@ -88,6 +90,8 @@ class Request:
             body["model"] = self.model
         if self.n != 1:
             body["n"] = self.n
+        if self.stream:
+            body["stream"] = True
         return json.dumps(body, separators=(",", ":")).encode()
 
     def samples(self) -> list[tuple[str, Decoding]]:
@@ -232,7 +236,7 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
         raise ProtocolError(INVALID_REQUEST, f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ProtocolError(INVALID_REQUEST, "body must be a JSON object")
-    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model", "n"})
+    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model", "n", "stream"})
     if unknown:
         raise ProtocolError(INVALID_REQUEST, f"unknown field(s): {', '.join(unknown)}")
     if data.get("v", VERSION) != VERSION:
@@ -260,8 +264,11 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
     if len(prompts) * n > MAX_PROMPTS:
         raise ProtocolError(INVALID_REQUEST, f"prompts times n is {len(prompts) * n}; at most {MAX_PROMPTS} "
                                              "completions per request")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProtocolError(INVALID_REQUEST, "stream must be true or false")
     return Request(request_id, tuple(prompts), parse_decoding(data.get("params"), defaults, limits),
-                   float(deadline) if deadline is not None else None, model, n)
+                   float(deadline) if deadline is not None else None, model, n, stream)
 
 
 def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> str:
@@ -269,4 +276,25 @@ def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> st
     normalised = prompt.replace("\r\n", "\n")
     params = json.dumps({**asdict(decoding), "stop": list(decoding.stop)}, sort_keys=True)
     return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
+
+
+
+CHUNK_TYPE = "chunk"
+"""The AMQP `type` property of a chunk message; the reply that ends a streamed request has none."""
+
+
+def chunk_message(request_id: str, texts: dict[int, tuple[int, str]]) -> bytes:
+    """Text generated since the last chunk, by choice index: (characters sent before it, the new text)."""
+    return json.dumps({"v": VERSION, "id": request_id, "chunks": [
+        {"index": index, "offset": offset, "text": text} for index, (offset, text) in sorted(texts.items())]},
+        separators=(",", ":")).encode()
+
+
+def parse_chunk_message(raw: bytes) -> dict[int, tuple[int, str]]:
+    """(offset, text) by choice index; empty for a body that is not a chunk message."""
+    try:
+        data = json.loads(raw)
+        return {int(c["index"]): (int(c["offset"]), str(c["text"])) for c in data["chunks"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
 

@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from kubelm_contract import queues
+from kubelm_contract import protocol, queues
 from kubelm_contract.queues import QueueSpec
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class WorkerChannel:
         self.consumer_tag: str | None = None
         self._cancelled: list[str] = []
         self._broker_silent = False
+        self._chunks: Any = None
         self.unacked: set[int] = set()
         """Delivery tags received and not yet acknowledged (must be empty after a drain)."""
 
@@ -164,6 +165,15 @@ class WorkerChannel:
         """Publishes a reply and returns once the broker confirmed it."""
         self.channel.basic_publish("", reply_to, body, pika.BasicProperties(
             correlation_id=correlation_id, content_type="application/json"))
+
+    @_lost_as_broker_error()
+    def send_chunk(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Publishes part of a streamed reply without waiting for a confirm, on a channel of its own: chunks
+        are many and best effort, and the confirmed reply that ends the stream carries the whole text."""
+        if self._chunks is None:
+            self._chunks = self.connection.channel()
+        self._chunks.basic_publish("", reply_to, body, pika.BasicProperties(
+            correlation_id=correlation_id, type=protocol.CHUNK_TYPE, content_type="application/json"))
 
     @_lost_as_broker_error()
     def ack(self, tag: int) -> None:
@@ -277,6 +287,11 @@ class RpcClient:
                 time.sleep(1)
 
     def _on_reply(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if properties.type == protocol.CHUNK_TYPE:  # part of a streamed reply: the call goes on waiting
+            streaming = self._pending.get(properties.correlation_id or "")
+            if streaming is not None and streaming.on_chunk is not None:
+                streaming.chunk(body)
+            return
         waiter = self._pending.pop(properties.correlation_id or "", None)
         if waiter is None:
             return  # a duplicate (redelivered request) or an abandoned call
@@ -342,12 +357,14 @@ class RpcClient:
                 await asyncio.sleep(0.05)
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None) -> bytes:
+                   headers: dict[str, Any] | None = None, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+        """The reply's body. `on_chunk` gets each chunk of a streamed reply (on the caller's loop) before it;
+        a streamed call whose reply channel is lost fails instead of asking again (its text was under way)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             while True:
-                waiter = _Call(loop, loop.create_future())
+                waiter = _Call(loop, loop.create_future(), on_chunk=on_chunk)
                 self._pending[correlation_id] = waiter
                 # The request expires in the queue when nobody waits for it any more.
                 left = max(deadline - loop.time(), 0.001)
@@ -364,6 +381,8 @@ class RpcClient:
                 try:
                     return await asyncio.wait_for(future, max(deadline - loop.time(), 0))
                 except ReplyChannelLost:
+                    if on_chunk is not None:
+                        raise
                     continue  # the reply would go to a channel that no longer exists: ask again
         finally:
             self._pending.pop(correlation_id, None)
@@ -424,8 +443,8 @@ class RpcPool:
         return self.clients[self._turn]
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None) -> bytes:
-        return await self._next().call(queue_name, body, correlation_id, timeout, headers)
+                   headers: dict[str, Any] | None = None, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+        return await self._next().call(queue_name, body, correlation_id, timeout, headers, on_chunk)
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
                    headers: dict[str, Any] | None = None) -> None:
@@ -445,10 +464,15 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[bytes]
     published_on: int = 0
+    on_chunk: Callable[[bytes], None] | None = None
 
     def settle(self, body: bytes | None, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(_settle, self.future, body, error)
+
+    def chunk(self, body: bytes) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.on_chunk, body)  # type: ignore[arg-type]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

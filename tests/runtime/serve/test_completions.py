@@ -30,14 +30,19 @@ class FakeDispatcher:
         self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.sent: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.cancelled: list[tuple[str, str]] = []
+        self.chunks: list[dict[int, tuple[int, str]]] = []
+        """Chunk messages a streamed call receives before its reply."""
         self.answer: Any = None
         self.release = asyncio.Event()
         self.release.set()
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None) -> bytes:
+                   headers: dict[str, Any] | None = None, on_chunk: Any = None) -> bytes:
         request = json.loads(body)
         self.calls.append((queue_name, request, headers or {}))
+        for chunk in self.chunks:
+            on_chunk(protocol.chunk_message(request["id"], chunk))
+            await asyncio.sleep(0)
         await self.release.wait()
         if isinstance(self.answer, BaseException):
             raise self.answer
@@ -155,7 +160,6 @@ def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() 
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"stream": True}, "stream=true is not supported"),
     ({"n": 17}, "n must be an integer from 1 to 16"),
     ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompts times n is 80"),
     ({"logprobs": 2}, "echo and logprobs are not supported"),
@@ -284,3 +288,70 @@ def test_an_unknown_field_is_refused_by_name_and_a_malformed_body_says_what_is_w
     with pytest.raises(ApiError) as missing:
         parse_completion_request(b'{"prompt": "x", "temperature": -1}')
     assert "model: Field required" in missing.value.message and "temperature" in missing.value.message
+
+
+def events_of(completions: CompletionService, body: CompletionRequest) -> list[dict[str, Any]]:
+    async def collect() -> list[dict[str, Any]]:
+        return [event async for event in completions.stream(body)]
+
+    return asyncio.run(collect())
+
+
+def test_a_stream_relays_chunks_as_they_come_and_the_reply_finishes_each_choice() -> None:
+    completions, dispatcher, _ = make()
+    dispatcher.chunks = [{0: (0, " fi"), 1: (0, " ne")},
+                         {0: (0, " fi")},  # a chunk delivered twice adds nothing
+                         {0: (3, "n")}]
+    events = events_of(completions, request(prompt=["one", "two"], stream=True,
+                                            stream_options={"include_usage": True}))
+    assert dispatcher.calls[0][1]["stream"] is True
+    texts = [(e["choices"][0]["index"], e["choices"][0]["text"], e["choices"][0]["finish_reason"])
+             for e in events if e["choices"]]
+    assert texts == [(0, " fi", None), (1, " ne", None), (0, "n", None), (0, "e", "length"), (1, "", "length")]
+    assert "".join(t for i, t, _ in texts if i == 0) == " fine"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    assert {e["id"] for e in events} == {f"cmpl-{dispatcher.calls[0][1]['id']}"}
+    sample = completions.metrics.registry.get_sample_value
+    assert sample("kubelm_gateway_time_to_first_token_seconds_count", {"model": "tiny"}) == 1
+    assert sample("kubelm_gateway_latency_seconds_count", {"model": "tiny"}) == 1
+    assert all(e["object"] == "text_completion" for e in events)
+
+
+def test_a_stream_that_lost_a_chunk_gets_the_rest_from_the_reply_and_errors_are_raised() -> None:
+    completions, dispatcher, _ = make()
+    dispatcher.chunks = [{0: (2, "ne")}]  # starts past what was streamed: the chunk before it went missing
+    texts = [e["choices"][0]["text"] for e in events_of(completions, request(stream=True))]
+    assert "".join(texts) == " fine"
+    dispatcher.answer = TimeoutError()
+    with pytest.raises(ApiError) as timed_out:
+        events_of(completions, request(stream=True))
+    assert timed_out.value.status == 504
+
+
+def test_a_streamed_cache_hit_is_one_event_per_choice() -> None:
+    completions, dispatcher, store = make()
+    asyncio.run(completions.complete(request(temperature=0, max_tokens=4)))
+    entry = store.entries[keys.model_id(NAMESPACE, "tiny")]
+    message = protocol.parse_request(json.dumps(dispatcher.calls[0][1]).encode(), worker_defaults(entry),
+                                     protocol.Limits(max_new_tokens=64))
+    [material] = response_cache.materials(DIGEST, message.prompts, message.decoding)  # type: ignore[misc]
+    store.responses[keys.response(keys.model_id(NAMESPACE, "tiny"), material)] = Choice(" cached", "stop", 3, 1)
+    events = events_of(completions, request(temperature=0, max_tokens=4, stream=True))
+    assert [e["choices"][0]["text"] for e in events] == [" cached"] and len(dispatcher.calls) == 1
+
+
+def test_a_stream_whose_consumer_goes_away_cancels_the_request_at_the_workers() -> None:
+    async def scenario() -> FakeDispatcher:
+        completions, dispatcher, _ = make()
+        dispatcher.chunks = [{0: (0, " fi")}]
+        dispatcher.release.clear()
+        events = completions.stream(request(stream=True))
+        first = await anext(events)
+        assert first["choices"][0]["text"] == " fi"
+        await events.aclose()  # what the server does when the client disconnects mid-stream
+        while not dispatcher.cancelled:
+            await asyncio.sleep(0)
+        return dispatcher
+
+    dispatcher = asyncio.run(scenario())
+    assert dispatcher.cancelled == [(queues.request_queue(NAMESPACE, "tiny"), dispatcher.calls[0][1]["id"])]

@@ -71,6 +71,34 @@ def test_openai_client_gets_completions(launcher: Launcher) -> None:
         client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
 
 
+def test_openai_client_streams_completions(launcher: Launcher) -> None:
+    """stream=True through gateway, RabbitMQ and worker: several events as tokens are generated, the same
+    text as without streaming, finish reasons, usage when asked for; a stop string is never streamed."""
+    # No response cache: the streamed request must be generated, not answered from the first one's entry.
+    launcher.worker("tiny", generation={"maxNewTokens": 8}, limits={"maxNewTokens": 64},
+                    cache={"responses": {"enabled": False}})
+    gateway = launcher.gateway()
+    client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
+    whole = client.completions.create(model="tiny", prompt="the old fox", max_tokens=40, temperature=0)
+    events = list(client.completions.create(model="tiny", prompt="the old fox", max_tokens=40, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = [e.choices[0].text for e in events if e.choices]
+    assert "".join(texts) == whole.choices[0].text
+    assert len([t for t in texts if t]) > 1  # arrived in pieces, not as one reply
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == whole.choices[0].finish_reason
+    assert events[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # A stop string in the middle of a (seeded, varied) text: what comes before it streams, it and what
+    # follows never do (a stop string's beginning held back until it is known: test_textstream.py).
+    sampled = dict(model="tiny", prompt="the old fox", max_tokens=40, temperature=1.0, seed=2)
+    text = client.completions.create(**sampled).choices[0].text  # type: ignore[call-overload]
+    at = next(k for k in range(len(text) // 2, len(text) - 3)
+              if text.find(text[k:k + 3]) == k and "\ufffd" not in text[k:k + 3])
+    stop = text[at:at + 3]
+    stopped = client.completions.create(**sampled, stop=[stop], stream=True)  # type: ignore[call-overload]
+    streamed = "".join(e.choices[0].text for e in stopped if e.choices)
+    assert streamed == text[:at] and stop not in streamed
+
+
 def test_worker_reexecutes_itself_on_jemalloc(launcher: Launcher) -> None:
     worker = launcher.worker("tiny")
     maps = Path(f"/proc/{worker.process.pid}/maps").read_text()
@@ -262,8 +290,9 @@ def test_gateway_timeout_auth_and_limits(launcher: Launcher, tmp_path: Path) -> 
     assert status == 504 and "no reply within 1s" in error["error"]["message"]
     assert post(url, {**body, "prompt": "y" * 5000}, auth)[0] == 413
     assert _chunked_without_end(gateway, auth, 3000) == 413
+    # Streamed, with nobody to answer: no text came, so the timeout is still an HTTP error, not an event.
     status, error = post(url, {**body, "stream": True}, auth)
-    assert status == 400 and "stream" in error["error"]["message"]
+    assert status == 504 and "no reply within 1s" in error["error"]["message"]
     status, error = post(url, {**body, "temperature": -1}, auth)
     assert status == 400 and "temperature" in error["error"]["message"]
 

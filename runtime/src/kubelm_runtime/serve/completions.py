@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -35,7 +35,8 @@ class Dispatcher(Protocol):
     def connected(self) -> bool: ...
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None) -> bytes: ...
+                   headers: dict[str, Any] | None = None,
+                   on_chunk: Callable[[bytes], None] | None = None) -> bytes: ...
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
                    headers: dict[str, Any] | None = None) -> None: ...
@@ -102,6 +103,9 @@ class GatewayMetrics:
                                 ["route", "status"], registry=self.registry)
         self.latency = Histogram("kubelm_gateway_latency_seconds", "Completion latency", ["model"],
                                  registry=self.registry)
+        self.first_token = Histogram("kubelm_gateway_time_to_first_token_seconds",
+                                     "Streamed completions: time from the request to its first text", ["model"],
+                                     registry=self.registry)
 
 
 def broker_failure(error: BrokerError, model: str) -> ApiError:
@@ -155,8 +159,6 @@ class CompletionService:
 
     def build(self, body: CompletionRequest, entry: dict[str, Any], request_id: str) -> protocol.Request:
         """The protocol request for `body`, refused here when the worker would refuse it."""
-        if body.stream:
-            raise openai_api.invalid("stream=true is not supported; use stream=false", protocol.INVALID_REQUEST)
         if body.echo or body.logprobs is not None:
             raise openai_api.invalid("echo and logprobs are not supported", protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
@@ -172,7 +174,7 @@ class CompletionService:
         # decoding the worker will use, and refuses here what the worker would refuse.
         deadline = time.time() + self.config.request_timeout_seconds
         raw = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": prompts, "params": params,
-                          "deadline": deadline, "model": body.model, "n": body.n}).encode()
+                          "deadline": deadline, "model": body.model, "n": body.n, "stream": body.stream}).encode()
         try:
             return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
         except ProtocolError as e:
@@ -225,6 +227,71 @@ class CompletionService:
         if reply.error:
             raise openai_api.reply_error(*reply.error)
         return openai_api.completion(reply, body.model, int(time.time()))
+
+    async def stream(self, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """The completion as OpenAI's stream events: text per choice as the worker generates it, each
+        choice's finish reason, and the usage when asked for. A refusal before the first event is an
+        ApiError like `complete`'s; the caller going away (the iteration cancelled) cancels the request
+        at the workers."""
+        entry, message = await self._prepare(body)
+        created, model = int(time.time()), body.model
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        hit, cache_checked = await self.cached(entry, message)
+        if hit is not None:
+            for index, choice in enumerate(hit.choices):
+                yield openai_api.completion_chunk(message.id, model, created, index, choice.text,
+                                                  choice.finish_reason)
+            if include_usage:
+                yield openai_api.usage_chunk(hit, model, created)
+            return
+        if self.slots.locked():
+            raise ApiError(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
+        timeout = self.config.request_timeout_seconds
+        sent: dict[int, str] = {}
+        started = time.perf_counter()
+        async with self.slots:
+            chunks: asyncio.Queue[bytes] = asyncio.Queue()
+            headers = {queues.SENT_AT_HEADER: int(time.time() * 1000), queues.CACHE_CHECKED_HEADER: int(cache_checked)}
+            call = asyncio.ensure_future(self.dispatcher.call(entry["queue"], message.to_json(), message.id, timeout,
+                                                              headers, on_chunk=chunks.put_nowait))
+            try:
+                while not (call.done() and chunks.empty()):  # chunks that came before the reply go first
+                    if chunks.empty():
+                        arrived = asyncio.ensure_future(chunks.get())
+                        await asyncio.wait((call, arrived), return_when=asyncio.FIRST_COMPLETED)
+                        if not arrived.done():
+                            arrived.cancel()
+                            continue
+                        body_of_chunk = arrived.result()
+                    else:
+                        body_of_chunk = chunks.get_nowait()
+                    for index, (offset, text) in protocol.parse_chunk_message(body_of_chunk).items():
+                        fresh = _fresh(sent.get(index, ""), offset, text)
+                        if fresh:
+                            if not sent:
+                                self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
+                            sent[index] = sent.get(index, "") + fresh
+                            yield openai_api.completion_chunk(message.id, model, created, index, fresh)
+                raw = call.result()
+            except TimeoutError:
+                raise ApiError(504, f"no reply within {timeout:g}s; the request expires in the queue",
+                               "timeout_error") from None
+            except BrokerError as e:
+                raise broker_failure(e, model) from e
+            finally:
+                if not call.done():  # the client went away (or the gateway stops): stop the work too
+                    call.cancel()
+                    self._cancel_at_workers(entry["queue"], message.id)
+        reply = protocol.Reply.from_json(raw)
+        self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+        if reply.error:
+            raise openai_api.reply_error(*reply.error)
+        for index, choice in enumerate(reply.choices):
+            streamed = sent.get(index, "")
+            rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""
+            yield openai_api.completion_chunk(message.id, model, created, index, rest, choice.finish_reason)
+        if include_usage:
+            yield openai_api.usage_chunk(reply, model, created)
 
     async def _unless_gone(self, call: Awaitable[bytes], client_gone: Callable[[], Awaitable[None]] | None,
                            queue: str, request_id: str) -> bytes:
@@ -286,3 +353,11 @@ class CompletionService:
                          "error": {"type": reply.error[0], "message": reply.error[1]}}
         return 200, {"id": request_id, "status": "done",
                      "completion": openai_api.completion(reply, reply.model or "", int(time.time()))}
+
+
+def _fresh(streamed: str, offset: int, text: str) -> str:
+    """The part of a chunk (`text` starting at character `offset` of its choice) not streamed yet; nothing
+    when it starts past what was streamed (a chunk went missing: the reply brings the rest)."""
+    if offset > len(streamed):
+        return ""
+    return text[len(streamed) - offset:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from kubelm_contract.protocol import Decoding
 from ..cpu import cpu_has_fast_bf16
 from . import gpt2, packing
 from .kvcache import GrowingCache
+from .textstream import streamable
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,12 @@ class Engine:
         batch.logits = self._forward(tokens[:, None], attention, batch.positions, batch.cache)
         batch.attention, batch.positions = attention, batch.positions + 1
         return finished
+
+    def streamable_texts(self, batch: Batch, wanted: Callable[[Any], bool]) -> dict[Any, str]:
+        """The text each unfinished row whose key is `wanted` may send so far (see textstream)."""
+        return {row.key: streamable(self.tokenizer.decode(row.generated, skip_special_tokens=True),
+                                    row.item.decoding.stop)
+                for row in batch.rows if row.finish is None and wanted(row.key)}
 
     def cancel(self, batch: Batch, keys: set[Any]) -> int:
         """Takes the unfinished rows of `keys` out of the batch before the next step; returns how many."""

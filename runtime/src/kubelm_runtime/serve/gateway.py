@@ -15,12 +15,12 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..broker import RpcPool
@@ -112,6 +112,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def server_sent_events(first: dict[str, Any] | None,
+                             events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """OpenAI's stream framing: `data: {json}` per event, an error as an event of its own once the
+    stream has begun, then `data: [DONE]`."""
+    try:
+        if first is not None:
+            yield openai_api.server_sent_event(first)
+        async for event in events:
+            yield openai_api.server_sent_event(event)
+    except ApiError as e:
+        yield openai_api.server_sent_event(e.body())
+    yield openai_api.server_sent_event("[DONE]")
+
+
 async def disconnected(request: Request) -> None:
     """Returns once the client has gone. Called after the body was read, so the next message the server
     has for this request is the disconnect."""
@@ -133,9 +147,14 @@ def create_app(service: CompletionService, rpc_connected: Callable[[], bool], to
         return openai_api.parse_completion_request(await read_body(request, config.max_body_bytes))
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> JSONResponse:
+    async def completions(request: Request) -> Response:
         body = await parsed(request)
-        return JSONResponse(await service.complete(body, lambda: disconnected(request)))
+        if not body.stream:
+            return JSONResponse(await service.complete(body, lambda: disconnected(request)))
+        events = aiter(service.stream(body))
+        first = await anext(events, None)  # a refusal before any text is still an HTTP error
+        return StreamingResponse(server_sent_events(first, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/requests", response_model=None)
     async def submit(request: Request) -> JSONResponse:

@@ -5,6 +5,7 @@ Pure: no HTTP framework, broker or Redis, so every shape is testable on its own.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +36,11 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, message, "unavailable_error")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """The OpenAI completions request, plus top_k and repetition_penalty."""
 
@@ -50,6 +56,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     echo: bool = False
     logprobs: int | None = None
@@ -84,6 +91,26 @@ def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any
         # Extra fields are ignored by OpenAI clients; they say how the answer was produced.
         "kubelm": {"cached": reply.cached, "timings": reply.timings},
     }
+
+
+def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
+                     finish_reason: str | None = None) -> dict[str, Any]:
+    """One streamed event: new text of one choice, and its finish reason on the last."""
+    return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
+            "system_fingerprint": None}
+
+
+def usage_chunk(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
+    """The last event before [DONE] when the client asked for `stream_options.include_usage`."""
+    prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+    return {"id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
+            "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def server_sent_event(data: dict[str, Any] | str) -> bytes:
+    return b"data: " + (data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))).encode() + b"\n\n"
 
 
 def model_list(names: list[str]) -> dict[str, Any]:

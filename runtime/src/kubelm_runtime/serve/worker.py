@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class InFlight:
     admitted_wall: float
     batch_size: int = 0
     """Rows decoding together right after it joined."""
+    sent: list[int] = field(default_factory=list)
+    """Characters of each row's text already streamed."""
 
 
 def _reply_key(delivery: Delivery) -> str:
@@ -250,7 +252,8 @@ class Worker:
             self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
             samples = pending.request.samples()  # n rows per prompt; the engine prefills a prompt once
             row_ids = [ids for ids in pending.prompt_ids for _ in range(pending.request.n)]
-            self.in_flight[id(pending)] = InFlight(pending, [None] * len(samples), now, started_wall)
+            self.in_flight[id(pending)] = InFlight(pending, [None] * len(samples), now, started_wall,
+                                                   sent=[0] * len(samples))
             entries += [((id(pending), i), Item(prompt, decoding, ids))
                         for i, ((prompt, decoding), ids) in enumerate(zip(samples, row_ids, strict=True))]
         try:
@@ -276,6 +279,28 @@ class Worker:
             if all(o is not None for o in flight.outputs):
                 del self.in_flight[key]
                 self._finish(flight)
+        self._stream()
+
+    def _stream(self) -> None:
+        """Sends the text streaming requests generated in this step: one chunk message per request, for
+        the rows with new text (finished requests get their reply, which holds it all)."""
+        streaming = {key for key, flight in self.in_flight.items()
+                     if flight.pending.request.stream and flight.pending.delivery.reply_to}
+        if not streaming:
+            return
+        texts = self.engine.streamable_texts(self.batch, lambda row_key: row_key[0] in streaming)
+        for key in streaming:
+            flight = self.in_flight[key]
+            new: dict[int, tuple[int, str]] = {}
+            for index, output in enumerate(flight.outputs):
+                text = output.text if output is not None else texts.get((key, index))
+                if text is not None and len(text) > flight.sent[index]:
+                    new[index] = (flight.sent[index], text[flight.sent[index]:])
+                    flight.sent[index] = len(text)
+            if new:
+                delivery = flight.pending.delivery
+                self.channel.send_chunk(delivery.reply_to, delivery.correlation_id,  # type: ignore[arg-type]
+                                        protocol.chunk_message(flight.pending.request.id, new))
 
     def drop_expired(self) -> None:
         """A request past its deadline leaves the batch before the next step: its caller has stopped
