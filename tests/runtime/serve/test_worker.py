@@ -129,6 +129,23 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
     assert long["ok"] and long["choices"][0]["completion_tokens"] == 200 and long["timings"]["batch_size"] == 1
 
 
+def held_steps(engine: Engine, worker: Worker, may_step: Callable[[int], bool], give_up: float = 60) -> list[int]:
+    """Wraps the engine's decode step: step i waits, on the worker's own thread and still taking
+    deliveries and cancellations, until `may_step(i)` (or `give_up` seconds). Returns the rows decoded
+    per step, filled as the worker steps."""
+    decode, rows = engine.step, []
+
+    def step(batch: Batch) -> list[Any]:
+        until = time.monotonic() + give_up
+        while not may_step(len(rows)) and time.monotonic() < until:
+            worker.channel.wait(0.01)
+        rows.append(len(batch))
+        return decode(batch)
+
+    engine.step = step  # type: ignore[method-assign]
+    return rows
+
+
 def _publish(cluster: ClusterEnv, worker: Worker, headers: dict[str, Any] | None = None,
              request_id: str | None = None) -> str:
     """One request straight onto the worker's queue, as the gateway sends an asynchronous one."""
@@ -247,19 +264,11 @@ def test_a_request_past_its_deadline_leaves_the_batch_at_the_next_step(
     200 tokens), the request is answered and dead-lettered as expired, and the batch goes on without it."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
     engine.eos = -1  # decode to the length unless stopped
-    decode, steps = engine.step, []
     with running_worker(cluster, engine, tmp_path, "late", limits={"maxNewTokens": 200},
                         generation={"maxNewTokens": 8},
                         batching={"maxBatchSize": 4, "maxWaitMillis": 0}) as (worker, _):
         deadline = time.time() + 3.0  # room for the delivery to arrive before it, on a loaded machine too
-
-        def step_after_the_deadline(batch: Batch) -> list[Any]:
-            while time.time() <= deadline:  # the first step waits, on the worker's thread, for the deadline
-                worker.channel.wait(0.01)
-            steps.append(len(batch))
-            return decode(batch)
-
-        engine.step = step_after_the_deadline  # type: ignore[method-assign]
+        steps = held_steps(engine, worker, lambda _: time.time() > deadline)  # the first step waits for it
         client = RpcClient(cluster.amqp_url)
         client.start()
         try:
@@ -285,20 +294,17 @@ def test_a_request_whose_caller_goes_away_leaves_the_batch_at_the_next_step(
     answered, not dead-lettered; the other is answered in full."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
     engine.eos = -1  # decode to the length unless stopped
-    decode, rows_per_step, leaving = engine.step, [], threading.Event()
+    leaving = threading.Event()
     with running_worker(cluster, engine, tmp_path, "leaves", limits={"maxNewTokens": 100},
                         generation={"maxNewTokens": 8},
                         batching={"maxBatchSize": 4, "maxWaitMillis": 5000}) as (worker, _):
-        def step(batch: Batch) -> list[Any]:
-            if len(rows_per_step) == 5:  # the sixth step waits, taking deliveries, for the cancellation
-                leaving.set()
-                give_up = time.monotonic() + 60
-                while len(worker.in_flight) > 1 and time.monotonic() < give_up:
-                    worker.channel.wait(0.01)
-            rows_per_step.append(len(batch))
-            return decode(batch)
+        def may_step(index: int) -> bool:
+            if index != 5:
+                return True
+            leaving.set()  # the sixth step waits, taking deliveries, for the cancellation
+            return len(worker.in_flight) <= 1
 
-        engine.step = step  # type: ignore[method-assign]
+        rows_per_step = held_steps(engine, worker, may_step)
         client = RpcClient(cluster.amqp_url)
         client.start()
 
