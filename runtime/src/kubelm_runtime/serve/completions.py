@@ -254,6 +254,7 @@ class CompletionService:
             headers = {queues.SENT_AT_HEADER: int(time.time() * 1000), queues.CACHE_CHECKED_HEADER: int(cache_checked)}
             call = asyncio.ensure_future(self.dispatcher.call(entry["queue"], message.to_json(), message.id, timeout,
                                                               headers, on_chunk=chunks.put_nowait))
+            arrived: asyncio.Future[bytes] | None = None
             try:
                 while not (call.done() and chunks.empty()):  # chunks that came before the reply go first
                     if chunks.empty():
@@ -279,6 +280,8 @@ class CompletionService:
             except BrokerError as e:
                 raise broker_failure(e, model) from e
             finally:
+                if arrived is not None:
+                    arrived.cancel()
                 if not call.done():  # the client went away (or the gateway stops): stop the work too
                     call.cancel()
                     self._cancel_at_workers(entry["queue"], message.id)
