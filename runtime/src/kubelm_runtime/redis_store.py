@@ -6,10 +6,11 @@ timeouts and the error type callers catch live in one place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -42,6 +43,21 @@ return found
 """
 
 
+@contextlib.contextmanager
+def _store_errors(url: str) -> Iterator[None]:
+    """redis-py's errors, blocking or asyncio, as the two this module's callers catch."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise StoreUnavailable(f"redis at {url}: {e}") from e
+    except redis.RedisError as e:
+        raise StoreError(f"redis at {url}: {type(e).__name__}: {e}") from e
+
+
+def _json_or_none(raw: bytes | None) -> Any:
+    return None if raw is None else json.loads(raw)
+
+
 class RedisStore:
     def __init__(self, url: str, timeout: float = 5.0):
         self.url = url
@@ -50,12 +66,8 @@ class RedisStore:
         self._lookup = self._client.register_script(LOOKUP_ALL_OR_NONE)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with _store_errors(self.url):
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise StoreUnavailable(f"redis at {self.url}: {e}") from e
-        except redis.RedisError as e:
-            raise StoreError(f"redis at {self.url}: {type(e).__name__}: {e}") from e
 
     def ping(self) -> bool:
         return bool(self._call(self._client.ping))
@@ -67,8 +79,7 @@ class RedisStore:
         self._call(self._client.set, key, value, ex=ttl_seconds)
 
     def get_json(self, key: str) -> Any:
-        raw = self.get(key)
-        return None if raw is None else json.loads(raw)
+        return _json_or_none(self.get(key))
 
     def set_json(self, key: str, value: Any, ttl_seconds: int | None = None) -> None:
         self.set(key, json.dumps(value, separators=(",", ":")), ttl_seconds)
@@ -99,8 +110,7 @@ class RedisStore:
         self._call(self._client.hset, name, field, json.dumps(value, separators=(",", ":")))
 
     def hget_json(self, name: str, field: str) -> Any:
-        raw = self._call(self._client.hget, name, field)
-        return None if raw is None else json.loads(raw)
+        return _json_or_none(self._call(self._client.hget, name, field))
 
     def hgetall_json(self, name: str) -> dict[str, Any]:
         raw = self._call(self._client.hgetall, name)
@@ -131,23 +141,17 @@ class AsyncRedisStore:
         self._lookup = self._client.register_script(LOOKUP_ALL_OR_NONE)
 
     async def _call(self, pending: Awaitable[Any]) -> Any:
-        try:
+        with _store_errors(self.url):
             return await pending
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise StoreUnavailable(f"redis at {self.url}: {e}") from e
-        except redis.RedisError as e:
-            raise StoreError(f"redis at {self.url}: {type(e).__name__}: {e}") from e
 
     async def get_json(self, key: str) -> Any:
-        raw = await self._call(self._client.get(key))
-        return None if raw is None else json.loads(raw)
+        return _json_or_none(await self._call(self._client.get(key)))
 
     async def set_json(self, key: str, value: Any, ttl_seconds: int | None = None) -> None:
         await self._call(self._client.set(key, json.dumps(value, separators=(",", ":")), ex=ttl_seconds))
 
     async def hget_json(self, name: str, field: str) -> Any:
-        raw = await self._call(self._client.hget(name, field))  # type: ignore[arg-type]
-        return None if raw is None else json.loads(raw)
+        return _json_or_none(await self._call(self._client.hget(name, field)))  # type: ignore[arg-type]
 
     async def hgetall_json(self, name: str) -> dict[str, Any]:
         raw = await self._call(self._client.hgetall(name))  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ in OpenAI's shape; the routes only turn them into responses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -199,6 +200,33 @@ class CompletionService:
         return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model), True
 
     # -- the API --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _through_the_queue(self, model: str) -> AsyncIterator[None]:
+        """A concurrency slot for a call through the queue (429 when none is free), with the broker's
+        failures turned into OpenAI's errors."""
+        if self.slots.locked():
+            raise ApiError(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
+        async with self.slots:
+            try:
+                yield
+            except TimeoutError:
+                raise ApiError(504, f"no reply within {self.config.request_timeout_seconds:g}s; the request "
+                                    "expires in the queue", "timeout_error") from None
+            except BrokerError as e:
+                raise broker_failure(e, model) from e
+
+    @staticmethod
+    def _headers(cache_checked: bool) -> dict[str, Any]:
+        return {queues.SENT_AT_HEADER: int(time.time() * 1000), queues.CACHE_CHECKED_HEADER: int(cache_checked)}
+
+    def _reply(self, raw: bytes, model: str, started: float) -> protocol.Reply:
+        """The worker's reply, counted in the latency; its refusal raised as the client sees it."""
+        reply = protocol.Reply.from_json(raw)
+        self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+        if reply.error:
+            raise openai_api.reply_error(*reply.error)
+        return reply
+
     async def complete(self, body: CompletionRequest,
                        client_gone: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
         """The completion for `body`. `client_gone` returns once the client has gone away: the request
@@ -207,26 +235,12 @@ class CompletionService:
         hit, cache_checked = await self.cached(entry, message)
         if hit is not None:
             return openai_api.completion(hit, body.model, int(time.time()))
-        if self.slots.locked():
-            raise ApiError(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
-        timeout = self.config.request_timeout_seconds
         started = time.perf_counter()
-        async with self.slots:
-            try:
-                headers = {queues.SENT_AT_HEADER: int(time.time() * 1000),
-                           queues.CACHE_CHECKED_HEADER: int(cache_checked)}
-                call = self.dispatcher.call(entry["queue"], message.to_json(), message.id, timeout, headers)
-                raw = await self._unless_gone(call, client_gone, entry["queue"], message.id)
-            except TimeoutError:
-                raise ApiError(504, f"no reply within {timeout:g}s; the request expires in the queue",
-                               "timeout_error") from None
-            except BrokerError as e:
-                raise broker_failure(e, body.model) from e
-        reply = protocol.Reply.from_json(raw)
-        self.metrics.latency.labels(body.model).observe(time.perf_counter() - started)
-        if reply.error:
-            raise openai_api.reply_error(*reply.error)
-        return openai_api.completion(reply, body.model, int(time.time()))
+        async with self._through_the_queue(body.model):
+            call = self.dispatcher.call(entry["queue"], message.to_json(), message.id,
+                                        self.config.request_timeout_seconds, self._headers(cache_checked))
+            raw = await self._unless_gone(call, client_gone, entry["queue"], message.id)
+        return openai_api.completion(self._reply(raw, body.model, started), body.model, int(time.time()))
 
     async def stream(self, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         """The completion as OpenAI's stream events: text per choice as the worker generates it, each
@@ -244,16 +258,13 @@ class CompletionService:
             if include_usage:
                 yield openai_api.usage_chunk(hit, model, created)
             return
-        if self.slots.locked():
-            raise ApiError(429, "too many requests in flight at this gateway; retry later", "rate_limit_error")
-        timeout = self.config.request_timeout_seconds
         sent: dict[int, str] = {}
         started = time.perf_counter()
-        async with self.slots:
+        async with self._through_the_queue(model):
             chunks: asyncio.Queue[bytes] = asyncio.Queue()
-            headers = {queues.SENT_AT_HEADER: int(time.time() * 1000), queues.CACHE_CHECKED_HEADER: int(cache_checked)}
-            call = asyncio.ensure_future(self.dispatcher.call(entry["queue"], message.to_json(), message.id, timeout,
-                                                              headers, on_chunk=chunks.put_nowait))
+            call = asyncio.ensure_future(self.dispatcher.call(
+                entry["queue"], message.to_json(), message.id, self.config.request_timeout_seconds,
+                self._headers(cache_checked), on_chunk=chunks.put_nowait))
             arrived: asyncio.Future[bytes] | None = None
             try:
                 while not (call.done() and chunks.empty()):  # chunks that came before the reply go first
@@ -274,21 +285,13 @@ class CompletionService:
                             sent[index] = sent.get(index, "") + fresh
                             yield openai_api.completion_chunk(message.id, model, created, index, fresh)
                 raw = call.result()
-            except TimeoutError:
-                raise ApiError(504, f"no reply within {timeout:g}s; the request expires in the queue",
-                               "timeout_error") from None
-            except BrokerError as e:
-                raise broker_failure(e, model) from e
             finally:
                 if arrived is not None:
                     arrived.cancel()
                 if not call.done():  # the client went away (or the gateway stops): stop the work too
                     call.cancel()
                     self._cancel_at_workers(entry["queue"], message.id)
-        reply = protocol.Reply.from_json(raw)
-        self.metrics.latency.labels(model).observe(time.perf_counter() - started)
-        if reply.error:
-            raise openai_api.reply_error(*reply.error)
+        reply = self._reply(raw, model, started)
         for index, choice in enumerate(reply.choices):
             streamed = sent.get(index, "")
             rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""

@@ -212,16 +212,13 @@ class Engine:
                                     row.item.decoding.stop)
                 for row in batch.rows if row.finish is None and wanted(row.key)}
 
-    def cancel(self, batch: Batch, keys: set[Any]) -> int:
-        """Takes the unfinished rows of `keys` out of the batch before the next step; returns how many."""
-        cancelled = 0
-        for row in batch.rows:
-            if row.finish is None and row.key in keys:
-                row.finish = "cancelled"
-                cancelled += 1
+    def cancel(self, batch: Batch, keys: set[Any]) -> None:
+        """Takes the unfinished rows of `keys` out of the batch before the next step."""
+        cancelled = [row for row in batch.rows if row.finish is None and row.key in keys]
+        for row in cancelled:
+            row.finish = "cancelled"
         if cancelled:
             self._compact(batch)
-        return cancelled
 
     def _forward(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
                  cache: GrowingCache) -> torch.Tensor:

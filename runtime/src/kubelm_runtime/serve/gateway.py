@@ -76,7 +76,7 @@ class Guard:
         length = headers.get("content-length", "")
         declared = int(length) if length.isdigit() else 0
         if refusal is None and declared > self.max_body_bytes:
-            refusal = ApiError(413, f"request body over {self.max_body_bytes} bytes", "invalid_request_error")
+            refusal = openai_api.too_large(self.max_body_bytes)
         status = 500
 
         async def counted_send(message: MutableMapping[str, Any]) -> None:
@@ -107,7 +107,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error")
+            raise openai_api.too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

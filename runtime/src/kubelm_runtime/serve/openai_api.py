@@ -32,6 +32,10 @@ def invalid(message: str, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body over {limit} bytes", "invalid_request_error")
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, "unavailable_error")
 

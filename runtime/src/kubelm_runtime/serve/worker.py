@@ -18,6 +18,7 @@ import logging
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,26 @@ class InFlight:
     admitted_wall: float
     batch_size: int = 0
     """Rows decoding together right after it joined."""
-    sent: list[int] = field(default_factory=list)
+    sent: list[int] = field(init=False)
     """Characters of each row's text already streamed."""
+
+    def __post_init__(self) -> None:
+        self.sent = [0] * len(self.outputs)
+
+    def rows(self, key: int) -> set[tuple[int, int]]:
+        """The engine's keys of this request's rows, `key` being the request's in the running batch."""
+        return {(key, index) for index in range(len(self.outputs))}
 
 
 def _reply_key(delivery: Delivery) -> str:
     return f"{delivery.correlation_id}|{delivery.reply_to}"
+
+
+def _remember(seen: OrderedDict[str, None], key: str) -> None:
+    """Adds `key`, forgetting the oldest past REPLIED_REMEMBERED."""
+    seen[key] = None
+    if len(seen) > REPLIED_REMEMBERED:
+        seen.popitem(last=False)
 
 
 def model_digest(reference: str, source_description: str) -> str:
@@ -160,17 +175,11 @@ class Worker:
         """The caller went away (a gateway's client disconnected): the request's rows leave the batch before
         the next step, or it leaves the waiting line, unanswered and acknowledged; one not here yet is
         skipped when it comes (it may be another worker's, or come back redelivered)."""
-        self.cancelled[request_id] = None
-        if len(self.cancelled) > REPLIED_REMEMBERED:
-            self.cancelled.popitem(last=False)
-        for key, flight in list(self.in_flight.items()):
-            if flight.pending.request.id == request_id:
-                self.engine.cancel(self.batch, {(key, i) for i in range(len(flight.outputs))})
-                del self.in_flight[key]
-                log.info("request %s cancelled by its caller after %.1fs of decoding", request_id,
-                         time.monotonic() - flight.admitted)
-                self._drop_cancelled(flight.pending.delivery)
-                return
+        _remember(self.cancelled, request_id)
+        for flight in self._take_out(lambda flight: flight.pending.request.id == request_id):
+            log.info("request %s cancelled by its caller after %.1fs of decoding", request_id,
+                     time.monotonic() - flight.admitted)
+            self._drop_cancelled(flight.pending.delivery)
         for pending in self.batcher.remove(lambda pending: pending.request.id == request_id):
             log.info("request %s cancelled by its caller while it waited for a batch", request_id)
             self._drop_cancelled(pending.delivery)
@@ -219,9 +228,7 @@ class Worker:
 
     def _replied(self, delivery: Delivery) -> None:
         if delivery.correlation_id:
-            self.replied[_reply_key(delivery)] = None
-            if len(self.replied) > REPLIED_REMEMBERED:
-                self.replied.popitem(last=False)
+            _remember(self.replied, _reply_key(delivery))
 
     def _store_result(self, delivery: Delivery, reply: Reply) -> bool:
         """Stores the reply of an asynchronous request; False only when that was asked for and failed."""
@@ -252,8 +259,7 @@ class Worker:
             self.metrics.batch_wait.observe(max(0.0, started_wall - pending.delivery.received))
             samples = pending.request.samples()  # n rows per prompt; the engine prefills a prompt once
             row_ids = [ids for ids in pending.prompt_ids for _ in range(pending.request.n)]
-            self.in_flight[id(pending)] = InFlight(pending, [None] * len(samples), now, started_wall,
-                                                   sent=[0] * len(samples))
+            self.in_flight[id(pending)] = InFlight(pending, [None] * len(samples), now, started_wall)
             entries += [((id(pending), i), Item(prompt, decoding, ids))
                         for i, ((prompt, decoding), ids) in enumerate(zip(samples, row_ids, strict=True))]
         try:
@@ -307,15 +313,16 @@ class Worker:
         waiting (the gateway answered 504 at the same deadline), so every further token would be wasted.
         It is refused as expired (dead-lettered), like one that expired before it was served."""
         now = time.time()
-        expired = [key for key, flight in self.in_flight.items() if flight.pending.request.expired(now)]
-        if not expired:
-            return
-        self.engine.cancel(self.batch, {(key, i) for key in expired for i in range(len(self.in_flight[key].outputs))})
-        for key in expired:
-            flight = self.in_flight.pop(key)
+        for flight in self._take_out(lambda flight: flight.pending.request.expired(now)):
             self._refuse(flight.pending.delivery, flight.pending.request.id, protocol.EXPIRED,
                          f"the request's deadline passed while it was being decoded (after "
                          f"{time.monotonic() - flight.admitted:.1f}s); decoding stopped")
+
+    def _take_out(self, leaving: Callable[[InFlight], bool]) -> list[InFlight]:
+        """Takes the requests that are `leaving` out of the running batch (their rows are not decoded again)."""
+        keys = [key for key, flight in self.in_flight.items() if leaving(flight)]
+        self.engine.cancel(self.batch, {row for key in keys for row in self.in_flight[key].rows(key)})
+        return [self.in_flight.pop(key) for key in keys]
 
     def _finish(self, flight: InFlight) -> None:
         pending, outputs = flight.pending, [o for o in flight.outputs if o is not None]
