@@ -354,7 +354,8 @@ def test_a_request_cancelled_before_it_is_delivered_is_skipped(
                    what="skipped as cancelled")
         assert request_id == "early" and sample("kubelm_batch_size_count") == steps
         assert asyncio.run(ask("still serving", 2))["ok"]
-        assert not worker.channel.unacked
+    # The skipped request was acknowledged: running_worker checks nothing is left unacknowledged after the
+    # drain (checked here, the ack of the request just answered could still be on its way: it follows the reply).
 
 
 def test_latency_is_reported_as_time_to_first_token_between_tokens_and_in_all(
