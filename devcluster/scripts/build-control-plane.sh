@@ -17,7 +17,7 @@ module_version() { # module go.mod-dir -> version pinned in that go.mod
 k8s_version=$(module_version k8s.io/kubernetes "$root/tools/kubernetes")
 etcd_version=$(module_version go.etcd.io/etcd/server/v3 "$root/tools/etcd")
 # The go.sum digest is part of the key so an edited pin never reuses stale binaries.
-key=$(cat "$root/tools/kubernetes/go.sum" "$root/tools/etcd/go.sum" "$root"/tools/*/go.mod | sha256sum | cut -c1-12)
+key=$(cat "$root"/tools/{kubernetes,etcd}/go.{sum,mod} | sha256sum | cut -c1-12)
 bin="$cache/bin/k8s-$k8s_version-etcd-$etcd_version-$key"
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
 

@@ -8,7 +8,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 venv=${KUBELM_VENV:-$root/.venv}
 cache=${KUBELM_CACHE:-$HOME/.cache/kubelm}
-apt_packages=(redis-server rabbitmq-server erlang-base libjemalloc2 openssl ca-certificates make)
+apt_packages=(redis-server rabbitmq-server erlang-base libjemalloc2 openssl ca-certificates make
+  # the real node and the images (devcluster/scripts/build-node.sh, build-images.sh)
+  docker.io runc iptables conntrack iproute2 kmod debootstrap gcc libc6-dev)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -45,6 +47,10 @@ fi
 
 log "control plane binaries"
 bin=$(KUBELM_CACHE="$cache" bash devcluster/scripts/build-control-plane.sh | tail -n 1)
+log "the real node's programs"
+node_bin=$(KUBELM_CACHE="$cache" bash devcluster/scripts/build-node.sh | tail -n 1)
+log "kubelm's images (from Dockerfile.runtime and Dockerfile.operator)"
+KUBELM_CACHE="$cache" bash devcluster/scripts/build-images.sh >/dev/null
 log "KEDA's CRDs (for tests of the keda autoscaling engine)"
 KUBELM_CACHE="$cache" bash devcluster/scripts/fetch-keda-crds.sh >/dev/null
-log "ready: binaries in $bin"
+log "ready: binaries in $bin and $node_bin"

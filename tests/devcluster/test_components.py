@@ -8,7 +8,7 @@ from kubelm_devcluster.pki import create_pki
 
 
 def _layout(tmp_path: Path) -> Layout:
-    return Layout(tmp_path, Path("/opt/bin"), Ports(*range(30001, 30011)))
+    return Layout(tmp_path, Path("/opt/bin"), Ports(*range(30001, 30015)))
 
 
 def _flags(argv: list[str]) -> dict[str, str]:

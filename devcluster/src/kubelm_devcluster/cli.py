@@ -21,11 +21,14 @@ from pathlib import Path
 
 from kubelm_contract import env as contract_env
 
+from . import hostnet
 from .layout import DEFAULT_DIR, Layout, Ports, read_state
+from .nodeconfig import node_paths
 from .probes import write_json
 from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "devcluster" / "scripts" / "build-control-plane.sh"
+SCRIPTS = Path(__file__).resolve().parents[3] / "devcluster" / "scripts"
+BUILD_SCRIPT = SCRIPTS / "build-control-plane.sh"
 
 
 class DevClusterError(RuntimeError):
@@ -55,12 +58,28 @@ def binaries_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def _last_line(script: str) -> str:
+    out = subprocess.run(["bash", str(SCRIPTS / script)], check=True, stdout=subprocess.PIPE, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def node_binaries_dir() -> Path:
+    """The real node's programs (built on first use, cached by version)."""
+    return Path(_last_line("build-node.sh"))
+
+
+def node_images() -> dict[str, str]:
+    """kubelm's images and the pause image as archives (built on first use, cached by content)."""
+    return dict(pair.split("=", 1) for pair in _last_line("build-images.sh").split())
+
+
 def _supervisor_alive(state: dict[str, object]) -> bool:
     pid = state.get("supervisor_pid")
     return isinstance(pid, int) and bool(group_members(pid))
 
 
-def up(root: Path = DEFAULT_DIR, timeout: float = 240, parent_pid: int | None = None) -> Cluster:
+def up(root: Path = DEFAULT_DIR, timeout: float = 240, parent_pid: int | None = None,
+       real_node: bool = False) -> Cluster:
     root = root.resolve()
     state = read_state(root)
     if state and state.get("status") == "ready" and _supervisor_alive(state):
@@ -70,7 +89,10 @@ def up(root: Path = DEFAULT_DIR, timeout: float = 240, parent_pid: int | None = 
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    layout = Layout(root, binaries_dir(), Ports.allocate())
+    if real_node:
+        layout = Layout(root, binaries_dir(), Ports.allocate(), node_binaries_dir(), node_images())
+    else:
+        layout = Layout(root, binaries_dir(), Ports.allocate())
     write_json(root / "state.json", {"status": "starting", "layout": layout.to_json()})
     (root / "logs").mkdir()
     argv = [sys.executable, "-m", "kubelm_devcluster.supervisor", "--dir", str(root)]
@@ -97,7 +119,7 @@ def down(root: Path = DEFAULT_DIR, timeout: float = 60) -> None:
     """Stops the supervisor gracefully, then kills whatever is left in its process group."""
     state = read_state(root.resolve())
     pgid = state.get("supervisor_pid") if state else None
-    if not isinstance(pgid, int):
+    if not state or not isinstance(pgid, int):
         return
     if pgid in group_members(pgid):
         os.kill(pgid, signal.SIGTERM)
@@ -109,6 +131,13 @@ def down(root: Path = DEFAULT_DIR, timeout: float = 60) -> None:
     kill_marked(root.resolve())
     while group_members(pgid) or marked_processes(root.resolve()):
         time.sleep(0.05)
+    layout = Layout.from_json(state["layout"])  # type: ignore[arg-type]
+    if layout.real_node:
+        # After a clean stop there is nothing left to do; after a killed supervisor, the containers
+        # outlived their shims and the host still holds the node's network and mounts.
+        hostnet.kill_pod_processes()
+        hostnet.unmount_under(node_paths(layout).root)
+        hostnet.restore()
 
 
 def status(root: Path = DEFAULT_DIR) -> tuple[bool, str]:
@@ -134,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="start and wait until ready")
-    up_parser.add_argument("--timeout", type=float, default=240)
+    up_parser.add_argument("--timeout", type=float,
+                           help="seconds to wait (default 240; 1800 with a real node, whose first start imports "
+                                "the images)")
+    up_parser.add_argument("--node", choices=("heartbeat", "real"), default="heartbeat",
+                           help="heartbeat: a Node object kept Ready that runs no pods (default); "
+                                "real: containerd + kubelet + kube-proxy + CoreDNS running kubelm's images "
+                                "(root, one per machine; builds them on first use)")
     sub.add_parser("down", help="stop everything")
     sub.add_parser("status", help="show components")
     sub.add_parser("env", help="print shell exports")
@@ -142,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         try:
-            cluster = up(args.dir, args.timeout)
+            real_node = args.node == "real"
+            cluster = up(args.dir, args.timeout or (1800 if real_node else 240), real_node=real_node)
         except DevClusterError as e:
             print(e, file=sys.stderr)
             return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layout import HOST, SERVICE_ACCOUNT_ISSUER, SERVICE_CLUSTER_IP_RANGE, Layout
+from .layout import HOST, NODE_IP, SERVICE_ACCOUNT_ISSUER, SERVICE_CLUSTER_IP_RANGE, Layout
 from .pki import FRONT_PROXY_CLIENT, ClusterPKI
 
 
@@ -62,8 +62,7 @@ def apiserver(layout: Layout, pki: ClusterPKI) -> Component:
         [
             layout.binary("kube-apiserver"),
             f"--etcd-servers=http://{HOST}:{layout.ports.etcd_client}",
-            f"--bind-address={HOST}",
-            f"--advertise-address={HOST}",
+            *_apiserver_address_flags(layout, pki),
             f"--secure-port={layout.ports.apiserver}",
             f"--cert-dir={layout.data_dir('kube-apiserver')}",
             f"--tls-cert-file={pki.apiserver.cert}",
@@ -74,9 +73,6 @@ def apiserver(layout: Layout, pki: ClusterPKI) -> Component:
             f"--service-account-key-file={pki.service_account_pub}",
             f"--service-account-signing-key-file={pki.service_account_key}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            # The kubernetes Service would point at 127.0.0.1, which Endpoints reject; nothing in
-            # the cluster reaches the apiserver through it, so leave it without endpoints.
-            "--endpoint-reconciler-type=none",
             # Aggregated APIs (a metrics server, for instance) authenticate the apiserver's proxy
             # through these; setting them also publishes the CA the other components look for.
             f"--requestheader-client-ca-file={pki.ca.cert}",
@@ -91,6 +87,28 @@ def apiserver(layout: Layout, pki: ClusterPKI) -> Component:
             "--v=0",
         ],
     )
+
+
+def _apiserver_address_flags(layout: Layout, pki: ClusterPKI) -> list[str]:
+    if not layout.real_node:
+        return [
+            f"--bind-address={HOST}",
+            f"--advertise-address={HOST}",
+            # The kubernetes Service would point at 127.0.0.1, which Endpoints reject; no pod runs
+            # to reach the apiserver through it, so leave it without endpoints.
+            "--endpoint-reconciler-type=none",
+        ]
+    return [
+        # Pods reach the apiserver through the kubernetes Service, whose endpoint is the bridge address.
+        "--bind-address=0.0.0.0",
+        f"--advertise-address={NODE_IP}",
+        "--endpoint-reconciler-type=lease",
+        # The kubelet serves logs, exec and port-forward on the bridge address, with the apiserver's
+        # client certificate.
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
+        f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
+        f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
+    ]
 
 
 def _component_kubeconfig_flags(path: Path) -> list[str]:

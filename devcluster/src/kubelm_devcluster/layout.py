@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_DIR = Path(os.environ.get("KUBELM_DEV_DIR", Path.home() / ".local/state/kubelm/devcluster"))
 HOST = "127.0.0.1"
 NODE_NAME = "kubelm-local"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+# A real node's network: pods on a bridge whose own address is the node's InternalIP, the pods'
+# gateway and their way to services on the host.
+BRIDGE = "kubelm0"
+POD_CIDR = "10.244.0.0/24"
+NODE_IP = "10.244.0.1"
+COREDNS_USER = "kubelm-dev:coredns"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -27,6 +33,10 @@ class Ports:
     rabbitmq_management: int
     rabbitmq_dist: int
     epmd: int
+    kubelet: int
+    kubelet_healthz: int
+    kube_proxy_healthz: int
+    kube_proxy_metrics: int
 
     @classmethod
     def allocate(cls) -> Ports:
@@ -48,6 +58,14 @@ class Layout:
     root: Path
     bin_dir: Path
     ports: Ports
+    node_bin_dir: Path | None = None
+    """Where the real node's programs are; None: a heartbeat Node that runs no pods."""
+    images: dict[str, str] = field(default_factory=dict)
+    """Image reference -> archive the real node imports before its kubelet starts."""
+
+    @property
+    def real_node(self) -> bool:
+        return self.node_bin_dir is not None
 
     @property
     def pki_dir(self) -> Path:
@@ -88,13 +106,18 @@ class Layout:
         return f"http://guest:guest@{HOST}:{self.ports.rabbitmq_management}"
 
     def to_json(self) -> dict[str, object]:
-        return {"root": str(self.root), "bin_dir": str(self.bin_dir), "ports": asdict(self.ports)}
+        return {"root": str(self.root), "bin_dir": str(self.bin_dir), "ports": asdict(self.ports),
+                "node_bin_dir": str(self.node_bin_dir) if self.node_bin_dir else None, "images": self.images}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Layout:
         ports = data["ports"]
         assert isinstance(ports, dict)
-        return cls(Path(str(data["root"])), Path(str(data["bin_dir"])), Ports(**ports))
+        node_bin_dir = data.get("node_bin_dir")
+        images = data.get("images") or {}
+        assert isinstance(images, dict)
+        return cls(Path(str(data["root"])), Path(str(data["bin_dir"])), Ports(**ports),
+                   Path(str(node_bin_dir)) if node_bin_dir else None, dict(images))
 
 
 def read_state(root: Path) -> dict[str, object] | None:

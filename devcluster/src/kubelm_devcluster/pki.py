@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .layout import COREDNS_USER, NODE_IP, NODE_NAME
+
 VALIDITY = datetime.timedelta(days=365)
 FRONT_PROXY_CLIENT = "front-proxy-client"
 APISERVER_DNS_NAMES = (
@@ -42,6 +44,13 @@ class ClusterPKI:
     controller_manager: CertPair
     scheduler: CertPair
     front_proxy_client: CertPair
+    kubelet_client: CertPair
+    """The node's identity towards the apiserver (group system:nodes)."""
+    kubelet_serving: CertPair
+    apiserver_kubelet_client: CertPair
+    """The apiserver's identity towards the kubelet, for logs, exec and port-forward."""
+    kube_proxy: CertPair
+    coredns: CertPair
     service_account_key: Path
     service_account_pub: Path
 
@@ -131,7 +140,8 @@ def create_pki(directory: Path) -> ClusterPKI:
     ca = _save(ca_cert, ca_key, directory, "ca")
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in APISERVER_DNS_NAMES]
     # 10.0.0.1 is the ClusterIP of the kubernetes Service in --service-cluster-ip-range.
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1")]
+    # NODE_IP: pods on a real node reach the apiserver through the bridge address.
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "10.0.0.1", NODE_IP)]
     server = ExtendedKeyUsageOID.SERVER_AUTH
     client = ExtendedKeyUsageOID.CLIENT_AUTH
 
@@ -155,6 +165,13 @@ def create_pki(directory: Path) -> ClusterPKI:
         controller_manager=leaf("controller-manager", _name("system:kube-controller-manager"), client),
         scheduler=leaf("scheduler", _name("system:kube-scheduler"), client),
         front_proxy_client=leaf("front-proxy-client", _name(FRONT_PROXY_CLIENT), client),
+        kubelet_client=leaf("kubelet-client", _name(f"system:node:{NODE_NAME}", "system:nodes"), client),
+        kubelet_serving=leaf("kubelet-serving", _name(f"system:node:{NODE_NAME}", "system:nodes"), server,
+                             [x509.DNSName(NODE_NAME), x509.IPAddress(ipaddress.ip_address(NODE_IP))]),
+        apiserver_kubelet_client=leaf("apiserver-kubelet-client", _name("kube-apiserver-kubelet-client",
+                                                                        "system:masters"), client),
+        kube_proxy=leaf("kube-proxy", _name("system:kube-proxy"), client),
+        coredns=leaf("coredns", _name(COREDNS_USER), client),
         service_account_key=sa_key_path,
         service_account_pub=sa_pub_path,
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from . import components, node
+from . import components, hostnet, node, nodeconfig
 from .layout import NODE_NAME, Layout, read_state
 from .pki import ClusterPKI, create_pki
 from .probes import KubeClient, http_get, insecure_tls, redis_ping, tcp_open, wait_for, write_json
@@ -96,6 +96,8 @@ class Supervisor:
         layout.logs_dir.mkdir(parents=True, exist_ok=True)
         pki = self.pki = create_pki(layout.pki_dir)
         self._write_kubeconfigs(pki)
+        if layout.real_node:
+            hostnet.prepare()
 
         # Independent pieces first, so RabbitMQ's slow boot overlaps the control plane's.
         self.spawn(components.redis(layout))
@@ -110,7 +112,8 @@ class Supervisor:
         self.wait("kube-apiserver /readyz", kube.readyz, 120)
         self.spawn(components.controller_manager(layout, pki, layout.root / "controller-manager.kubeconfig"))
         self.spawn(components.scheduler(layout, layout.root / "scheduler.kubeconfig"))
-        self._register_node()
+        if not layout.real_node:
+            self._register_node()
 
         tls = insecure_tls()
         self.wait("kube-controller-manager", lambda: http_get(
@@ -119,7 +122,9 @@ class Supervisor:
             f"https://127.0.0.1:{ports.scheduler}/healthz", tls)[0] == 200)
         self.wait("default ServiceAccount", lambda: kube.request(
             "GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200)
-        self.wait("node Ready", self._node_ready)
+        if layout.real_node:
+            self._start_real_node(pki)
+        self.wait("node Ready", self._node_ready, 120)
         self.wait("redis", lambda: redis_ping(ports.redis))
         self.wait("rabbitmq", lambda: http_get(
             f"{layout.rabbitmq_api_url}/api/health/checks/alarms")[0] == 200 and tcp_open(ports.amqp), 120)
@@ -131,9 +136,64 @@ class Supervisor:
             (self.layout.kubeconfig, pki.admin, "kubelm-admin"),
             (self.layout.root / "controller-manager.kubeconfig", pki.controller_manager, "controller-manager"),
             (self.layout.root / "scheduler.kubeconfig", pki.scheduler, "scheduler"),
+            (self.layout.root / "kubelet.kubeconfig", pki.kubelet_client, "kubelet"),
+            (self.layout.root / "kube-proxy.kubeconfig", pki.kube_proxy, "kube-proxy"),
+            (self.layout.root / "coredns.kubeconfig", pki.coredns, "coredns"),
         ):
             path.write_text(yaml.safe_dump(components.kubeconfig(server, pki.ca.cert, pair.cert, pair.key, user)))
             path.chmod(0o600)
+
+    # -- real node ------------------------------------------------------------------------------
+    def _start_real_node(self, pki: ClusterPKI) -> None:
+        assert self.kube
+        layout, root = self.layout, self.layout.root
+        for obj in nodeconfig.node_rbac():
+            path = f"/apis/rbac.authorization.k8s.io/v1/{str(obj['kind']).lower()}s"
+            status, payload = self.kube.request("POST", path, obj)
+            if status not in (201, 409):
+                raise RuntimeError(f"creating {obj['kind']}: {status} {payload.get('message')}")
+        self.spawn(nodeconfig.containerd(layout, nodeconfig.sandbox_image(layout.images)))
+        self.wait("containerd", lambda: nodeconfig.CONTAINERD_SOCKET.is_socket()
+                  and self._ctr("version").returncode == 0)
+        self._import_images()
+        self.spawn(nodeconfig.kubelet(layout, pki, root / "kubelet.kubeconfig"))
+        self.spawn(nodeconfig.kube_proxy(layout, root / "kube-proxy.kubeconfig"))
+        self.spawn(nodeconfig.coredns(layout, root / "coredns.kubeconfig"))
+        self.wait("kubelet /healthz", lambda: http_get(
+            f"http://127.0.0.1:{layout.ports.kubelet_healthz}/healthz")[0] == 200, 120)
+        self.wait("kube-proxy /healthz", lambda: http_get(
+            f"http://127.0.0.1:{layout.ports.kube_proxy_healthz}/healthz")[0] == 200, 120)
+        self.wait("coredns /ready", lambda: http_get(
+            f"http://127.0.0.1:{nodeconfig.COREDNS_READY_PORT}/ready")[0] == 200, 120)
+
+    def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        assert self.layout.node_bin_dir
+        return subprocess.run(
+            [str(self.layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
+             "--namespace", nodeconfig.CONTAINERD_NAMESPACE, *args],
+            text=True, capture_output=True, timeout=1800)
+
+    def _import_images(self) -> None:
+        """Imports each image archive the node's store lacks, and drops older builds of the same image."""
+        present = set(self._ctr("images", "ls", "--quiet").stdout.split())
+        for ref, archive in self.layout.images.items():
+            if ref in present:
+                continue
+            repository = ref.rsplit(":", 1)[0]
+            stale = [p for p in present if p.rsplit(":", 1)[0] == repository]
+            if stale:
+                self._ctr("images", "rm", *stale)
+            print(f"importing {ref} from {archive}", flush=True)
+            result = self._ctr("images", "import", "--snapshotter", "overlayfs", archive)
+            if result.returncode != 0:
+                raise RuntimeError(f"importing {archive}: {result.stderr.strip()}")
+
+    def _remove_pods(self) -> None:
+        """The kubelet is stopped: remove every pod sandbox so no container, mount or veth outlives the node."""
+        assert self.layout.node_bin_dir
+        subprocess.run([str(self.layout.node_bin_dir / "crictl"), "--runtime-endpoint",
+                        f"unix://{nodeconfig.CONTAINERD_SOCKET}", "rmp", "--all", "--force"],
+                       capture_output=True, timeout=120)
 
     # -- node -----------------------------------------------------------------------------------
     def _register_node(self) -> None:
@@ -174,7 +234,7 @@ class Supervisor:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     raise ComponentDied(f"{name} exited with {process.returncode}")
-            if time.monotonic() >= next_beat:
+            if not self.layout.real_node and time.monotonic() >= next_beat:
                 try:
                     self._heartbeat()
                 except (OSError, RuntimeError) as e:
@@ -186,6 +246,8 @@ class Supervisor:
         self._publish(status="stopping")
         for name in reversed(list(self.processes)):
             process = self.processes[name]
+            if name == "containerd" and process.poll() is None:
+                self._remove_pods()
             if process.poll() is None:
                 process.terminate()
                 try:
@@ -195,6 +257,9 @@ class Supervisor:
                     process.wait()
         kill_group_members(os.getpgid(0), exclude=os.getpid())
         self.processes.clear()
+        if self.layout.real_node:
+            hostnet.unmount_under(nodeconfig.node_paths(self.layout).root)
+            hostnet.restore()
         self._publish(status="failed" if self.state.get("status") == "failed" else "stopped")
 
 
