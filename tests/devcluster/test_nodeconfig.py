@@ -16,7 +16,7 @@ from kubelm_devcluster.layout import BRIDGE, NODE_IP, POD_CIDR, Layout, Ports
 from kubelm_devcluster.pki import create_pki
 
 PAUSE = "kubelm/pause:abc"
-IMAGES = {PAUSE: "/cache/pause.tar", "kubelm/runtime:dev-1": "/cache/runtime.tar"}
+IMAGES = (PAUSE, "kubelm/runtime:dev-1")
 
 
 def _layout(tmp_path: Path) -> Layout:
@@ -90,10 +90,22 @@ def test_the_apiserver_of_a_real_node_is_reachable_from_pods_and_reaches_the_kub
 
 def test_a_node_without_a_pause_image_is_refused_with_the_images_it_has() -> None:
     with pytest.raises(ValueError, match="kubelm/runtime:dev-1"):
-        nodeconfig.sandbox_image({"kubelm/runtime:dev-1": "/x.tar"})
+        nodeconfig.sandbox_image(("kubelm/runtime:dev-1",))
 
 
 def test_layout_round_trips_the_node_fields(tmp_path: Path) -> None:
     layout = _layout(tmp_path)
     assert Layout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
     assert layout.real_node and not Layout.from_json({**layout.to_json(), "node_bin_dir": None}).real_node
+
+
+@pytest.mark.parametrize(("ref", "expected"), [
+    ("kubelm/runtime:dev-1", "docker.io/kubelm/runtime:dev-1"),
+    ("redis:7", "docker.io/library/redis:7"),
+    ("registry.example.com/kubelm/runtime:0.1.0", "registry.example.com/kubelm/runtime:0.1.0"),
+    ("localhost:5000/x:1", "localhost:5000/x:1"),
+])
+def test_image_references_are_compared_as_containerd_names_them(ref: str, expected: str) -> None:
+    assert nodeconfig.normalized(ref) == expected
+    assert nodeconfig.repository(expected) == expected.rsplit(":", 1)[0]
+    assert nodeconfig.repository("localhost:5000/x") == "localhost:5000/x"

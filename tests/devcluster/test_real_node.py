@@ -1,18 +1,15 @@
 """The dev cluster's real node: containerd, kubelet, kube-proxy and CoreDNS running kubelm's own images.
 
-One real node per machine: the module starts one (`kubelm-dev up --node real`) and every test here
-shares it; the last test takes it down and checks that the host is as it was.
+The module starts a real node (`kubelm-dev up --node real`) that every test here shares; the last
+test takes it down and checks that the host is as it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,98 +17,14 @@ import pytest
 from kubelm_devcluster import cli, hostnet, nodeconfig
 from kubelm_devcluster.layout import BRIDGE, NODE_NAME
 from kubelm_devcluster.supervisor import marked_processes
-from support import ClusterEnv, eventually
+from node_support import RESTRICTED, RealNode, apply, python_pod, wait_succeeded
+from support import eventually
 
 pytestmark = [pytest.mark.slow]
 
-RESTRICTED = {
-    "runAsNonRoot": True,
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
-
-@dataclass(frozen=True)
-class RealNode:
-    root: Path
-    env: ClusterEnv
-    images: dict[str, str]
-    host_before: dict[str, str]
-
-    def image(self, repository: str) -> str:
-        return next(ref for ref in self.images if ref.rsplit(":", 1)[0] == repository)
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
-    if os.geteuid() != 0:
-        pytest.skip("a real node needs root")
-    root = tmp_path_factory.mktemp("realnode")
-    before = hostnet.read_sysctls()
-    # The first start imports the images into the node's store: minutes for the runtime image.
-    started = cli.up(root, timeout=1800, parent_pid=os.getpid(), real_node=True)
-    env = started.env()
-    try:
-        yield RealNode(root, ClusterEnv(env["KUBECONFIG"], "", "", "", str(started.layout.bin_dir / "kubectl")),
-                       started.layout.images, before)
-    finally:
-        cli.down(root)
-
-
-@pytest.fixture
-def namespace(node: RealNode) -> Iterator[str]:
-    name = f"node-{uuid.uuid4().hex[:8]}"
-    node.env.kubectl("create", "namespace", name)
-    yield name
-    node.env.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def apply(node: RealNode, namespace: str, *objects: dict) -> None:
-    node.env.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                            "items": list(objects)}))
-
-
-def pod_phase(node: RealNode, namespace: str, name: str) -> str:
-    result = node.env.kubectl("get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.phase}", check=False)
-    return result.stdout
-
-
-def python_pod(name: str, image: str, script: str, **spec: object) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
-            "containers": [{
-                "name": "main",
-                "image": image,
-                "command": ["python", "-c", textwrap.dedent(script)],
-                "securityContext": RESTRICTED,
-                "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/kubelm"},
-                                 {"name": "tmp", "mountPath": "/tmp"}],
-            }],
-            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
-            **spec,
-        },
-    }
-
-
-def wait_succeeded(node: RealNode, namespace: str, name: str, timeout: float = 300) -> str:
-    def finished() -> bool:
-        return pod_phase(node, namespace, name) in ("Succeeded", "Failed")
-
-    eventually(finished, timeout, 0.5, f"pod {name} finished")
-    logs = node.env.kubectl("logs", "-n", namespace, name).stdout
-    assert pod_phase(node, namespace, name) == "Succeeded", logs
-    return logs
-
-
-def test_the_node_is_ready_on_containerd_2(node: RealNode) -> None:
-    info = json.loads(node.env.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
+def test_the_node_is_ready_on_containerd_2(real_node: RealNode) -> None:
+    info = json.loads(real_node.env.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
     assert info["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.")
     assert {"type": "InternalIP", "address": "10.244.0.1"} in info["status"]["addresses"]
     ready = next(c for c in info["status"]["conditions"] if c["type"] == "Ready")
@@ -119,7 +32,7 @@ def test_the_node_is_ready_on_containerd_2(node: RealNode) -> None:
     assert not info["spec"].get("taints"), info["spec"]
 
 
-def test_the_runtime_image_runs_under_the_restricted_security_context(node: RealNode, namespace: str) -> None:
+def test_the_runtime_image_runs_under_the_restricted_security_context(real_node: RealNode, node_namespace: str) -> None:
     script = """
         import os, pathlib, torch, transformers, kubelm_runtime
         cache = pathlib.Path(os.environ["HF_HOME"])
@@ -133,21 +46,22 @@ def test_the_runtime_image_runs_under_the_restricted_security_context(node: Real
         product = float(torch.ones(2, 2).matmul(torch.ones(2, 2)).sum())
         print("uid", os.getuid(), "torch", torch.__version__, "matmul", product)
     """
-    apply(node, namespace, python_pod("runtime", node.image("kubelm/runtime"), script))
-    logs = wait_succeeded(node, namespace, "runtime")
+    apply(real_node, node_namespace, python_pod("runtime", real_node.image("kubelm/runtime"), script))
+    logs = wait_succeeded(real_node, node_namespace, "runtime")
     assert "root filesystem read-only: 30" in logs  # EROFS
     assert "uid 10001 torch 2." in logs and "matmul 8.0" in logs
 
 
-def test_the_operator_image_starts_its_command(node: RealNode, namespace: str) -> None:
-    pod = python_pod("operator", node.image("kubelm/operator"),
+def test_the_operator_image_starts_its_command(real_node: RealNode, node_namespace: str) -> None:
+    pod = python_pod("operator", real_node.image("kubelm/operator"),
                      "import kopf, kubelm_operator, kubelm_contract; print('operator modules import')")
-    apply(node, namespace, pod)
-    assert "operator modules import" in wait_succeeded(node, namespace, "operator")
+    apply(real_node, node_namespace, pod)
+    assert "operator modules import" in wait_succeeded(real_node, node_namespace, "operator")
 
 
-def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(node: RealNode, namespace: str) -> None:
-    image = node.image("kubelm/runtime")
+def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(
+        real_node: RealNode, node_namespace: str) -> None:
+    image = real_node.image("kubelm/runtime")
     labels = {"app": "web"}
     server = """
         import http.server
@@ -181,22 +95,35 @@ def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(node
     }
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
                "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}}
-    apply(node, namespace, deployment, service)
-    node.env.kubectl("rollout", "status", "-n", namespace, "deployment/web", "--timeout=300s")
+    apply(real_node, node_namespace, deployment, service)
+    real_node.env.kubectl("rollout", "status", "-n", node_namespace, "deployment/web", "--timeout=300s")
+    # kube-proxy programs a new Service a moment after its endpoints are ready; the host goes through
+    # the same rules as pods, so the first answer here says the Service is in place.
+    cluster_ip = real_node.env.kubectl("get", "service", "-n", node_namespace, "web",
+                                       "-o", "jsonpath={.spec.clusterIP}").stdout
+    eventually(lambda: answers(f"http://{cluster_ip}/"), 120, 0.5, "the Service answers")
     client = f"""
         import urllib.request
-        print(urllib.request.urlopen("http://web.{namespace}.svc.cluster.local/", timeout=10).read().decode())
+        print(urllib.request.urlopen("http://web.{node_namespace}.svc.cluster.local/", timeout=10).read().decode())
     """
-    apply(node, namespace, python_pod("client", image, client))
-    assert "hello from" in wait_succeeded(node, namespace, "client")
+    apply(real_node, node_namespace, python_pod("client", image, client))
+    assert "hello from" in wait_succeeded(real_node, node_namespace, "client")
     # exec reaches the container through the kubelet, as logs did.
-    pod = node.env.kubectl("get", "pods", "-n", namespace, "-l", "app=web", "-o", "name").stdout.split()[0]
-    hostname = node.env.kubectl("exec", "-n", namespace, pod, "--", "python", "-c",
+    pod = real_node.env.kubectl("get", "pods", "-n", node_namespace, "-l", "app=web", "-o", "name").stdout.split()[0]
+    hostname = real_node.env.kubectl("exec", "-n", node_namespace, pod, "--", "python", "-c",
                                 "import socket; print(socket.gethostname())").stdout.strip()
     assert hostname == pod.split("/")[1]
 
 
-def test_pods_reach_the_apiserver_through_the_kubernetes_service(node: RealNode, namespace: str) -> None:
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_pods_reach_the_apiserver_through_the_kubernetes_service(real_node: RealNode, node_namespace: str) -> None:
     script = """
         import json, ssl, urllib.request
         sa = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -205,20 +132,20 @@ def test_pods_reach_the_apiserver_through_the_kubernetes_service(node: RealNode,
                                          headers={"Authorization": "Bearer " + open(sa + "/token").read()})
         print("apiserver", json.load(urllib.request.urlopen(request, context=context, timeout=10))["gitVersion"])
     """
-    apply(node, namespace, python_pod("apiclient", node.image("kubelm/operator"), script))
-    assert "apiserver v1." in wait_succeeded(node, namespace, "apiclient")
+    apply(real_node, node_namespace, python_pod("apiclient", real_node.image("kubelm/operator"), script))
+    assert "apiserver v1." in wait_succeeded(real_node, node_namespace, "apiclient")
 
 
-def test_down_stops_everything_and_puts_the_host_back(node: RealNode) -> None:
-    cli.down(node.root)
-    assert marked_processes(node.root) == []
+def test_down_stops_everything_and_puts_the_host_back(real_node: RealNode) -> None:
+    cli.down(real_node.root)
+    assert marked_processes(real_node.root) == []
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
     for command in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             rules = subprocess.run([command, "-t", table, "-S"], capture_output=True, text=True).stdout
             assert not any(prefix in rules for prefix in hostnet.CHAIN_PREFIXES), (command, table, rules)
-    assert hostnet.read_sysctls() == node.host_before
+    assert hostnet.read_sysctls() == real_node.host_before
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(nodeconfig.RUN_DIR) not in mounts and str(node.root) not in mounts
+    assert str(nodeconfig.RUN_DIR) not in mounts and str(real_node.root) not in mounts
     assert not nodeconfig.RUN_DIR.exists()
     assert not any((hostnet.CGROUP_ROOT / c / "kubepods").exists() for c in ("cpu", "memory", "pids"))

@@ -22,13 +22,12 @@ from pathlib import Path
 from kubelm_contract import env as contract_env
 
 from . import hostnet
-from .layout import DEFAULT_DIR, Layout, Ports, read_state
+from .layout import DEFAULT_DIR, IMAGES_SCRIPT, SCRIPTS_DIR, Layout, Ports, read_state
 from .nodeconfig import node_paths
 from .probes import write_json
 from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
-SCRIPTS = Path(__file__).resolve().parents[3] / "devcluster" / "scripts"
-BUILD_SCRIPT = SCRIPTS / "build-control-plane.sh"
+BUILD_SCRIPT = SCRIPTS_DIR / "build-control-plane.sh"
 
 
 class DevClusterError(RuntimeError):
@@ -59,7 +58,7 @@ def binaries_dir() -> Path:
 
 
 def _last_line(script: str) -> str:
-    out = subprocess.run(["bash", str(SCRIPTS / script)], check=True, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(["bash", str(SCRIPTS_DIR / script)], check=True, stdout=subprocess.PIPE, text=True)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -68,9 +67,9 @@ def node_binaries_dir() -> Path:
     return Path(_last_line("build-node.sh"))
 
 
-def node_images() -> dict[str, str]:
-    """kubelm's images and the pause image as archives (built on first use, cached by content)."""
-    return dict(pair.split("=", 1) for pair in _last_line("build-images.sh").split())
+def node_images() -> tuple[str, ...]:
+    """kubelm's images, the dev overlay's and the pause image (built on first use, tagged by content)."""
+    return tuple(_last_line(IMAGES_SCRIPT.name).split())
 
 
 def _supervisor_alive(state: dict[str, object]) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "devcluster" / "scripts"
+"""The build scripts (control plane, real node, images): the dev cluster runs from a checkout."""
+IMAGES_SCRIPT = SCRIPTS_DIR / "build-images.sh"
 DEFAULT_DIR = Path(os.environ.get("KUBELM_DEV_DIR", Path.home() / ".local/state/kubelm/devcluster"))
 HOST = "127.0.0.1"
 NODE_NAME = "kubelm-local"
@@ -60,8 +63,8 @@ class Layout:
     ports: Ports
     node_bin_dir: Path | None = None
     """Where the real node's programs are; None: a heartbeat Node that runs no pods."""
-    images: dict[str, str] = field(default_factory=dict)
-    """Image reference -> archive the real node imports before its kubelet starts."""
+    images: tuple[str, ...] = ()
+    """Images the real node imports (from the image build) before its kubelet starts."""
 
     @property
     def real_node(self) -> bool:
@@ -107,17 +110,17 @@ class Layout:
 
     def to_json(self) -> dict[str, object]:
         return {"root": str(self.root), "bin_dir": str(self.bin_dir), "ports": asdict(self.ports),
-                "node_bin_dir": str(self.node_bin_dir) if self.node_bin_dir else None, "images": self.images}
+                "node_bin_dir": str(self.node_bin_dir) if self.node_bin_dir else None, "images": list(self.images)}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Layout:
         ports = data["ports"]
         assert isinstance(ports, dict)
         node_bin_dir = data.get("node_bin_dir")
-        images = data.get("images") or {}
-        assert isinstance(images, dict)
+        images = data.get("images") or []
+        assert isinstance(images, list)
         return cls(Path(str(data["root"])), Path(str(data["bin_dir"])), Ports(**ports),
-                   Path(str(node_bin_dir)) if node_bin_dir else None, dict(images))
+                   Path(str(node_bin_dir)) if node_bin_dir else None, tuple(images))
 
 
 def read_state(root: Path) -> dict[str, object] | None:

@@ -57,6 +57,19 @@ class NodePaths:
         return self.root / "pod-logs"
 
 
+def normalized(ref: str) -> str:
+    """An image reference as containerd names it: Docker Hub's domain and library path spelled out."""
+    first = ref.split("/", 1)[0]
+    if "/" in ref and ("." in first or ":" in first or first == "localhost"):
+        return ref
+    return f"docker.io/{ref}" if "/" in ref else f"docker.io/library/{ref}"
+
+
+def repository(ref: str) -> str:
+    name, _, tag = ref.rpartition(":")
+    return name if name and "/" not in tag else ref
+
+
 def node_paths(layout: Layout) -> NodePaths:
     return NodePaths(layout.root / "node")
 
@@ -105,10 +118,10 @@ def containerd(layout: Layout, sandbox_image: str) -> Component:
 PAUSE_REPOSITORY = "kubelm/pause"
 
 
-def sandbox_image(images: dict[str, str]) -> str:
+def sandbox_image(images: tuple[str, ...]) -> str:
     """The pause image among those the node imports: no registry can provide one."""
     for ref in images:
-        if ref.rsplit(":", 1)[0] == PAUSE_REPOSITORY:
+        if repository(ref) == PAUSE_REPOSITORY:
             return ref
     raise ValueError(f"no {PAUSE_REPOSITORY} image among the node's images: {sorted(images)}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import components, hostnet, node, nodeconfig
-from .layout import NODE_NAME, Layout, read_state
+from .layout import IMAGES_SCRIPT, NODE_NAME, Layout, read_state
 from .pki import ClusterPKI, create_pki
 from .probes import KubeClient, http_get, insecure_tls, redis_ping, tcp_open, wait_for, write_json
 
@@ -174,19 +174,29 @@ class Supervisor:
             text=True, capture_output=True, timeout=1800)
 
     def _import_images(self) -> None:
-        """Imports each image archive the node's store lacks, and drops older builds of the same image."""
+        """Imports each image the node's store lacks, straight from the image build (no archive on
+        disk), and drops older builds of the same image."""
         present = set(self._ctr("images", "ls", "--quiet").stdout.split())
-        for ref, archive in self.layout.images.items():
-            if ref in present:
+        for ref in self.layout.images:
+            if nodeconfig.normalized(ref) in present:
                 continue
-            repository = ref.rsplit(":", 1)[0]
-            stale = [p for p in present if p.rsplit(":", 1)[0] == repository]
+            repository = nodeconfig.repository(nodeconfig.normalized(ref))
+            stale = [p for p in present if nodeconfig.repository(p) == repository]
             if stale:
                 self._ctr("images", "rm", *stale)
-            print(f"importing {ref} from {archive}", flush=True)
-            result = self._ctr("images", "import", "--snapshotter", "overlayfs", archive)
-            if result.returncode != 0:
-                raise RuntimeError(f"importing {archive}: {result.stderr.strip()}")
+            print(f"importing {ref}", flush=True)
+            save = subprocess.Popen(["bash", str(IMAGES_SCRIPT), "save", ref], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            assert self.layout.node_bin_dir and save.stdout
+            imported = subprocess.run(
+                [str(self.layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
+                 "--namespace", nodeconfig.CONTAINERD_NAMESPACE, "images", "import", "--snapshotter", "overlayfs",
+                 "-"], stdin=save.stdout, capture_output=True, text=True, timeout=1800)
+            save.stdout.close()
+            saved = save.wait()
+            if saved != 0 or imported.returncode != 0:
+                reason = save.stderr.read().decode(errors="replace") if save.stderr else ""
+                raise RuntimeError(f"importing {ref}: {reason.strip()} {imported.stderr.strip()}")
 
     def _remove_pods(self) -> None:
         """The kubelet is stopped: remove every pod sandbox so no container, mount or veth outlives the node."""
