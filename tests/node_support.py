@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,14 +32,25 @@ class RealNode:
     env: ClusterEnv
     images: tuple[str, ...]
     host_before: dict[str, str]
+    dev_node: bool = True
+    """The dev cluster's own node (host-level checks apply), not an existing cluster's."""
 
     def image(self, repository: str) -> str:
         """The content-tagged reference of one of kubelm's images, as imported into the node."""
         return next(ref for ref in self.images if ref.rsplit(":", 1)[0] == repository)
 
 
+NODE_KUBECONFIG = "KUBELM_NODE_KUBECONFIG"
+"""Runs the node tests on an existing cluster (kind, a real one) whose nodes have kubelm's images."""
+
+
 @contextmanager
 def real_node_cluster(root: Path) -> Iterator[RealNode]:
+    if kubeconfig := os.environ.get(NODE_KUBECONFIG):
+        bin_dir = os.environ.get("KUBELM_DEV_BIN_DIR")
+        kubectl = str(Path(bin_dir) / "kubectl") if bin_dir else "kubectl"
+        yield RealNode(root, ClusterEnv(kubeconfig, "", "", "", kubectl), cli.node_images(), {}, dev_node=False)
+        return
     if os.geteuid() != 0:
         pytest.skip("a real node needs root")
     before = hostnet.read_sysctls()
@@ -50,6 +62,23 @@ def real_node_cluster(root: Path) -> Iterator[RealNode]:
                        started.layout.images, before)
     finally:
         cli.down(root)
+
+
+@contextmanager
+def port_forward(node: RealNode, namespace: str, target: str, port: int) -> Iterator[str]:
+    """`kubectl port-forward` to a pod or Service: its URL on loopback, from any cluster."""
+    process = subprocess.Popen([node.env.kubectl_path, f"--kubeconfig={node.env.kubeconfig}", "port-forward",
+                                "-n", namespace, target, f":{port}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout
+        first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
+        if "127.0.0.1:" not in first:
+            raise AssertionError(f"port-forward {target}: {first}{process.stdout.read() if process.poll() else ''}")
+        yield f"http://127.0.0.1:{first.split('127.0.0.1:')[1].split()[0]}"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def apply(node: RealNode, namespace: str, *objects: dict) -> None:

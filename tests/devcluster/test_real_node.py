@@ -23,7 +23,13 @@ from support import eventually
 pytestmark = [pytest.mark.slow]
 
 
+def dev_node_only(node: RealNode) -> None:
+    if not node.dev_node:
+        pytest.skip("checks the dev cluster's own node")
+
+
 def test_the_node_is_ready_on_containerd_2(real_node: RealNode) -> None:
+    dev_node_only(real_node)
     info = json.loads(real_node.env.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
     assert info["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.")
     assert {"type": "InternalIP", "address": "10.244.0.1"} in info["status"]["addresses"]
@@ -97,11 +103,12 @@ def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(
                "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}}
     apply(real_node, node_namespace, deployment, service)
     real_node.env.kubectl("rollout", "status", "-n", node_namespace, "deployment/web", "--timeout=300s")
-    # kube-proxy programs a new Service a moment after its endpoints are ready; the host goes through
-    # the same rules as pods, so the first answer here says the Service is in place.
-    cluster_ip = real_node.env.kubectl("get", "service", "-n", node_namespace, "web",
-                                       "-o", "jsonpath={.spec.clusterIP}").stdout
-    eventually(lambda: answers(f"http://{cluster_ip}/"), 120, 0.5, "the Service answers")
+    if real_node.dev_node:
+        # kube-proxy programs a new Service a moment after its endpoints are ready; the host goes
+        # through the same rules as pods, so the first answer here says the Service is in place.
+        cluster_ip = real_node.env.kubectl("get", "service", "-n", node_namespace, "web",
+                                           "-o", "jsonpath={.spec.clusterIP}").stdout
+        eventually(lambda: answers(f"http://{cluster_ip}/"), 120, 0.5, "the Service answers")
     client = f"""
         import urllib.request
         print(urllib.request.urlopen("http://web.{node_namespace}.svc.cluster.local/", timeout=10).read().decode())
@@ -137,6 +144,7 @@ def test_pods_reach_the_apiserver_through_the_kubernetes_service(real_node: Real
 
 
 def test_down_stops_everything_and_puts_the_host_back(real_node: RealNode) -> None:
+    dev_node_only(real_node)
     cli.down(real_node.root)
     assert marked_processes(real_node.root) == []
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from kubelm_contract import env as contract_env
-from node_support import RESTRICTED, RealNode, apply
+from node_support import RESTRICTED, RealNode, apply, port_forward
 from support import REPO, eventually
 
 pytestmark = [pytest.mark.slow]
@@ -151,7 +151,7 @@ def test_a_training_job_publishes_its_model_to_the_in_cluster_cache(trained: str
 
 
 @pytest.fixture(scope="module")
-def serving(node: RealNode, namespace: str, trained: str) -> dict[str, str]:
+def serving(node: RealNode, namespace: str, trained: str) -> Iterator[str]:
     """One worker serving the trained artifact and a gateway behind a Service, both Ready through probes."""
     image = node.image("kubelm/runtime")
     serve_config = {
@@ -180,12 +180,10 @@ def serving(node: RealNode, namespace: str, trained: str) -> dict[str, str]:
           config_map("gateway-config", {"gateway.yaml": yaml.safe_dump(gateway_config)}), worker, gateway, service)
     for name in ("worker", "gateway"):
         node.env.kubectl("rollout", "status", "-n", namespace, f"deployment/{name}", "--timeout=600s")
-    cluster_ip = node.env.kubectl("get", "service", "-n", namespace, "gateway",
-                                  "-o", "jsonpath={.spec.clusterIP}").stdout
-    url = f"http://{cluster_ip}"
-    # The first answer through the Service says kube-proxy has programmed it.
-    eventually(lambda: answers(f"{url}/readyz"), 120, 0.5, "the gateway Service answers")
-    return {"url": url}
+    # Through the Service from any cluster: kubectl port-forward resolves it to a ready pod.
+    with port_forward(node, namespace, "service/gateway", 80) as url:
+        eventually(lambda: answers(f"{url}/readyz"), 120, 0.5, "the gateway answers")
+        yield url
 
 
 def deployment(name: str, main: dict[str, Any], config_name: str, grace: int = 30) -> dict[str, Any]:
@@ -215,32 +213,32 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_the_trained_model_answers_through_the_gateway_service(serving: dict[str, str]) -> None:
-    status, body = post(f"{serving['url']}/v1/completions",
+def test_the_trained_model_answers_through_the_gateway_service(serving: str) -> None:
+    status, body = post(f"{serving}/v1/completions",
                         {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
     assert status == 200, body
     assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["text"]
 
 
-def worker_pod(node: RealNode, namespace: str) -> tuple[str, str]:
+def worker_pod(node: RealNode, namespace: str) -> str:
     pods = json.loads(node.env.kubectl("get", "pods", "-n", namespace, "-l", "app=worker", "-o", "json").stdout)
     running = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
     assert len(running) == 1, [p["metadata"]["name"] for p in running]
-    return running[0]["metadata"]["name"], running[0]["status"]["podIP"]
+    return str(running[0]["metadata"]["name"])
 
 
 def test_a_worker_deleted_mid_batch_drains_and_no_request_is_lost(node: RealNode, namespace: str,
-                                                                   serving: dict[str, str]) -> None:
-    pod, pod_ip = worker_pod(node, namespace)
+                                                                   serving: str) -> None:
+    pod = worker_pod(node, namespace)
     # Follow the worker's output through the kubelet until its container exits.
     follow = subprocess.Popen([node.env.kubectl_path, f"--kubeconfig={node.env.kubeconfig}", "logs", "-f",
                                "-n", namespace, pod], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    batches_before = metric(f"http://{pod_ip}:8081/metrics", "kubelm_batch_size_count")
-    url = f"{serving['url']}/v1/completions"
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    url = f"{serving}/v1/completions"
+    with port_forward(node, namespace, f"pod/{pod}", 8081) as health, ThreadPoolExecutor(max_workers=8) as pool:
+        batches_before = metric(f"{health}/metrics", "kubelm_batch_size_count")
         futures = [pool.submit(post, url, {"model": MODEL, "prompt": f"story {i}", "max_tokens": 150,
                                            "temperature": 0.9}) for i in range(8)]
-        eventually(lambda: metric(f"http://{pod_ip}:8081/metrics", "kubelm_batch_size_count") > batches_before,
+        eventually(lambda: metric(f"{health}/metrics", "kubelm_batch_size_count") > batches_before,
                    120, 0.05, "the worker is decoding a batch")
         assert not all(f.done() for f in futures)
         node.env.kubectl("delete", "pod", "-n", namespace, pod, "--wait=false")
