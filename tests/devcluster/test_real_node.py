@@ -7,6 +7,8 @@ test takes it down and checks that the host is as it was.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import textwrap
 import urllib.request
@@ -18,7 +20,7 @@ from kubelm_devcluster import cli, hostnet, nodeconfig
 from kubelm_devcluster.layout import BRIDGE, NODE_NAME
 from kubelm_devcluster.supervisor import marked_processes
 from node_support import RESTRICTED, RealNode, apply, python_pod, wait_succeeded
-from support import eventually
+from support import ClusterEnv, eventually
 
 pytestmark = [pytest.mark.slow]
 
@@ -143,17 +145,58 @@ def test_pods_reach_the_apiserver_through_the_kubernetes_service(real_node: Real
     assert "apiserver v1." in wait_succeeded(real_node, node_namespace, "apiclient")
 
 
-def test_down_stops_everything_and_puts_the_host_back(real_node: RealNode) -> None:
-    dev_node_only(real_node)
-    cli.down(real_node.root)
-    assert marked_processes(real_node.root) == []
+def assert_host_put_back(root: Path, sysctls_before: dict[str, str]) -> None:
+    assert marked_processes(root) == []
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
     for command in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             rules = subprocess.run([command, "-t", table, "-S"], capture_output=True, text=True).stdout
             assert not any(prefix in rules for prefix in hostnet.CHAIN_PREFIXES), (command, table, rules)
-    assert hostnet.read_sysctls() == real_node.host_before
+    assert hostnet.read_sysctls() == sysctls_before
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(nodeconfig.RUN_DIR) not in mounts and str(real_node.root) not in mounts
+    assert str(nodeconfig.RUN_DIR) not in mounts and str(root) not in mounts
     assert not nodeconfig.RUN_DIR.exists()
     assert not any((hostnet.CGROUP_ROOT / c / "kubepods").exists() for c in ("cpu", "memory", "pids"))
+
+
+def test_down_stops_everything_and_puts_the_host_back(real_node: RealNode) -> None:
+    dev_node_only(real_node)
+    cli.down(real_node.root)
+    assert_host_put_back(real_node.root, real_node.host_before)
+
+
+def test_down_after_a_killed_supervisor_also_ends_the_pods(real_node: RealNode, tmp_path: Path) -> None:
+    """Killed, the supervisor takes containerd and the kubelet with it, but containers outlive their
+    shims: down must find and end them, and still put the host back."""
+    dev_node_only(real_node)  # runs after the module's node is down: one real node at a time
+    root = tmp_path / "killed"
+    cluster = cli.up(root, timeout=600, parent_pid=os.getpid(), real_node=True)
+    env = ClusterEnv(str(cluster.layout.kubeconfig), "", "", "", str(cluster.layout.bin_dir / "kubectl"))
+    try:
+        pause = next(ref for ref in cluster.layout.images if ref.startswith("kubelm/pause:"))
+        env.kubectl("run", "sleeper", f"--image={pause}", "--restart=Never")
+        env.kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s")
+        sleepers = pod_processes()
+        assert sleepers
+        state = json.loads((root / "state.json").read_text())
+        os.kill(state["supervisor_pid"], signal.SIGKILL)
+        containerd = state["components"]["containerd"]
+        eventually(lambda: not os.path.exists(f"/proc/{containerd}"), 30, 0.2, "containerd gone with the supervisor")
+        assert any(alive(pid) for pid in sleepers)  # the container outlived it
+    finally:
+        cli.down(root)
+    assert not any(alive(pid) for pid in sleepers)
+    assert_host_put_back(root, real_node.host_before)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pod_processes() -> list[int]:
+    return [int(pid) for procs in hostnet.CGROUP_ROOT.glob("pids/kubepods/**/cgroup.procs")
+            for pid in procs.read_text().split()]
+

@@ -23,7 +23,7 @@ from kubelm_contract import env as contract_env
 
 from . import hostnet
 from .layout import DEFAULT_DIR, IMAGES_SCRIPT, SCRIPTS_DIR, Layout, Ports, read_state
-from .nodeconfig import node_paths
+from .nodeconfig import node_paths_of
 from .probes import write_json
 from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
@@ -130,12 +130,12 @@ def down(root: Path = DEFAULT_DIR, timeout: float = 60) -> None:
     kill_marked(root.resolve())
     while group_members(pgid) or marked_processes(root.resolve()):
         time.sleep(0.05)
-    layout = Layout.from_json(state["layout"])  # type: ignore[arg-type]
-    if layout.real_node:
+    layout = state.get("layout")
+    if isinstance(layout, dict) and layout.get("node_bin_dir"):
         # After a clean stop there is nothing left to do; after a killed supervisor, the containers
         # outlived their shims and the host still holds the node's network and mounts.
         hostnet.kill_pod_processes()
-        hostnet.unmount_under(node_paths(layout).root)
+        hostnet.unmount_under(node_paths_of(root.resolve()).root)
         hostnet.restore()
 
 

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from .layout import BRIDGE, NODE_IP, POD_CIDR
@@ -109,14 +110,25 @@ def _remove_chains(command: str, table: str) -> None:
             _run(command, "-t", table, action, chain, check=False)
 
 
-def kill_pod_processes() -> None:
-    """SIGKILL to every process in the kubelet's pod cgroups (containers whose shim is gone)."""
+def _pod_processes() -> list[int]:
+    pids = []
     for controller in CGROUP_ROOT.iterdir() if CGROUP_ROOT.exists() else ():
         for name in ("kubepods", "kubepods.slice"):
             for procs in (controller / name).rglob("cgroup.procs") if (controller / name).is_dir() else ():
-                for pid in procs.read_text().split():
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    pids += [int(pid) for pid in procs.read_text().split()]
+    return sorted(set(pids))
+
+
+def kill_pod_processes(timeout: float = 30) -> None:
+    """SIGKILL to every process in the kubelet's pod cgroups (containers whose shim is gone), and waits
+    until they have left them: a cgroup with processes in it cannot be removed."""
+    deadline = time.monotonic() + timeout
+    while (pids := _pod_processes()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def remove_cgroups() -> None:

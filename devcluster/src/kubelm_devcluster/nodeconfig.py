@@ -71,7 +71,11 @@ def repository(ref: str) -> str:
 
 
 def node_paths(layout: Layout) -> NodePaths:
-    return NodePaths(layout.root / "node")
+    return node_paths_of(layout.root)
+
+
+def node_paths_of(cluster_root: Path) -> NodePaths:
+    return NodePaths(cluster_root / "node")
 
 
 def containerd(layout: Layout, sandbox_image: str) -> Component:
