@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client, config
 
 from kubelm_contract import env as contract_env
+from node_support import RealNode, real_node_cluster
 from support import REPO, ClusterEnv
 
 
@@ -89,3 +90,18 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     for pod in core.list_namespaced_pod(name).items:
         core.delete_namespaced_pod(pod.metadata.name, name, grace_period_seconds=0)
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    """A dev cluster with a real node, for one test module (one real node per machine at a time)."""
+    with real_node_cluster(tmp_path_factory.mktemp("realnode")) as node:
+        yield node
+
+
+@pytest.fixture
+def node_namespace(real_node: RealNode) -> Iterator[str]:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    real_node.env.kubectl("create", "namespace", name)
+    yield name
+    real_node.env.kubectl("delete", "namespace", name, "--wait=false", check=False)

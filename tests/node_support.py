@@ -64,12 +64,16 @@ def real_node_cluster(root: Path) -> Iterator[RealNode]:
         cli.down(root)
 
 
+def kubectl_process(node: RealNode, *args: str) -> subprocess.Popen[str]:
+    """kubectl running on (a watch, logs -f): its output as it comes."""
+    return subprocess.Popen([node.env.kubectl_path, f"--kubeconfig={node.env.kubeconfig}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @contextmanager
 def port_forward(node: RealNode, namespace: str, target: str, port: int) -> Iterator[str]:
     """`kubectl port-forward` to a pod or Service: its URL on loopback, from any cluster."""
-    process = subprocess.Popen([node.env.kubectl_path, f"--kubeconfig={node.env.kubeconfig}", "port-forward",
-                                "-n", namespace, target, f":{port}"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = kubectl_process(node, "port-forward", "-n", namespace, target, f":{port}")
     try:
         assert process.stdout
         first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"

@@ -1,0 +1,208 @@
+"""The main job end to end on the dev cluster's real node, the way a user runs it: kubelm installed from
+its manifests (the operator as a Pod from its image, on the shipped RBAC), the dev overlay's Redis
+and RabbitMQ, a TrainingJob that trains on the sample corpus, a LanguageModel serving its artifact,
+prompts answered through the gateway Service, and deletion cleaning up what each object made.
+
+Every wait is for an event (a condition, a rollout, an answer), with timeouts sized for two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from kubelm_contract import keys, queues
+from kubelm_devcluster import mainjob
+from kubelm_devcluster.operator import OPERATOR_NAMESPACE
+from node_support import RealNode, kubectl_process, port_forward
+from support import eventually
+
+pytestmark = [pytest.mark.slow]
+
+NAMESPACE = "default"
+RUNTIME_CLI = str(Path(sys.executable).parent / "kubelm-runtime")
+
+
+def kubectl_json(node: RealNode, *args: str) -> dict[str, Any]:
+    return json.loads(node.env.kubectl(*args, "-o", "json").stdout)
+
+
+def apply(node: RealNode, *objects: dict[str, Any]) -> None:
+    node.env.kubectl("apply", "--server-side", "--field-manager=kubelm-tests", "-f", "-",
+                     input=yaml.safe_dump_all(objects))
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def redis_cli(node: RealNode, *args: str) -> str:
+    return node.env.kubectl("exec", "-n", OPERATOR_NAMESPACE, "redis-0", "--", "redis-cli", *args).stdout.strip()
+
+
+def rabbitmq_queue(node: RealNode, name: str) -> int:
+    """The management API's status code for a queue (200 or 404), through a port-forward."""
+    with port_forward(node, OPERATOR_NAMESPACE, "service/rabbitmq", 15672) as url:
+        request = urllib.request.Request(f"{url}/api/queues/%2F/{name}",
+                                         headers={"Authorization": "Basic a3ViZWxtOmt1YmVsbQ=="})  # kubelm:kubelm
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def node(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> RealNode:
+    mainjob.install(lambda *args, **kw: real_node.env.kubectl(*args, **kw).stdout)
+    data = mainjob.prepare_data(tmp_path_factory.mktemp("demo-data"), RUNTIME_CLI)
+    apply(real_node, *mainjob.data_volume(data, NAMESPACE))
+    return real_node
+
+
+def test_the_operator_runs_as_a_pod_of_its_image_on_the_shipped_service_account(node: RealNode) -> None:
+    pods = kubectl_json(node, "get", "pods", "-n", OPERATOR_NAMESPACE,
+                        "-l", "app.kubernetes.io/name=kubelm-operator")["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    assert condition(pod, "Ready")["status"] == "True"
+    assert pod["spec"]["serviceAccountName"] == "kubelm-operator"
+    assert pod["spec"]["containers"][0]["image"] == "kubelm/operator:0.1.0"
+    assert pod["spec"]["nodeName"] == "kubelm-local"
+
+
+@pytest.fixture(scope="module")
+def trained(node: RealNode) -> dict[str, Any]:
+    """The TrainingJob applied and watched to the end; what its status said on the way."""
+    seen: list[dict[str, Any]] = []
+    watch = kubectl_process(node, "get", "trainingjobs", "-n", NAMESPACE, "--watch", "--output-watch-events",
+                            "-o", "json")
+
+    def collect() -> None:
+        decoder = json.JSONDecoder()
+        buffer = ""
+        assert watch.stdout
+        for line in watch.stdout:
+            buffer += line
+            try:
+                event, _ = decoder.raw_decode(buffer)
+            except ValueError:
+                continue
+            buffer = ""
+            if event["object"]["metadata"]["name"] == mainjob.MODEL:
+                seen.append(event["object"].get("status", {}))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    apply(node, mainjob.training_job(NAMESPACE, steps=120))
+
+    def finished() -> bool:
+        status = kubectl_json(node, "get", "trainingjob", "-n", NAMESPACE, mainjob.MODEL).get("status", {})
+        return status.get("phase") in ("Succeeded", "Failed")
+
+    try:
+        eventually(finished, 900, 1, "the TrainingJob finished")
+    finally:
+        watch.kill()
+        reader.join(10)
+    final = kubectl_json(node, "get", "trainingjob", "-n", NAMESPACE, mainjob.MODEL)
+    return {"final": final, "seen": seen}
+
+
+def test_the_training_job_runs_shows_progress_and_publishes_an_artifact(trained: dict[str, Any]) -> None:
+    status = trained["final"]["status"]
+    assert status["phase"] == "Succeeded", status
+    assert condition(trained["final"], "Ready")["reason"] == "ArtifactPublished"
+    assert status["artifact"]["uri"] == f"artifact://{NAMESPACE}/{mainjob.MODEL}@1"
+    assert status["artifact"]["digest"].startswith("sha256:")
+    running = [s for s in trained["seen"] if s.get("phase") == "Running"]
+    assert running, [s.get("phase") for s in trained["seen"]]
+    # Progress was reported while it ran, not only at the end.
+    assert any(0 < float(s.get("progress", {}).get("percent", 0)) < 100 for s in running), running
+
+
+@pytest.fixture(scope="module")
+def served(node: RealNode, trained: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    apply(node, mainjob.language_model(NAMESPACE))
+    node.env.kubectl("wait", "-n", NAMESPACE, f"languagemodel/{mainjob.MODEL}", "--for=condition=Ready",
+                     "--timeout=600s")
+    node.env.kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{mainjob.MODEL}-gateway", "--timeout=300s")
+    model = kubectl_json(node, "get", "languagemodel", "-n", NAMESPACE, mainjob.MODEL)
+    with port_forward(node, NAMESPACE, f"service/{mainjob.MODEL}-gateway", 8080) as url:
+        yield {"model": model, "url": url, "artifact": trained["final"]["status"]["artifact"]}
+
+
+def test_the_language_model_is_ready_with_the_artifacts_digest(served: dict[str, Any]) -> None:
+    status = served["model"]["status"]
+    assert status["phase"] == "Ready"
+    assert status["model"]["source"] == served["artifact"]["uri"]
+    assert status["model"]["digest"] == served["artifact"]["digest"]
+    assert status["endpoint"] == f"http://{mainjob.MODEL}-gateway.{NAMESPACE}.svc:8080/v1"
+
+
+def test_prompts_are_answered_through_the_gateway_service_by_the_official_client(served: dict[str, Any]) -> None:
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert mainjob.MODEL in [m.id for m in client.models.list().data]
+    result = client.completions.create(model=mainjob.MODEL, prompt=["Once upon a time", "The fox"],
+                                       max_tokens=12, temperature=0)
+    assert len(result.choices) == 2 and all(c.text for c in result.choices)
+    assert result.usage.completion_tokens > 0
+
+
+def test_the_queue_and_the_registry_entry_exist(node: RealNode, served: dict[str, Any]) -> None:
+    assert rabbitmq_queue(node, queues.request_queue(NAMESPACE, mainjob.MODEL)) == 200
+    entry = json.loads(redis_cli(node, "HGET", keys.MODEL_REGISTRY, keys.model_id(NAMESPACE, mainjob.MODEL)))
+    assert entry["digest"] == served["artifact"]["digest"]
+    assert entry["queue"] == queues.request_queue(NAMESPACE, mainjob.MODEL)
+
+
+def pods_of(node: RealNode, name: str) -> list[str]:
+    pods = kubectl_json(node, "get", "pods", "-n", NAMESPACE, "-l", f"kubelm.io/languagemodel={name}")
+    return [p["metadata"]["name"] for p in pods["items"]]
+
+
+def test_deleting_the_language_model_removes_its_queue_keys_and_pods(node: RealNode, served: dict[str, Any]) -> None:
+    assert pods_of(node, mainjob.MODEL)
+    node.env.kubectl("delete", "languagemodel", "-n", NAMESPACE, mainjob.MODEL, "--timeout=300s")
+    assert rabbitmq_queue(node, queues.request_queue(NAMESPACE, mainjob.MODEL)) == 404
+    assert rabbitmq_queue(node, queues.dead_letter_queue(NAMESPACE, mainjob.MODEL)) == 404
+    assert redis_cli(node, "HEXISTS", keys.MODEL_REGISTRY, keys.model_id(NAMESPACE, mainjob.MODEL)) == "0"
+    eventually(lambda: not pods_of(node, mainjob.MODEL), 300, 1, "the model's pods gone")
+
+
+def test_retain_keeps_the_queue_and_cache_entries_of_a_deleted_model(node: RealNode, trained: dict[str, Any]) -> None:
+    name = "kept"
+    apply(node, mainjob.language_model(NAMESPACE, name=name, queue={"deletionPolicy": "Retain"},
+                                       cache={"deletionPolicy": "Retain"},
+                                       autoscaling={"minReplicas": 0, "maxReplicas": 1}))
+    queue = queues.request_queue(NAMESPACE, name)
+
+    def declared_and_registered() -> bool:
+        model = kubectl_json(node, "get", "languagemodel", "-n", NAMESPACE, name)
+        return all(condition(model, kind).get("status") == "True" for kind in ("QueueReady", "CacheReady"))
+
+    eventually(declared_and_registered, 300, 1, "the queue declared and the registry entry written")
+    node.env.kubectl("delete", "languagemodel", "-n", NAMESPACE, name, "--timeout=300s")
+    assert rabbitmq_queue(node, queue) == 200
+    assert redis_cli(node, "HEXISTS", keys.MODEL_REGISTRY, keys.model_id(NAMESPACE, name)) == "1"
+
+
+def test_deleting_the_training_job_cleans_up_its_job_and_pods(node: RealNode, trained: dict[str, Any]) -> None:
+    def owned() -> list[str]:
+        objects = kubectl_json(node, "get", "jobs,pods", "-n", NAMESPACE,
+                               "-l", f"kubelm.io/trainingjob={mainjob.MODEL}")
+        return [o["metadata"]["name"] for o in objects["items"]]
+
+    assert owned()
+    node.env.kubectl("delete", "trainingjob", "-n", NAMESPACE, mainjob.MODEL, "--timeout=300s")
+    eventually(lambda: not owned(), 300, 1, "the training Job and its pods gone")
