@@ -1,15 +1,17 @@
-"""The main job: a local cluster trains a tiny model and serves it.
+"""The main job: a local cluster trains a tiny model and serves it, through the operator.
 
-1. start the dev cluster (control plane, Redis, RabbitMQ) and install the CRDs;
-2. create a TrainingJob for the tiny corpus (the operator that will run it as pods
-   is on the roadmap; here its runtime runs as a local process, exactly as the pod would);
-3. train a tiny GPT-2 built from config with `kubelm-runtime train`, with progress in
-   Redis and the model published to the artifact cache;
-4. serve the artifact: `kubelm-runtime serve` fetches and verifies it from Redis and
-   consumes the model's RabbitMQ queue; `kubelm-runtime gateway` answers OpenAI-style
-   completions over HTTP (again as local processes until the operator runs them as pods).
+1. start the dev cluster with its real node (containerd + kubelet running kubelm's images);
+2. install kubelm as a user would: `manifests/install` (CRDs, RBAC, the operator as a Pod) and
+   `manifests/dev` (Redis and RabbitMQ in the cluster);
+3. apply a TrainingJob that fine-tunes a tiny GPT-2 on the sample corpus, showing its progress
+   from the TrainingJob's status as it trains;
+4. apply a LanguageModel serving what the TrainingJob published, send prompts through the gateway
+   Service with the official `openai` client, and show the model's queue;
+5. send a burst of requests: the autoscaler adds a worker, and removes it after the (shortened)
+   scale-down window;
+6. tear everything down, unless --keep.
 
-    python scripts/demo.py [--steps 300] [--keep-cluster]
+    sudo .venv/bin/python scripts/demo.py [--steps 200] [--keep]
 """
 
 from __future__ import annotations
@@ -17,128 +19,221 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import urllib.request
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import openai
 import yaml
 
-from kubelm_contract import env, keys
 from kubelm_devcluster import cli as devcluster
-from kubelm_devcluster.probes import http_get, wait_for
-from kubelm_runtime.redis_store import RedisStore
+from kubelm_devcluster import mainjob
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "examples" / "tiny-corpus"
+NAMESPACE = "default"
+MODEL = mainjob.MODEL
+RUNTIME_CLI = str(Path(sys.executable).parent / "kubelm-runtime")
+STARTED = time.monotonic()
 
 
 def say(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+    print(f"\n== {message}  [{time.monotonic() - STARTED:.0f}s]", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def show(line: str) -> None:
+    print(f"   {line}", flush=True)
 
 
-def serve(tmp: Path, connection: dict[str, str]) -> dict:
-    """Starts `kubelm-runtime serve` on the published artifact and `kubelm-runtime gateway`, as pods would."""
-    health, port = free_port(), free_port()
-    configs = {
-        "serve": {"name": "tiny-story", "model": {"artifact": "artifact://default/tiny-story"},
-                  "cacheDir": str(tmp / "cache"), "healthPort": health,
-                  "batching": {"maxBatchSize": 16, "maxWaitMillis": 10}},
-        "gateway": {"host": "127.0.0.1", "port": port},
-    }
-    processes = []
-    for kind, config in configs.items():
-        (tmp / f"{kind}.yaml").write_text(yaml.safe_dump(config))
-        processes.append(subprocess.Popen([sys.executable, "-m", "kubelm_runtime", kind, "--config",
-                                           str(tmp / f"{kind}.yaml")], env={**os.environ, **connection}))
-    wait_for("worker", lambda: http_get(f"http://127.0.0.1:{health}/readyz")[0] == 200, 120)
-    wait_for("gateway", lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 60)
-    return {"url": f"http://127.0.0.1:{port}", "processes": processes}
+class Cluster:
+    def __init__(self, kubectl: str, kubeconfig: str):
+        self.argv = [kubectl, f"--kubeconfig={kubeconfig}"]
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        result = subprocess.run([*self.argv, *args], input=input, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        self.kubectl("apply", "--server-side", f"--field-manager={mainjob.FIELD_MANAGER}", "-f", "-",
+                     input=yaml.safe_dump_all(objects))
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.kubectl("get", kind, "-n", NAMESPACE, name, "-o", "json")))
 
 
-def complete(served: dict, body: dict) -> dict:
-    request = urllib.request.Request(f"{served['url']}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+def wait(what: str, done: Callable[[], bool], timeout: float, interval: float = 1.0) -> float:
+    """Waits for an event, saying what for; the seconds it took."""
+    started = time.monotonic()
+    show(f"waiting for {what} ...")
+    while not done():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what}: not after {timeout:.0f}s")
+        time.sleep(interval)
+    elapsed = time.monotonic() - started
+    show(f"{what}: {elapsed:.1f}s")
+    return elapsed
+
+
+@contextmanager
+def port_forward(cluster: Cluster, target: str, port: int) -> Iterator[str]:
+    process = subprocess.Popen([*cluster.argv, "port-forward", "-n", NAMESPACE, target, f":{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout
+        first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
+        if "127.0.0.1:" not in first:
+            raise RuntimeError(f"port-forward {target}: {first.strip()}")
+        yield f"http://127.0.0.1:{first.split('127.0.0.1:')[1].split()[0]}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def train(cluster: Cluster, steps: int) -> dict[str, Any]:
+    cluster.apply(mainjob.training_job(NAMESPACE, steps=steps))
+    last = ""
+    status: dict[str, Any] = {}
+
+    def finished() -> bool:
+        nonlocal last, status
+        status = cluster.get("trainingjob", MODEL).get("status", {})
+        progress = status.get("progress") or {}
+        line = f"{status.get('phase', 'Pending'):<10}"
+        if progress:
+            line += f" step {progress.get('step', 0)}/{progress.get('totalSteps', steps)}"
+            line += f"  {progress.get('percent', 0):>5}%  loss {progress.get('loss', '-')}"
+            line += f"  eval loss {progress.get('evalLoss', '-')}"
+        if line != last:
+            show(line)
+            last = line
+        return status.get("phase") in ("Succeeded", "Failed")
+
+    wait("the TrainingJob to finish", finished, 1800)
+    if status.get("phase") != "Succeeded":
+        raise RuntimeError(f"training failed: {status.get('conditions')}")
+    return status
+
+
+def complete(client: openai.OpenAI, prompt: str, **params: Any) -> str:
+    result = client.completions.create(model=MODEL, prompt=prompt, **params)
+    return result.choices[0].text
+
+
+def burst(cluster: Cluster, client: openai.OpenAI) -> None:
+    """Keeps 32 requests in flight until the autoscaler has asked for a second worker."""
+    stop = threading.Event()
+
+    def send(i: int) -> None:
+        while not stop.is_set():
+            complete(client, f"story {i}", max_tokens=32, temperature=0.9)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for i in range(32):
+            pool.submit(send, i)
+        try:
+            wait("the autoscaler to add a worker",
+                 lambda: cluster.get("languagemodel", MODEL)["status"].get("desiredReplicas", 1) > 1, 300)
+        finally:
+            stop.set()
+
+
+def print_scaling(model: dict[str, Any], seen: int) -> int:
+    history = model.get("status", {}).get("scalingHistory", [])
+    for entry in history[seen:]:
+        show(f"scaling: {entry.get('from')} -> {entry.get('to')}  ({entry.get('reason')})")
+    return len(history)
+
+
+def operator_rss_mib() -> float | None:
+    """The operator container's resident memory, read from the host (the dev node is this machine)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"kubelm-operator" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--keep-cluster", action="store_true", help="leave the dev cluster running afterwards")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200, about a minute)")
+    parser.add_argument("--keep", action="store_true", help="leave the cluster and everything in it running")
     args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the demo's real node needs root (containerd, kubelet, iptables): run it with sudo", file=sys.stderr)
+        return 2
 
-    say("starting the dev cluster")
-    cluster = devcluster.up(devcluster.DEFAULT_DIR)
-    connection = cluster.env()
-    kubectl = [str(cluster.layout.bin_dir / "kubectl"), f"--kubeconfig={connection[env.KUBECONFIG]}"]
-    print(f"ready in {cluster.ready_seconds:.1f}s; KUBECONFIG={connection[env.KUBECONFIG]}")
+    say("starting the dev cluster with a real node (the first run imports the images: minutes)")
+    started = devcluster.up(devcluster.DEFAULT_DIR, timeout=1800, real_node=True)
+    env = started.env()
+    cluster = Cluster(str(started.layout.bin_dir / "kubectl"), env["KUBECONFIG"])
+    node = cluster.kubectl("get", "nodes", "--no-headers").split()
+    show(f"ready in {started.ready_seconds:.1f}s: node {node[0]} {node[1]}")
     try:
-        subprocess.run([*kubectl, "apply", "--server-side", "-k", str(REPO / "crds")], check=True)
-        subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/trainingjobs.kubelm.io"], check=True)
+        say("installing kubelm: kubectl apply -k manifests/install and manifests/dev")
+        mainjob.install(cluster.kubectl)
+        show(cluster.kubectl("get", "pods", "-n", "kubelm-system").rstrip().replace("\n", "\n   "))
+        data = mainjob.prepare_data(devcluster.DEFAULT_DIR / "demo-data", RUNTIME_CLI)
+        cluster.apply(*mainjob.data_volume(data.resolve(), NAMESPACE))
 
-        with tempfile.TemporaryDirectory(prefix="kubelm-demo-") as tmp_name:
-            tmp = Path(tmp_name)
-            say("building a tiny GPT-2 and tokenizer from the local corpus")
-            base = tmp / "base-model"
-            subprocess.run([sys.executable, "-m", "kubelm_runtime", "tiny-model", "--corpus",
-                            str(CORPUS / "train.txt"), "--out", str(base)], check=True, stdout=subprocess.DEVNULL)
+        say(f"training: TrainingJob {MODEL}, a tiny GPT-2 on the sample corpus, {args.steps} steps on CPU")
+        status = train(cluster, args.steps)
+        show(f"published {status['artifact']['uri']} ({status['artifact']['digest'][:19]}...)")
 
-            job = {
-                "apiVersion": "kubelm.io/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "tiny-story"},
-                "spec": {"baseModel": {"uri": str(base)},
-                         "dataset": {"train": str(CORPUS / "train.txt"), "validation": str(CORPUS / "valid.txt"),
-                                     "test": str(CORPUS / "test.txt")},
-                         "hyperparameters": {"maxSteps": args.steps, "batchSize": 16, "maxLength": 64,
-                                             "learningRate": 0.003, "warmupSteps": 20, "evalIntervalSteps": 100},
-                         "checkpointing": {"intervalSteps": 100}}}
-            subprocess.run([*kubectl, "apply", "--server-side", "-f", "-"], input=yaml.safe_dump(job), text=True,
-                           check=True)
-            say("TrainingJob as the apiserver stored it (defaults applied)")
-            subprocess.run([*kubectl, "get", "tj", "tiny-story", "-o", "jsonpath={.spec}"], check=True)
-            print()
+        say(f"serving: LanguageModel {MODEL} with trainingJobRef {MODEL}")
+        applied = time.monotonic()
+        cluster.apply(mainjob.language_model(NAMESPACE, autoscaling={
+            "minReplicas": 1, "maxReplicas": 2, "targetQueueLengthPerReplica": 4,
+            "scaleDownStabilizationSeconds": 20}))
+        cluster.kubectl("wait", "-n", NAMESPACE, f"languagemodel/{MODEL}", "--for=condition=Ready", "--timeout=600s")
+        cluster.kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{MODEL}-gateway", "--timeout=300s")
+        with port_forward(cluster, f"service/{MODEL}-gateway", 8080) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2, timeout=300)
+            first = complete(client, "Once upon a time", max_tokens=24, temperature=0)
+            show(f"first answer {time.monotonic() - applied:.1f}s after the LanguageModel was applied")
 
-            config = {"jobId": "default/tiny-story", "outputDir": str(tmp / "out"), "logIntervalSteps": 50,
-                      **{k: v for k, v in job["spec"].items()}}  # type: ignore[dict-item]
-            (tmp / "train.yaml").write_text(yaml.safe_dump(config))
-            say(f"training {args.steps} steps with kubelm-runtime train")
-            subprocess.run([sys.executable, "-m", "kubelm_runtime", "train", "--config", str(tmp / "train.yaml")],
-                           check=True, env={**os.environ, **connection})
+            say("prompts through the gateway Service, with the official openai client")
+            show(f"'Once upon a time' -> {first!r}")
+            for prompt in ("The old fox", "Two plus three is"):
+                show(f"{prompt!r} -> {complete(client, prompt, max_tokens=24, temperature=0)!r}")
 
-            store = RedisStore(connection[env.REDIS_URL])
-            progress = store.get_json(keys.progress("default/tiny-story"))
-            say("progress the operator will mirror into TrainingJob status")
-            print(json.dumps(progress, indent=2))
+            say("kubectl get lm,tj")
+            show(cluster.kubectl("get", "lm,tj", "-n", NAMESPACE).rstrip().replace("\n", "\n   "))
+            queue = cluster.get("languagemodel", MODEL)["status"].get("queue", {})
+            show(f"queue {queue.get('name')}: ready {queue.get('ready')}, unacked {queue.get('unacked')}, "
+                 f"consumers {queue.get('consumers')}, dead-lettered {queue.get('deadLettered')}")
 
-            say("serving the artifact: a worker on the RabbitMQ queue and the OpenAI-compatible gateway")
-            served = serve(tmp, connection)
-            try:
-                for prompt in ("two plus three is", "the old fox"):
-                    reply = complete(served, {"model": "tiny-story", "prompt": prompt, "max_tokens": 16,
-                                              "temperature": 0})
-                    print(f"{prompt!r} -> {reply['choices'][0]['text']!r}  "
-                          f"(cached: {reply['kubelm']['cached']})")
-                again = complete(served, {"model": "tiny-story", "prompt": "two plus three is", "max_tokens": 16,
-                                          "temperature": 0})
-                print(f"the same request again is answered from the response cache: {again['kubelm']['cached']}")
-            finally:
-                for process in served["processes"]:
-                    process.send_signal(signal.SIGTERM)
-                    process.wait(60)
+            say("a burst of requests: the autoscaler follows the queue")
+            seen = print_scaling(cluster.get("languagemodel", MODEL), 0)
+            burst(cluster, client)
+            seen = print_scaling(cluster.get("languagemodel", MODEL), seen)
+            wait("the scale-down window (20 s) and the worker removed",
+                 lambda: cluster.get("languagemodel", MODEL)["status"].get("replicas") == 1
+                 and cluster.get("languagemodel", MODEL)["status"].get("desiredReplicas") == 1, 600)
+            print_scaling(cluster.get("languagemodel", MODEL), seen)
+        rss = operator_rss_mib()
+        if rss is not None:
+            show(f"operator Pod resident memory: {rss:.0f} MiB")
     finally:
-        if not args.keep_cluster:
-            say("stopping the dev cluster")
+        if args.keep:
+            say("left running; look around with:")
+            show(f"eval \"$({Path(sys.executable).parent / 'kubelm-dev'} env)\"")
+            show('"$KUBELM_DEV_BIN_DIR/kubectl" get lm,tj,pods -A')
+            show(f'"$KUBELM_DEV_BIN_DIR/kubectl" port-forward service/{MODEL}-gateway 8080')
+            show(f"{Path(sys.executable).parent / 'kubelm-dev'} down   # when done")
+        else:
+            say("tearing down")
             devcluster.down(devcluster.DEFAULT_DIR)
+    say("done")
     return 0
 
 

@@ -129,6 +129,14 @@ def test_image_pull_back_off_stalls_and_creating_does_not() -> None:
         "Reconciling"] == ("True", "WaitingForPods")
 
 
+def test_a_job_whose_workers_finished_stays_running_until_it_is_complete() -> None:
+    finished = _pod(phase="Succeeded")
+    s = status.compute({}, _obs(job=_job(succeeded=1, startTime=T0), pods=[finished]), T1)
+    assert s["phase"] == "Running" and _conditions(s)["Reconciling"] == ("True", "Finishing")
+    complete = _job(succeeded=1, startTime=T0, conditions=[{"type": "Complete", "status": "True"}])
+    assert status.compute(s, _obs(job=complete, pods=[finished]), T1)["phase"] == "Succeeded"
+
+
 def test_suspended_and_resumed() -> None:
     s = status.compute({}, _obs(suspend=True, job=_job(suspend=True)), T0)
     assert s["phase"] == "Suspended"

@@ -82,7 +82,10 @@ def up(root: Path = DEFAULT_DIR, timeout: float = 240, parent_pid: int | None = 
     root = root.resolve()
     state = read_state(root)
     if state and state.get("status") == "ready" and _supervisor_alive(state):
-        return Cluster(Layout.from_json(state["layout"]), float(state.get("ready_seconds", 0)))  # type: ignore[arg-type]
+        running = Layout.from_json(state["layout"])  # type: ignore[arg-type]
+        if running.real_node == real_node:
+            return Cluster(running, float(state.get("ready_seconds", 0)))  # type: ignore[arg-type]
+        # Running with the other kind of node: start again with the one asked for.
     if state and _supervisor_alive(state):
         down(root)
     if root.exists():
