@@ -23,9 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +77,6 @@ def wait(what: str, done: Callable[[], bool], timeout: float, interval: float = 
     elapsed = time.monotonic() - started
     show(f"{what}: {elapsed:.1f}s")
     return elapsed
-
-
-@contextmanager
-def port_forward(cluster: Cluster, target: str, port: int) -> Iterator[str]:
-    process = subprocess.Popen([*cluster.argv, "port-forward", "-n", NAMESPACE, target, f":{port}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert process.stdout
-        first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
-        if "127.0.0.1:" not in first:
-            raise RuntimeError(f"port-forward {target}: {first.strip()}")
-        yield f"http://127.0.0.1:{first.split('127.0.0.1:')[1].split()[0]}"
-    finally:
-        process.kill()
-        process.wait()
 
 
 def train(cluster: Cluster, steps: int) -> dict[str, Any]:
@@ -196,7 +180,7 @@ def main() -> int:
             "scaleDownStabilizationSeconds": 20}))
         cluster.kubectl("wait", "-n", NAMESPACE, f"languagemodel/{MODEL}", "--for=condition=Ready", "--timeout=600s")
         cluster.kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{MODEL}-gateway", "--timeout=300s")
-        with port_forward(cluster, f"service/{MODEL}-gateway", 8080) as url:
+        with mainjob.port_forward(cluster.argv, NAMESPACE, f"service/{MODEL}-gateway", 8080) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2, timeout=300)
             first = complete(client, "Once upon a time", max_tokens=24, temperature=0)
             show(f"first answer {time.monotonic() - applied:.1f}s after the LanguageModel was applied")

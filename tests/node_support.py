@@ -6,14 +6,16 @@ import json
 import os
 import subprocess
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kubelm_devcluster import cli, hostnet
+from kubelm_devcluster import cli, hostnet, mainjob
 from support import ClusterEnv, eventually
 
 RESTRICTED = {
@@ -73,16 +75,33 @@ def kubectl_process(node: RealNode, *args: str) -> subprocess.Popen[str]:
 @contextmanager
 def port_forward(node: RealNode, namespace: str, target: str, port: int) -> Iterator[str]:
     """`kubectl port-forward` to a pod or Service: its URL on loopback, from any cluster."""
-    process = kubectl_process(node, "port-forward", "-n", namespace, target, f":{port}")
+    with mainjob.port_forward([node.env.kubectl_path, f"--kubeconfig={node.env.kubeconfig}"], namespace, target,
+                              port) as url:
+        yield url
+
+
+def deployment(name: str, container: dict[str, Any], **pod_spec: Any) -> dict[str, Any]:
+    """One replica of one container, selected by `app: <name>`."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container], **pod_spec}},
+        },
+    }
+
+
+def answers(url: str) -> bool:
+    """The URL answers 200 now."""
     try:
-        assert process.stdout
-        first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
-        if "127.0.0.1:" not in first:
-            raise AssertionError(f"port-forward {target}: {first}{process.stdout.read() if process.poll() else ''}")
-        yield f"http://127.0.0.1:{first.split('127.0.0.1:')[1].split()[0]}"
-    finally:
-        process.kill()
-        process.wait()
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def apply(node: RealNode, namespace: str, *objects: dict) -> None:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from kubelm_devcluster import cli, hostnet, nodeconfig
 from kubelm_devcluster.layout import BRIDGE, NODE_NAME
 from kubelm_devcluster.supervisor import marked_processes
-from node_support import RESTRICTED, RealNode, apply, python_pod, wait_succeeded
+from node_support import RESTRICTED, RealNode, answers, apply, deployment, python_pod, wait_succeeded
 from support import ClusterEnv, eventually
 
 pytestmark = [pytest.mark.slow]
@@ -70,7 +69,6 @@ def test_the_operator_image_starts_its_command(real_node: RealNode, node_namespa
 def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(
         real_node: RealNode, node_namespace: str) -> None:
     image = real_node.image("kubelm/runtime")
-    labels = {"app": "web"}
     server = """
         import http.server
         class Hello(http.server.BaseHTTPRequestHandler):
@@ -79,31 +77,17 @@ def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(
                 self.send_response(200); self.end_headers(); self.wfile.write(body)
         http.server.HTTPServer(("", 8080), Hello).serve_forever()
     """
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [{
-                        "name": "web",
-                        "image": image,
-                        "command": ["python", "-c", textwrap.dedent(server)],
-                        "ports": [{"containerPort": 8080}],
-                        "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
-                        "securityContext": {**RESTRICTED, "runAsUser": 10001},
-                    }],
-                },
-            },
-        },
-    }
+    web = deployment("web", {
+        "name": "web",
+        "image": image,
+        "command": ["python", "-c", textwrap.dedent(server)],
+        "ports": [{"containerPort": 8080}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+        "securityContext": {**RESTRICTED, "runAsUser": 10001},
+    })
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-               "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}}
-    apply(real_node, node_namespace, deployment, service)
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    apply(real_node, node_namespace, web, service)
     real_node.env.kubectl("rollout", "status", "-n", node_namespace, "deployment/web", "--timeout=300s")
     if real_node.dev_node:
         # kube-proxy programs a new Service a moment after its endpoints are ready; the host goes
@@ -122,14 +106,6 @@ def test_a_deployment_becomes_ready_and_answers_through_its_service_by_name(
     hostname = real_node.env.kubectl("exec", "-n", node_namespace, pod, "--", "python", "-c",
                                 "import socket; print(socket.gethostname())").stdout.strip()
     assert hostname == pod.split("/")[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_pods_reach_the_apiserver_through_the_kubernetes_service(real_node: RealNode, node_namespace: str) -> None:

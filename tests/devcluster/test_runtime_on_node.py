@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from kubelm_contract import env as contract_env
-from node_support import RESTRICTED, RealNode, apply, port_forward
+from node_support import RESTRICTED, RealNode, answers, apply, deployment, port_forward
 from support import REPO, eventually
 
 pytestmark = [pytest.mark.slow]
@@ -46,6 +46,11 @@ def namespace(node: RealNode) -> Iterator[str]:
     node.env.kubectl("create", "namespace", name)
     yield name
     node.env.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def workload(name: str, main: dict[str, Any], config_name: str, grace: int = 30) -> dict[str, Any]:
+    return deployment(name, main, securityContext=POD_SECURITY, terminationGracePeriodSeconds=grace,
+                      volumes=volumes({"name": "config", "configMap": {"name": config_name}}))
 
 
 def volumes(*extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,13 +168,13 @@ def serving(node: RealNode, namespace: str, trained: str) -> Iterator[str]:
     }
     gateway_config = {"namespace": namespace, "models": [MODEL], "requestTimeoutSeconds": 600}
     config = {"name": "config", "mountPath": "/etc/kubelm"}
-    worker = deployment("worker", container(
+    worker = workload("worker", container(
         "worker", image, ["serve", "--config", "/etc/kubelm/serve.yaml"], config,
         ports=[{"name": "health", "containerPort": 8081}],
         readinessProbe={"httpGet": {"path": "/readyz", "port": "health"}, "periodSeconds": 1},
         livenessProbe={"httpGet": {"path": "/livez", "port": "health"}, "periodSeconds": 10},
     ), "serve-config", grace=120)
-    gateway = deployment("gateway", container(
+    gateway = workload("gateway", container(
         "gateway", image, ["gateway", "--config", "/etc/kubelm/gateway.yaml"], config,
         ports=[{"name": "http", "containerPort": 8080}],
         readinessProbe={"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1},
@@ -184,33 +189,6 @@ def serving(node: RealNode, namespace: str, trained: str) -> Iterator[str]:
     with port_forward(node, namespace, "service/gateway", 80) as url:
         eventually(lambda: answers(f"{url}/readyz"), 120, 0.5, "the gateway answers")
         yield url
-
-
-def deployment(name: str, main: dict[str, Any], config_name: str, grace: int = 30) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "securityContext": POD_SECURITY,
-                "terminationGracePeriodSeconds": grace,
-                "containers": [main],
-                "volumes": volumes({"name": "config", "configMap": {"name": config_name}}),
-            }},
-        },
-    }
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_the_trained_model_answers_through_the_gateway_service(serving: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,22 @@ DATA_VOLUME = "kubelm-demo-data"
 DATA_CLAIM = "demo-data"
 MODEL = "tiny-story"
 FIELD_MANAGER = "kubelm-demo"
+
+
+@contextmanager
+def port_forward(kubectl: list[str], namespace: str, target: str, port: int) -> Iterator[str]:
+    """`kubectl port-forward` to a pod or Service on a free local port; yields its URL."""
+    process = subprocess.Popen([*kubectl, "port-forward", "-n", namespace, target, f":{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout
+        first = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> port"
+        if "127.0.0.1:" not in first:
+            raise RuntimeError(f"port-forward {target}: {first.strip()}")
+        yield f"http://127.0.0.1:{first.split('127.0.0.1:')[1].split()[0]}"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def install(kubectl: Kubectl, timeout: str = "600s") -> None:
