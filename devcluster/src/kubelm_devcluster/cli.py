@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from kubelm_contract import env as contract_env
 
 from . import hostnet
 from .layout import DEFAULT_DIR, IMAGES_SCRIPT, SCRIPTS_DIR, Layout, Ports, read_state
-from .nodeconfig import node_paths_of
+from .nodeconfig import CONTAINERD_SOCKET, node_paths_of
 from .probes import write_json
 from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
@@ -53,8 +54,7 @@ def binaries_dir() -> Path:
     """KUBELM_DEV_BIN_DIR when set, otherwise the cached build (built on first use)."""
     if explicit := os.environ.get("KUBELM_DEV_BIN_DIR"):
         return Path(explicit)
-    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
+    return Path(_last_line(BUILD_SCRIPT.name))
 
 
 def _last_line(script: str) -> str:
@@ -70,6 +70,15 @@ def node_binaries_dir() -> Path:
 def node_images() -> tuple[str, ...]:
     """kubelm's images, the dev overlay's and the pause image (built on first use, tagged by content)."""
     return tuple(_last_line(IMAGES_SCRIPT.name).split())
+
+
+def _real_node_running() -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(CONTAINERD_SOCKET))
+        except OSError:
+            return False
+    return True
 
 
 def _supervisor_alive(state: dict[str, object]) -> bool:
@@ -92,6 +101,9 @@ def up(root: Path = DEFAULT_DIR, timeout: float = 240, parent_pid: int | None = 
         shutil.rmtree(root)
     root.mkdir(parents=True)
     if real_node:
+        if _real_node_running():
+            raise DevClusterError("a real node already runs on this machine (one per machine): "
+                                  "take its cluster down first (kubelm-dev --dir DIR down)")
         layout = Layout(root, binaries_dir(), Ports.allocate(), node_binaries_dir(), node_images())
     else:
         layout = Layout(root, binaries_dir(), Ports.allocate())

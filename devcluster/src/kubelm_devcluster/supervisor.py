@@ -166,12 +166,13 @@ class Supervisor:
         self.wait("coredns /ready", lambda: http_get(
             f"http://127.0.0.1:{nodeconfig.COREDNS_READY_PORT}/ready")[0] == 200, 120)
 
-    def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _ctr_argv(self, *args: str) -> list[str]:
         assert self.layout.node_bin_dir
-        return subprocess.run(
-            [str(self.layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
-             "--namespace", nodeconfig.CONTAINERD_NAMESPACE, *args],
-            text=True, capture_output=True, timeout=1800)
+        return [str(self.layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
+                "--namespace", nodeconfig.CONTAINERD_NAMESPACE, *args]
+
+    def _ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self._ctr_argv(*args), text=True, capture_output=True, timeout=1800)
 
     def _import_images(self) -> None:
         """Imports each image the node's store lacks, straight from the image build (no archive on
@@ -187,11 +188,9 @@ class Supervisor:
             print(f"importing {ref}", flush=True)
             save = subprocess.Popen(["bash", str(IMAGES_SCRIPT), "save", ref], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
-            assert self.layout.node_bin_dir and save.stdout
-            imported = subprocess.run(
-                [str(self.layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
-                 "--namespace", nodeconfig.CONTAINERD_NAMESPACE, "images", "import", "--snapshotter", "overlayfs",
-                 "-"], stdin=save.stdout, capture_output=True, text=True, timeout=1800)
+            assert save.stdout
+            imported = subprocess.run(self._ctr_argv("images", "import", "--snapshotter", "overlayfs", "-"),
+                                      stdin=save.stdout, capture_output=True, text=True, timeout=1800)
             save.stdout.close()
             saved = save.wait()
             if saved != 0 or imported.returncode != 0:
