@@ -79,12 +79,13 @@ def prepare() -> None:
 
 def unmount_under(*roots: Path) -> None:
     """Unmounts every mount point below the given directories, deepest first."""
-    prefixes = tuple(str(r.resolve()) + "/" for r in roots) + tuple(str(r.resolve()) for r in roots)
+    tops = {str(r.resolve()) for r in roots}
+    below = tuple(f"{top}/" for top in tops)
     mounts = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point.startswith(prefixes):
+            point = line.split()[4].encode().decode("unicode_escape")  # spaces come as \040
+            if point in tops or point.startswith(below):
                 mounts.append(point)
     for point in sorted(set(mounts), key=len, reverse=True):
         _run("umount", "-l", point, check=False)
