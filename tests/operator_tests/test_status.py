@@ -133,6 +133,8 @@ def test_a_job_whose_workers_finished_stays_running_until_it_is_complete() -> No
     finished = _pod(phase="Succeeded")
     s = status.compute({}, _obs(job=_job(succeeded=1, startTime=T0), pods=[finished]), T1)
     assert s["phase"] == "Running" and _conditions(s)["Reconciling"] == ("True", "Finishing")
+    # The pod has finished before the Job counts it.
+    assert status.compute({}, _obs(job=_job(active=1, startTime=T0), pods=[finished]), T1)["phase"] == "Running"
     complete = _job(succeeded=1, startTime=T0, conditions=[{"type": "Complete", "status": "True"}])
     assert status.compute(s, _obs(job=complete, pods=[finished]), T1)["phase"] == "Succeeded"
 

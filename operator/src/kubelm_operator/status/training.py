@@ -126,9 +126,10 @@ def _phase(obs: Observation) -> tuple[str, str, str, bool]:
             f"{job.failed} worker pod(s) failed, retrying" + (f"; last: {details}" if details else ""), False
     if running:
         return RUNNING, "Running", f"{obs.workers} worker(s) training", False
-    if job.succeeded:
-        # Between the last worker's exit and the Job's Complete condition: still running, not back to
-        # Pending (a phase going Running -> Pending -> Succeeded would misinform whoever watches it).
+    if job.succeeded or any(p.phase == "Succeeded" for p in obs.pods):
+        # Between the last worker's exit and the Job's Complete condition (the Job's own count of
+        # succeeded pods may lag the pod): still running, not back to Pending (a phase going
+        # Running -> Pending -> Succeeded would misinform whoever watches it).
         return RUNNING, "Finishing", "the workers finished; the Job is completing", False
     return PENDING, "WaitingForPods", "waiting for the worker pods to start", False
 
