@@ -21,6 +21,7 @@ import openai
 import pytest
 import yaml
 
+from kubelm_contract import env as contract_env
 from kubelm_contract import keys, queues
 from kubelm_devcluster import mainjob
 from kubelm_devcluster.operator import OPERATOR_NAMESPACE
@@ -65,6 +66,13 @@ def rabbitmq_queue(node: RealNode, name: str) -> int:
 @pytest.fixture(scope="module")
 def node(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> RealNode:
     mainjob.install(lambda *args, **kw: real_node.env.kubectl(*args, **kw).stdout)
+    # The operator mirrors training progress into status every 10 s by default, about as long as the
+    # whole tiny run here: a user's setting (docs/operator.md) makes it every second, so that progress
+    # is seen while the job runs on any machine.
+    real_node.env.kubectl("set", "env", "-n", OPERATOR_NAMESPACE, "deployment/kubelm-operator",
+                          f"{contract_env.PROGRESS_INTERVAL}=1")
+    real_node.env.kubectl("rollout", "status", "-n", OPERATOR_NAMESPACE, "deployment/kubelm-operator",
+                          "--timeout=300s")
     data = mainjob.prepare_data(tmp_path_factory.mktemp("demo-data"), RUNTIME_CLI)
     apply(real_node, *mainjob.data_volume(data, NAMESPACE))
     return real_node
@@ -104,7 +112,7 @@ def trained(node: RealNode) -> dict[str, Any]:
 
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
-    apply(node, mainjob.training_job(NAMESPACE, steps=120))
+    apply(node, mainjob.training_job(NAMESPACE, steps=300))
 
     def finished() -> bool:
         status = kubectl_json(node, "get", "trainingjob", "-n", NAMESPACE, mainjob.MODEL).get("status", {})
