@@ -113,16 +113,16 @@ def trained(node: RealNode, namespace: str) -> str:
                      *(f"--from-file={corpus / f'{split}.txt'}" for split in ("train", "valid", "test")))
     train_config = {
         "jobId": f"{namespace}/{MODEL}",
-        "baseModel": {"uri": "/work/base"},
+        "baseModel": {"uri": "/scratch/base"},
         "dataset": {"train": "/corpus/train.txt", "validation": "/corpus/valid.txt", "test": "/corpus/test.txt"},
-        "outputDir": "/work/job",
+        "outputDir": "/scratch/job",
         "hyperparameters": {"maxSteps": 10, "batchSize": 8, "maxLength": 64, "learningRate": 0.003,
                             "evalIntervalSteps": 5},
         "checkpointing": {"intervalSteps": 5, "keep": 1},
         "logIntervalSteps": 1,
     }
     image = node.image("kubelm/runtime")
-    work = {"name": "work", "mountPath": "/work"}
+    scratch = {"name": "scratch", "mountPath": "/scratch"}
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -133,12 +133,12 @@ def trained(node: RealNode, namespace: str) -> str:
                 "restartPolicy": "Never",
                 "securityContext": POD_SECURITY,
                 "initContainers": [container("base-model", image, ["tiny-model", "--corpus", "/corpus/train.txt",
-                                                                   "--out", "/work/base"],
-                                             work, {"name": "corpus", "mountPath": "/corpus"})],
+                                                                   "--out", "/scratch/base"],
+                                             scratch, {"name": "corpus", "mountPath": "/corpus"})],
                 "containers": [container("train", image, ["train", "--config", "/etc/kubelm/train.yaml"],
-                                         work, {"name": "corpus", "mountPath": "/corpus"},
+                                         scratch, {"name": "corpus", "mountPath": "/corpus"},
                                          {"name": "config", "mountPath": "/etc/kubelm"})],
-                "volumes": volumes({"name": "work", "emptyDir": {}},
+                "volumes": volumes({"name": "scratch", "emptyDir": {}},
                                    {"name": "corpus", "configMap": {"name": "corpus"}},
                                    {"name": "config", "configMap": {"name": "train-config"}}),
             }},
