@@ -111,13 +111,20 @@ def _remove_chains(command: str, table: str) -> None:
             _run(command, "-t", table, action, chain, check=False)
 
 
+def _kubepods_trees() -> list[Path]:
+    """The top of the kubelet's pod cgroup tree in each controller (cgroup v1: one per controller)."""
+    if not CGROUP_ROOT.exists():
+        return []
+    return [controller / name for controller in CGROUP_ROOT.iterdir() for name in ("kubepods", "kubepods.slice")
+            if (controller / name).is_dir() and not (controller / name).is_symlink()]
+
+
 def _pod_processes() -> list[int]:
     pids = []
-    for controller in CGROUP_ROOT.iterdir() if CGROUP_ROOT.exists() else ():
-        for name in ("kubepods", "kubepods.slice"):
-            for procs in (controller / name).rglob("cgroup.procs") if (controller / name).is_dir() else ():
-                with contextlib.suppress(OSError):
-                    pids += [int(pid) for pid in procs.read_text().split()]
+    for top in _kubepods_trees():
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in procs.read_text().split()]
     return sorted(set(pids))
 
 
@@ -134,14 +141,10 @@ def kill_pod_processes(timeout: float = 30) -> None:
 
 def remove_cgroups() -> None:
     """The kubelet's cgroup trees (kubepods and its own), deepest first; empty once the pods are gone."""
-    for controller in CGROUP_ROOT.iterdir() if CGROUP_ROOT.exists() else ():
-        for name in ("kubepods", "kubepods.slice"):
-            top = controller / name
-            if not top.is_dir() or top.is_symlink():
-                continue
-            for directory, _, _ in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)
+    for top in _kubepods_trees():
+        for directory, _, _ in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def restore() -> None:
