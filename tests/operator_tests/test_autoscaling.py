@@ -64,3 +64,13 @@ def test_suspend_goes_to_zero_at_once() -> None:
     decision = decide(SPEC, 5, QueueFigures(ready=500, unacked=3), 0, suspended=True)
     assert (decision.desired, decision.reason) == (0, "spec.suspend is true")
     assert decision.changes(5) and not decision.changes(0)
+
+
+def test_the_last_write_counts_until_the_watch_shows_it() -> None:
+    from kubelm_operator.autoscaling import replicas_now
+
+    assert replicas_now(None, None) == (1, None)  # a Deployment without replicas runs one
+    assert replicas_now(3, None) == (3, None)
+    assert replicas_now(1, 0) == (0, 0)  # scaled to 0, the watch still shows 1: decide from 0, keep waiting
+    assert replicas_now(0, 0) == (0, None)  # the watch caught up: the Deployment is the truth again
+    assert replicas_now(2, None) == (2, None)  # someone scaled it by hand afterwards: that counts

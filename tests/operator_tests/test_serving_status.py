@@ -94,6 +94,18 @@ def test_a_worker_that_cannot_load_its_model_degrades_with_its_reason() -> None:
         "ModelReady"] == ("False", "ImagePullBackOff")
 
 
+def test_a_worker_no_node_can_take_is_degraded_with_the_schedulers_message() -> None:
+    from kubelm_operator.status.observed import ObservedPod
+
+    pod = ObservedPod.from_body({"metadata": {"name": "m-worker-1"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}})
+    s = status.compute({}, _obs(workers=_workers(1, 0), worker_pods=[pod]), T0)
+    assert (s["phase"], _conditions(s)["ModelReady"]) == ("Degraded", ("False", "Unschedulable"))
+    assert _conditions(s)["Stalled"] == ("True", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in next(c["message"] for c in s["conditions"] if c["type"] == "Ready")
+
+
 def test_a_replaced_model_goes_to_the_bounded_revision_history() -> None:
     old = status.compute({}, _obs(workers=_workers(1, 1)), T0)
     assert "revisions" not in old

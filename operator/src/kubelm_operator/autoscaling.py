@@ -81,3 +81,17 @@ def decide(spec: Autoscaling, current: int, figures: QueueFigures, now: float,
         if desired > recommended:
             why += f"; held at {desired} by the {spec.scale_down_stabilization_seconds} s scale-down window"
     return Decision(desired, why, window)
+
+
+def replicas_now(observed: int | None, written: int | None) -> tuple[int, int | None]:
+    """The replicas to decide from, and what to keep remembering of the autoscaler's last write.
+
+    The Deployment watch can lag behind the autoscaler's own write (its next event waits behind a
+    reconciliation), and deciding from the older figure would make, record and announce the same change on
+    every tick until it catches up. So the last write counts until the watch shows it; after that the
+    Deployment is the truth again, whoever changes it next. A Deployment without replicas runs one.
+    """
+    current = observed if observed is not None else 1
+    if written is None or written == current:
+        return current, None
+    return written, written

@@ -55,6 +55,8 @@ class ServingState:
     """uid -> the generation and resolved source the children were last applied for: unchanged, not sent again."""
     scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
     """uid -> recent recommendations, for the stabilization windows."""
+    scaled: dict[str, int] = field(default_factory=dict)
+    """uid -> the replicas the autoscaler last wrote, until the Deployment watch shows them."""
     declared: dict[str, str] = field(default_factory=dict)
     """uid -> digest of the queue spec last declared."""
     registered: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -220,7 +222,9 @@ async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: Lang
     """The builtin autoscaler's tick: decide from the queue, write the Deployment's scale, record why."""
     if spec.autoscaling.engine != "builtin":
         return []
-    current = workers.replicas if workers.replicas is not None else 1
+    current, written = autoscaling.replicas_now(workers.replicas, state.scaled.pop(owner.uid, None))
+    if written is not None:
+        state.scaled[owner.uid] = written
     if spec.suspend:
         figures = autoscaling.QueueFigures(0, 0)
     else:
@@ -240,6 +244,7 @@ async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: Lang
     if not decision.changes(current):
         return []
     await ctx.kube.scale("apps/v1", "Deployment", owner.namespace, build.names(owner).worker, decision.desired)
+    state.scaled[owner.uid] = decision.desired
     record = {"time": conditions.now(), "from": current, "to": decision.desired, "reason": decision.reason}
     return [record]
 
@@ -269,7 +274,7 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
     except (BrokerUnavailable, CacheUnavailable) as e:
         raise await cleanup_failed(ctx, owner, body, retry, e, "the model's queues or Redis keys") from e
     ctx.forget(owner.id, owner.uid)
-    for memory in (state.applied, state.scaling, state.declared, state.registered, state.counters_read):
+    for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read):
         memory.pop(owner.uid, None)
 
 

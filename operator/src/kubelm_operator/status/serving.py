@@ -86,7 +86,7 @@ LOAD_FAILURE_EXIT_CODE = 1
 
 def load_failure(pods: Sequence[ObservedPod]) -> Problem | None:
     """A worker that exited because its model cannot load (the runtime's one-line reason, its termination
-    message) or keeps failing to start."""
+    message), keeps failing to start, or cannot be placed on any node."""
     for pod in pods:
         ended = pod.terminated
         if ended is not None and ended.exit_code == LOAD_FAILURE_EXIT_CODE and ended.message.startswith("model "):
@@ -95,6 +95,10 @@ def load_failure(pods: Sequence[ObservedPod]) -> Problem | None:
         if pod.waiting is not None:
             return Problem(pod.waiting[0], f"pod {pod.name}: {pod.waiting[0]}: {pod.waiting[1]}".rstrip(": "),
                            degrades=True)
+    # Said as the TrainingJob says it, so that a worker asking for GPUs no node offers is not "Loading" forever.
+    for pod in pods:
+        if pod.unschedulable:
+            return Problem("Unschedulable", f"pod {pod.name} cannot be scheduled: {pod.unschedulable}", degrades=True)
     return None
 
 
