@@ -66,16 +66,17 @@ def install(kubectl: Kubectl, field_manager: str = "kubelm-dev") -> None:
     wait_for("new objects admitted", admitted, timeout=120, interval=0.5)
 
 
-def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path,
-                               duration: str = "24h") -> Path:
-    """A kubeconfig for the operator's ServiceAccount: the admin's cluster entry with a requested token."""
-    token = kubectl("create", "token", SERVICE_ACCOUNT, "-n", OPERATOR_NAMESPACE, f"--duration={duration}").strip()
+def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path, duration: str = "24h",
+                               account: str = SERVICE_ACCOUNT, namespace: str = OPERATOR_NAMESPACE) -> Path:
+    """A kubeconfig for a ServiceAccount (the operator's by default): the admin's cluster entry with a
+    requested token."""
+    token = kubectl("create", "token", account, "-n", namespace, f"--duration={duration}").strip()
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     out.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config",
         "clusters": [{"name": "kubelm-dev", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "kubelm-dev", "context": {"cluster": "kubelm-dev", "user": SERVICE_ACCOUNT}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "kubelm-dev", "context": {"cluster": "kubelm-dev", "user": account}}],
         "current-context": "kubelm-dev"}))
     return out
 

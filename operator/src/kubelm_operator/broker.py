@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import aiohttp
 import pika
 import pika.exceptions
 
-from kubelm_contract import queues
+from kubelm_contract import protocol, queues
 from kubelm_contract.queues import QueueSpec
 
 # Which spec field sets each queue argument, to name it when RabbitMQ refuses a change.
@@ -36,6 +37,7 @@ ARGUMENT_FIELDS = {
 }
 STATS_COLUMNS = ",".join(("name", "messages", "messages_ready", "messages_unacknowledged", "consumers",
                           "message_stats.publish_details.rate", "message_stats.deliver_get_details.rate"))
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
@@ -250,3 +252,50 @@ class Broker:
             await asyncio.gather(*(loop.run_in_executor(lane.executor, lane.close) for lane in self._lanes))
         for lane in self._lanes:
             lane.executor.shutdown(wait=False)
+
+
+def request(amqp_url: str, queue_name: str, body: bytes, correlation_id: str, timeout: float) -> bytes:
+    """Publishes one request to a model's queue and waits for its reply (the `kubelm generate` path when no
+    gateway runs). The reply comes over RabbitMQ's direct reply-to, so no queue is left behind; the message
+    expires with the timeout, so a request nobody waits for any more is never served."""
+    try:
+        parameters = pika.URLParameters(amqp_url)
+        parameters.socket_timeout = parameters.blocked_connection_timeout = min(timeout, 30.0)
+        connection = pika.BlockingConnection(parameters)
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise BrokerUnavailable(f"RabbitMQ at {_safe(amqp_url)}: {type(e).__name__}: {e}") from e
+    replies: list[bytes] = []
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+
+        def on_reply(_channel: Any, _method: Any, properties: Any, reply: bytes) -> None:
+            if properties.correlation_id == correlation_id and properties.type != protocol.CHUNK_TYPE:
+                replies.append(reply)
+
+        channel.basic_consume(DIRECT_REPLY_TO, on_reply, auto_ack=True)
+        try:
+            channel.basic_publish("", queue_name, body, pika.BasicProperties(
+                reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id, delivery_mode=2,
+                content_type="application/json", expiration=str(max(1, int(timeout * 1000))),
+                headers={queues.SENT_AT_HEADER: int(time.time() * 1000)}), mandatory=True)
+        except pika.exceptions.UnroutableError as e:
+            raise BrokerUnavailable(f"queue {queue_name} does not exist") from e
+        deadline = time.monotonic() + timeout
+        while not replies and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=min(1.0, max(0.0, deadline - time.monotonic())))
+        if not replies:
+            raise TimeoutError(f"no reply from {queue_name} within {timeout:g} s")
+        return replies[0]
+    except pika.exceptions.ChannelClosedByBroker as e:
+        raise BrokerUnavailable(f"RabbitMQ refused: {e.reply_code} {e.reply_text}") from e
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"

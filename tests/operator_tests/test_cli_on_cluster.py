@@ -1,0 +1,228 @@
+"""The `kubelm` command against known cluster states: the operator on the real control plane drives each
+TrainingJob and LanguageModel into one state (the kubelet's part played through the pod status API, as in
+the operator's tests), and the installed `kubelm` program reads them as a user would. The same live
+objects are checked with the Argo CD health script and with kstatus (Flux, `kubectl wait`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import yaml
+from kubernetes import client
+
+from gitops_support import argocd_health, kstatus
+from kubelm_contract import queues
+from kubelm_contract.queues import QueueSpec
+from kubelm_devcluster.operator import service_account_kubeconfig
+from kubelm_runtime.progress import ProgressReporter
+from support import ClusterEnv, eventually
+
+from .conftest import GROUP, VERSION, Api, OperatorProcess
+
+pytestmark = [pytest.mark.cluster, pytest.mark.services]
+
+KUBELM = str(Path(sys.executable).parent / "kubelm")
+SMALL = {"baseModel": {"hub": {"id": "openai-community/gpt2"}}, "dataset": {"train": "/data/train.txt"},
+         "resources": {"cpu": "10m", "memory": "32Mi"}, "backoffLimit": 0}
+SERVE = {"model": {"hub": {"id": "openai-community/gpt2"}}, "resources": {"cpu": "10m", "memory": "32Mi"}}
+ARTIFACT = {"uri": "artifact://{ns}/done@1", "version": 1, "digest": "sha256:" + "ab" * 32}
+
+
+def kubelm(kubeconfig: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "COLUMNS": "220"}
+    return subprocess.run([KUBELM, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _status(api: Api, plural: str, namespace: str, name: str) -> dict[str, Any]:
+    return dict(api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name).get("status") or {})
+
+
+def _reason(status: dict[str, Any], type_: str = "Ready") -> str | None:
+    return next((c.get("reason") for c in status.get("conditions", []) if c["type"] == type_), None)
+
+
+def _create(api: Api, plural: str, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    api.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec})
+
+
+def _wait(api: Api, plural: str, namespace: str, name: str, phase: str, reason: str) -> None:
+    def there() -> bool:
+        status = _status(api, plural, namespace, name)
+        return status.get("phase") == phase and reason in (_reason(status), _reason(status, "Stalled"))
+    eventually(there, timeout=120, what=f"{name}: {phase} with {reason}")
+
+
+def _trainer_pod(api: Api, namespace: str, name: str) -> str:
+    def pods() -> list[Any]:
+        return api.pods(namespace, f"{name}-train")
+    eventually(lambda: bool(pods()), timeout=120, what=f"the trainer pod of {name}")
+    return str(pods()[0].metadata.name)
+
+
+@pytest.fixture(scope="module")
+def states(operator: OperatorProcess, api_client: client.ApiClient, custom: client.CustomObjectsApi,
+           cluster: ClusterEnv) -> Iterator[str]:
+    """One namespace holding an object in each state the command must tell apart."""
+    api = Api(api_client, custom)
+    ns = f"cli-{uuid.uuid4().hex[:6]}"
+    api.core.create_namespace({"metadata": {"name": ns}})
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    queues.declare_model_queues(connection.channel(), ns, "clash", QueueSpec(max_length=5))
+    connection.close()
+
+    tj = ("trainingjobs", "TrainingJob")
+    lm = ("languagemodels", "LanguageModel")
+    _create(api, *tj, ns, "gpu-hungry", {**SMALL, "resources": {"cpu": "10m", "memory": "32Mi", "gpus": 4}})
+    _create(api, *tj, ns, "needs-data", {**SMALL, "dataset": {"train": "pvc://corpus/train.txt"}})
+    _create(api, *tj, ns, "paused", {**SMALL, "suspend": True})
+    for name in ("broken", "trainer", "done"):
+        _create(api, *tj, ns, name, SMALL)
+    _create(api, *tj, ns, "waiting", {**SMALL, "baseModel": {"trainingJobRef": {"name": "trainer"}}})
+    _create(api, *lm, ns, "idle", {**SERVE, "autoscaling": {"minReplicas": 0, "scaleDownStabilizationSeconds": 0}})
+    _create(api, *lm, ns, "gpu-model", {**SERVE, "resources": {"cpu": "10m", "memory": "32Mi", "gpus": 1},
+                                        "autoscaling": {"minReplicas": 1, "maxReplicas": 1}})
+    _create(api, *lm, ns, "clash", {**SERVE, "queue": {"maxLength": 10}})
+    _create(api, *lm, ns, "from-missing", {**SERVE, "model": {"trainingJobRef": {"name": "gone"}}})
+
+    api.finish_pod(ns, _trainer_pod(api, ns, "broken"), exit_code=1, reason="Error", message="ValueError: bad data")
+    trainer = _trainer_pod(api, ns, "trainer")
+    api.run_pod(ns, trainer)
+    assert ProgressReporter(cluster.redis_url, f"{ns}/trainer").report(
+        {"phase": "Running", "step": 5, "totalSteps": 10, "epoch": 0.5, "loss": 2.5, "percent": 50.0,
+         "etaSeconds": 95, "worldSize": 1}, force=True)
+    done = _trainer_pod(api, ns, "done")
+    artifact = {**ARTIFACT, "uri": ARTIFACT["uri"].format(ns=ns)}
+    assert ProgressReporter(cluster.redis_url, f"{ns}/done").report(
+        {"phase": "Succeeded", "step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0, "loss": 1.5,
+         "artifact": artifact}, force=True)
+    api.finish_pod(ns, done, exit_code=0, reason="Completed")
+
+    for plural, name, phase, reason in [
+            ("trainingjobs", "gpu-hungry", "Pending", "Unschedulable"),
+            ("trainingjobs", "needs-data", "Pending", "ClaimNotFound"),
+            ("trainingjobs", "paused", "Suspended", "Suspended"),
+            ("trainingjobs", "broken", "Failed", "BackoffLimitExceeded"),
+            ("trainingjobs", "waiting", "Pending", "WaitingForTrainingJob"),
+            ("trainingjobs", "done", "Succeeded", "ArtifactPublished"),
+            ("languagemodels", "idle", "Ready", "ScaledToZero"),
+            ("languagemodels", "gpu-model", "Degraded", "Unschedulable"),
+            ("languagemodels", "clash", "Degraded", "QueueArgumentConflict"),
+            ("languagemodels", "from-missing", "Failed", "TrainingJobNotFound")]:
+        _wait(api, plural, ns, name, phase, reason)
+    eventually(lambda: (_status(api, "trainingjobs", ns, "trainer").get("progress") or {}).get("step") == 5,
+               timeout=120, what="the trainer's progress mirrored")
+    yield ns
+    for pod in api.core.list_namespaced_pod(ns).items:
+        api.core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+    api.core.delete_namespace(ns)
+
+
+# (target, exit code, words the sentence must hold)
+EXPLAINED = [
+    ("tj/gpu-hungry", 1, ["No node has the 4 GPU(s) per worker", "nvidia.com/gpu", "NVIDIA device plugin"]),
+    ("tj/needs-data", 1, ["PersistentVolumeClaim it needs is missing", "'corpus'"]),
+    ("tj/paused", 1, ["suspended", "set it to false"]),
+    ("tj/broken", 1, ["Training failed with its last reported error", "ValueError: bad data"]),
+    ("tj/waiting", 1, ["Waiting for a TrainingJob to succeed", "'trainer'"]),
+    ("tj/trainer", 1, ["step 5/10", "1m35s left"]),
+    ("tj/done", 0, ["Ready: trained", "artifact://", "(version 1)"]),
+    ("lm/idle", 0, ["Ready: no requests wait"]),
+    ("lm/gpu-model", 1, ["No node has the 1 GPU(s) per replica", "nvidia.com/gpu"]),
+    ("lm/clash", 1, ["already exists with other arguments", "spec.queue.maxLength"]),
+    ("lm/from-missing", 1, ["waits for a TrainingJob that does not exist", "'gone'"]),
+]
+
+
+@pytest.mark.parametrize(("target", "code", "words"), EXPLAINED, ids=[t for t, _, _ in EXPLAINED])
+def test_explain_names_each_state_and_what_to_do(states: str, cluster: ClusterEnv, target: str, code: int,
+                                                 words: list[str]) -> None:
+    result = kubelm(cluster.kubeconfig, "explain", target, "-n", states)
+    assert result.returncode == code, result.stderr
+    assert result.stdout.count("\n") == 1, "one sentence"
+    for word in words:
+        assert word in result.stdout, result.stdout
+
+
+def test_status_shows_both_kinds_in_a_table_and_as_json(states: str, cluster: ClusterEnv) -> None:
+    table = kubelm(cluster.kubeconfig, "status", "-n", states)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    row = next(line for line in lines if line.split()[:1] == ["trainer"])
+    assert row.split()[1] == "Running" and "5/10" in row and "2.5" in row and "1m35s" in row
+    assert next(line for line in lines if line.split()[:1] == ["idle"]).split()[1:3] == ["Ready", "0/0"]
+    assert "NAMESPACE" not in table.stdout
+
+    found = json.loads(kubelm(cluster.kubeconfig, "status", "-n", states, "-o", "json").stdout)
+    jobs = {j["name"]: j for j in found["trainingJobs"]}
+    models = {m["name"]: m for m in found["languageModels"]}
+    assert set(jobs) == {"gpu-hungry", "needs-data", "paused", "broken", "trainer", "done", "waiting"}
+    assert set(models) == {"idle", "gpu-model", "clash", "from-missing"}
+    assert (jobs["trainer"]["step"], jobs["trainer"]["totalSteps"], jobs["trainer"]["loss"],
+            jobs["trainer"]["etaSeconds"]) == (5, 10, 2.5, 95)
+    assert jobs["done"]["artifact"] == f"artifact://{states}/done@1 (v1)" and jobs["done"]["ready"] is True
+    assert (models["clash"]["phase"], models["clash"]["reason"]) == ("Degraded", "QueueArgumentConflict")
+    assert models["idle"]["queueDepth"] == 0 and models["idle"]["ready"] is True
+
+    everywhere = yaml.safe_load(kubelm(cluster.kubeconfig, "status", "-A", "-o", "yaml").stdout)
+    assert {(m["namespace"], m["name"]) for m in everywhere["languageModels"]} >= {(states, "idle")}
+    assert "NAMESPACE" in kubelm(cluster.kubeconfig, "status", "-A").stdout
+
+
+def test_describe_shows_conditions_and_the_objects_events(states: str, cluster: ClusterEnv) -> None:
+    def described() -> str:
+        result = kubelm(cluster.kubeconfig, "describe", "tj/broken", "-n", states)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    # The Event for the transition to Failed is posted just after the status write.
+    eventually(lambda: "Warning" in described().split("Events")[-1], timeout=60, what="the Failed Event listed")
+    text = described()
+    assert "BackoffLimitExceeded" in text and "ValueError: bad data" in text
+    sections = json.loads(kubelm(cluster.kubeconfig, "describe", "lm/idle", "-n", states, "-o", "json").stdout)
+    assert {c["type"]: c["status"] for c in sections["Conditions"]}["Ready"] == "True"
+    # One decision, recorded once: the autoscaler does not repeat it while the watch catches up with its write.
+    assert [(h["from"], h["to"]) for h in sections["Scaling history"]] == [("1", "0")]
+    assert sections["Revisions"] == []
+
+
+ARGO_AND_KSTATUS = {  # name -> (Argo CD health, kstatus)
+    "gpu-hungry": ("Degraded", "Failed"), "needs-data": ("Degraded", "Failed"), "broken": ("Degraded", "Failed"),
+    "paused": ("Suspended", "InProgress"), "waiting": ("Progressing", "InProgress"),
+    "trainer": ("Progressing", "InProgress"), "done": ("Healthy", "Current"), "idle": ("Healthy", "Current"),
+    "gpu-model": ("Degraded", "Failed"), "clash": ("Degraded", "Failed"), "from-missing": ("Degraded", "Failed"),
+}
+
+
+def test_argocd_health_and_kstatus_read_the_live_objects_alike(states: str, api_client: client.ApiClient,
+                                                               custom: client.CustomObjectsApi) -> None:
+    objects = [dict(o, apiVersion=f"{GROUP}/{VERSION}", kind=kind)
+               for plural, kind in (("trainingjobs", "TrainingJob"), ("languagemodels", "LanguageModel"))
+               for o in custom.list_namespaced_custom_object(GROUP, VERSION, states, plural)["items"]]
+    computed = kstatus(objects)
+    seen = {o["metadata"]["name"]: (argocd_health(o)["status"], k["status"])
+            for o, k in zip(objects, computed, strict=True)}
+    assert seen == ARGO_AND_KSTATUS
+
+
+def test_errors_are_one_line_with_their_exit_code(states: str, cluster: ClusterEnv, tmp_path: Path) -> None:
+    missing = kubelm(cluster.kubeconfig, "explain", "tj/nope", "-n", states)
+    assert (missing.returncode, missing.stderr.strip()) == (6, f"error: TrainingJob {states}/nope: not found")
+    assert kubelm(cluster.kubeconfig, "explain", "pod/x").returncode == 2
+
+    def kubectl(*args: str, **kw: Any) -> str:
+        return cluster.kubectl(*args, **kw).stdout
+    kubectl("create", "serviceaccount", "nobody", "-n", states)
+    nobody = service_account_kubeconfig(kubectl, Path(cluster.kubeconfig), tmp_path / "nobody", account="nobody",
+                                        namespace=states)
+    denied = kubelm(str(nobody), "status", "-n", states)
+    assert denied.returncode == 4 and denied.stderr.startswith("error: access denied to languagemodels"), denied.stderr
+    assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
