@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh machine: Debian packages, the Python virtualenv
-# with the kubelm projects (editable) and dev tools, and the control plane binaries.
+# with the kubelm projects (editable) and dev tools, the control plane and node binaries, the images,
+# and the tools the tests use (helm, kstatus, KEDA's CRDs).
 # A second run checks each step and changes nothing.
 set -euo pipefail
 
@@ -53,4 +54,7 @@ log "kubelm's images (from Dockerfile.runtime and Dockerfile.operator)"
 KUBELM_CACHE="$cache" bash devcluster/scripts/build-images.sh >/dev/null
 log "KEDA's CRDs (for tests of the keda autoscaling engine)"
 KUBELM_CACHE="$cache" bash devcluster/scripts/fetch-keda-crds.sh >/dev/null
+log "helm and kstatus (for tests of the chart and the GitOps health checks)"
+KUBELM_CACHE="$cache" bash devcluster/scripts/build-helm.sh >/dev/null
+KUBELM_CACHE="$cache" bash devcluster/scripts/build-kstatus.sh >/dev/null
 log "ready: binaries in $bin and $node_bin"
