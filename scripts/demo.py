@@ -40,6 +40,15 @@ RUNTIME_CLI = str(Path(sys.executable).parent / "kubelm-runtime")
 STARTED = time.monotonic()
 
 
+def kubelm(kubeconfig: str, *args: str) -> str:
+    """The `kubelm` command, as a user runs it."""
+    result = subprocess.run([str(Path(sys.executable).parent / "kubelm"), *args], capture_output=True, text=True,
+                            env={**os.environ, "KUBECONFIG": kubeconfig, "COLUMNS": "150"})
+    if result.returncode:
+        raise RuntimeError(f"kubelm {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
 def say(message: str) -> None:
     print(f"\n== {message}  [{time.monotonic() - STARTED:.0f}s]", flush=True)
 
@@ -192,6 +201,8 @@ def main() -> int:
 
             say("kubectl get lm,tj")
             show(cluster.kubectl("get", "lm,tj", "-n", NAMESPACE).rstrip().replace("\n", "\n   "))
+            say("kubelm status")
+            show(kubelm(env["KUBECONFIG"], "status", "-n", NAMESPACE).rstrip().replace("\n", "\n   "))
             queue = cluster.get("languagemodel", MODEL)["status"].get("queue", {})
             show(f"queue {queue.get('name')}: ready {queue.get('ready')}, unacked {queue.get('unacked')}, "
                  f"consumers {queue.get('consumers')}, dead-lettered {queue.get('deadLettered')}")
@@ -212,6 +223,7 @@ def main() -> int:
             say("left running; look around with:")
             show(f"eval \"$({Path(sys.executable).parent / 'kubelm-dev'} env)\"")
             show('"$KUBELM_DEV_BIN_DIR/kubectl" get lm,tj,pods -A')
+            show(f"{Path(sys.executable).parent / 'kubelm'} status --watch   # or describe / explain lm/{MODEL}")
             show(f'"$KUBELM_DEV_BIN_DIR/kubectl" port-forward service/{MODEL}-gateway 8080')
             show(f"{Path(sys.executable).parent / 'kubelm-dev'} down   # when done")
         else:

@@ -156,3 +156,23 @@ def test_describe_has_conditions_events_scaling_and_revisions() -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (59, "59s"), (95, "1m35s"), (7260, "2h01m")])
 def test_durations(seconds: int | None, text: str) -> None:
     assert summary.duration(seconds) == text
+
+
+def test_the_table_shows_short_digests_and_progress() -> None:
+    from rich.console import Console
+
+    from kubelm_operator.cli import render
+
+    status = _serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1))
+    hub = _serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1),
+                   model=serving.ModelInfo("hub:gpt2@main", "main", "source:hub:gpt2@main"))
+    running = _training(job=ObservedJob.from_body({"metadata": {"name": "j"}, "spec": {}, "status": {"active": 1}}),
+                        pods=[_pod(phase="Running")], progress=RUNNING)
+    console = Console(width=200, record=True, color_system=None)
+    console.print(render.overview([summary.model_row(_lm(status)), summary.model_row(_lm(hub))],
+                                  [summary.training_row(_tj(running))], namespaces=True))
+    text = console.export_text()
+    assert "sha256:cdcdcdcdcdcd" in text and "sha256:cdcdcdcdcdcdc" not in text
+    assert "hub:gpt2@main" in text and "source:" not in text
+    row = next(line for line in text.splitlines() if line.startswith("ml") and "story" in line)
+    assert row.split()[:3] == ["ml", "story", "Running"] and "40/200" in row and "1m35s" in row

@@ -30,7 +30,7 @@ def models_table(rows: list[summary.ModelRow], namespaces: bool) -> Table:
     for r in rows:
         cells: list[RenderableType] = [r.namespace] if namespaces else []
         ratio = "-" if r.cache_hit_ratio is None else f"{r.cache_hit_ratio:.0%}"
-        digest = (r.model_digest or "-").split(":")[-1][:12]
+        digest = _short_digest(r.model_digest)
         cells += [r.name, _phase(r.phase), f"{r.ready_replicas}/{r.desired_replicas}", _int(r.queue_depth),
                   _int(r.unacked), _int(r.dead_lettered), ratio, r.last_scaling or "-", digest]
         table.add_row(*cells)
@@ -52,6 +52,14 @@ def jobs_table(rows: list[summary.TrainingRow], namespaces: bool) -> Table:
                   summary.duration(r.eta_seconds), r.artifact or "-"]
         table.add_row(*cells)
     return table
+
+
+def _short_digest(digest: str | None) -> str:
+    """sha256:<12 hex> for content digests; a hub model without one is named by its source."""
+    if not digest:
+        return "-"
+    algorithm, _, value = digest.partition(":")
+    return f"{algorithm}:{value[:12]}" if algorithm == "sha256" else value
 
 
 def _int(value: int | None) -> str:
