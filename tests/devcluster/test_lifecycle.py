@@ -22,6 +22,13 @@ def kubelm_dev(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+def kubelm(kubeconfig: str, *args: str) -> tuple[int, str]:
+    """The `kubelm` command's exit code and stderr."""
+    result = subprocess.run([str(Path(sys.executable).parent / "kubelm"), *args], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "KUBECONFIG": kubeconfig})
+    return result.returncode, result.stderr
+
+
 def _state(root: Path) -> dict:
     return json.loads((root / "state.json").read_text())
 
@@ -44,8 +51,17 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
     assert status.returncode == 0 and "kube-apiserver" in status.stdout
     env = kubelm_dev(root, "env").stdout
     assert "export KUBECONFIG=" in env and "export KUBELM_AMQP_URL=amqp://" in env
+    # A fresh cluster has no kubelm API yet: the kubelm command says so in one line (exit 5), and once
+    # the cluster is down, that it cannot be reached (exit 3). This is the one cluster without the CRDs.
+    kubeconfig = str(root / "kubeconfig")
+    assert kubelm(kubeconfig, "status") == (5, "error: the kubelm API (kubelm.io/v1alpha1) is not installed in "
+                                               "this cluster: install it with `kubectl apply --server-side -k "
+                                               "manifests/install` or the Helm chart\n")
 
     assert kubelm_dev(root, "down").returncode == 0
+    code, said = kubelm(kubeconfig, "status")
+    assert code == 3 and said.startswith("error: cannot reach the cluster at https://127.0.0.1:") and \
+        said.count("\n") == 1, said
     assert group_members(pgid) == []
     assert marked_processes(root) == []
     assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)

@@ -9,6 +9,8 @@ Every wait is for an event (a condition, a rollout, an answer), with timeouts si
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import threading
 import urllib.error
@@ -32,6 +34,19 @@ pytestmark = [pytest.mark.slow]
 
 NAMESPACE = "default"
 RUNTIME_CLI = str(Path(sys.executable).parent / "kubelm-runtime")
+KUBELM = str(Path(sys.executable).parent / "kubelm")
+
+
+def kubelm(node: RealNode, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    """The `kubelm` command as a user runs it, with the cluster's kubeconfig."""
+    return subprocess.Popen([KUBELM, *args], env={**os.environ, "KUBECONFIG": node.env.kubeconfig, "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def kubelm_run(node: RealNode, *args: str) -> tuple[int, str, str]:
+    process = kubelm(node, *args)
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
 
 
 def kubectl_json(node: RealNode, *args: str) -> dict[str, Any]:
@@ -113,6 +128,8 @@ def trained(node: RealNode) -> dict[str, Any]:
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
     apply(node, mainjob.training_job(NAMESPACE, steps=300))
+    # Started with the job, as a user would: it waits for the trainer, follows it, and ends with it.
+    logs = kubelm(node, "logs", f"tj/{mainjob.MODEL}", "-n", NAMESPACE)
 
     def finished() -> bool:
         status = kubectl_json(node, "get", "trainingjob", "-n", NAMESPACE, mainjob.MODEL).get("status", {})
@@ -124,7 +141,20 @@ def trained(node: RealNode) -> dict[str, Any]:
         watch.kill()
         reader.join(10)
     final = kubectl_json(node, "get", "trainingjob", "-n", NAMESPACE, mainjob.MODEL)
-    return {"final": final, "seen": seen}
+    try:
+        logged = logs.communicate(timeout=120)
+    finally:
+        logs.kill()
+    return {"final": final, "seen": seen, "logs": (logs.returncode, *logged)}
+
+
+def test_kubelm_logs_followed_the_trainer_to_its_end(trained: dict[str, Any]) -> None:
+    code, out, err = trained["logs"]
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any("step " in line and "/300 " in line for line in lines), out[-2000:]
+    assert any("published artifact://" in line for line in lines), out[-2000:]
+    assert "Ready: trained; the model is published as" in err
 
 
 def test_the_training_job_runs_shows_progress_and_publishes_an_artifact(trained: dict[str, Any]) -> None:
@@ -165,6 +195,32 @@ def test_prompts_are_answered_through_the_gateway_service_by_the_official_client
                                        max_tokens=12, temperature=0)
     assert len(result.choices) == 2 and all(c.text for c in result.choices)
     assert result.usage.completion_tokens > 0
+
+
+def test_kubelm_status_generate_and_explain_through_the_api_server_and_the_queue(
+        node: RealNode, served: dict[str, Any]) -> None:
+    code, out, err = kubelm_run(node, "status", "-n", NAMESPACE, "-o", "json")
+    assert code == 0, err
+    found = json.loads(out)
+    model = next(m for m in found["languageModels"] if m["name"] == mainjob.MODEL)
+    job = next(j for j in found["trainingJobs"] if j["name"] == mainjob.MODEL)
+    assert (model["phase"], model["ready"], model["modelDigest"]) == ("Ready", True, served["artifact"]["digest"])
+    assert (job["phase"], job["step"], job["totalSteps"]) == ("Succeeded", 300, 300)
+    assert kubelm_run(node, "explain", f"lm/{mainjob.MODEL}", "-n", NAMESPACE)[0] == 0
+
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+    expected = client.completions.create(model=mainjob.MODEL, prompt="The little fox", max_tokens=10,
+                                         temperature=0).choices[0].text
+    ask = ("generate", mainjob.MODEL, "The little fox", "-n", NAMESPACE, "--max-tokens", "10", "--temperature", "0")
+    # Through the gateway, reached through the API server's service proxy (no port-forward).
+    code, out, err = kubelm_run(node, *ask)
+    assert (code, out) == (0, expected + "\n"), err
+    # Straight through the queue, as when no gateway runs.
+    with port_forward(node, OPERATOR_NAMESPACE, "service/rabbitmq", 5672) as url:
+        amqp = url.replace("http://", "amqp://kubelm:kubelm@") + "/%2F"
+        code, out, err = kubelm_run(node, *ask, "--via", "queue", "--amqp-url", amqp, "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["choices"][0]["text"] == expected
 
 
 def test_the_queue_and_the_registry_entry_exist(node: RealNode, served: dict[str, Any]) -> None:
