@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import sys
 import uuid
@@ -211,6 +214,41 @@ def test_argocd_health_and_kstatus_read_the_live_objects_alike(states: str, api_
     seen = {o["metadata"]["name"]: (argocd_health(o)["status"], k["status"])
             for o, k in zip(objects, computed, strict=True)}
     assert seen == ARGO_AND_KSTATUS
+
+
+def test_any_context_and_its_namespace(states: str, cluster: ClusterEnv, tmp_path: Path) -> None:
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    first = config["contexts"][0]
+    config["contexts"].append({"name": "team", "context": {**first["context"], "namespace": states}})
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    found = json.loads(kubelm(str(path), "--context", "team", "status", "-o", "json").stdout)
+    assert {m["namespace"] for m in found["languageModels"]} == {states}
+    wrong = kubelm(str(path), "--context", "nope", "status")
+    assert wrong.returncode == 3 and wrong.stderr.startswith("error: kubeconfig: ") and "nope" in wrong.stderr
+
+
+def test_status_watch_redraws_in_a_terminal_until_interrupted(states: str, cluster: ClusterEnv) -> None:
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([KUBELM, "status", "-n", states, "--watch", "--interval", "0.5"], stdin=follower,
+                               stdout=follower, stderr=follower, env={**os.environ, "KUBECONFIG": cluster.kubeconfig,
+                                                                      "TERM": "xterm", "COLUMNS": "200"})
+    os.close(follower)
+    seen = b""
+
+    def redrawn() -> bool:
+        nonlocal seen
+        if select.select([leader], [], [], 0.2)[0]:
+            seen += os.read(leader, 65536)
+        return seen.count(b"TrainingJobs") >= 3
+    try:
+        eventually(redrawn, timeout=60, interval=0, what="the screen drawn three times")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        os.close(leader)
+    assert b"trainer" in seen and b"5/10" in seen
 
 
 def test_errors_are_one_line_with_their_exit_code(states: str, cluster: ClusterEnv, tmp_path: Path) -> None:

@@ -124,10 +124,13 @@ def status(state: State, namespace: str | None, all_namespaces: bool, output: st
     if not watch:
         console.print(screen())
         return 0
-    with Live(screen(), console=console, auto_refresh=False) as live:
-        while True:
-            time.sleep(interval)
-            live.update(screen(), refresh=True)
+    try:
+        with Live(screen(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(screen(), refresh=True)
+    except KeyboardInterrupt:  # the way out of --watch: not a failure
+        return 0
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
