@@ -22,6 +22,16 @@ def test_valid_request_takes_defaults_and_round_trips() -> None:
     assert parse(request.to_json()) == request
 
 
+def test_a_chat_request_carries_its_conversation_until_the_worker_renders_it() -> None:
+    request = parse({"id": "c-1", "messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi"}], "n": 2, "stream": True})
+    assert request.messages == (("system", "Be brief."), ("user", "Hi")) and request.prompts == ()
+    assert parse(request.to_json()) == request
+    rendered = protocol.with_prompt(request, "system: Be brief.\nuser: Hi\nassistant:")
+    assert rendered.prompts == ("system: Be brief.\nuser: Hi\nassistant:",) and rendered.messages == request.messages
+    assert len(rendered.samples()) == 2
+
+
 @pytest.mark.parametrize(("body", "kind", "message"), [
     (b"{not json", protocol.INVALID_REQUEST, "not valid JSON"),
     (b"\xff\xfe", protocol.INVALID_REQUEST, "not valid JSON"),
@@ -31,7 +41,16 @@ def test_valid_request_takes_defaults_and_round_trips() -> None:
     ({"id": "a"}, protocol.INVALID_REQUEST, "prompts must be a list"),
     ({"id": "a", "prompts": []}, protocol.INVALID_REQUEST, "prompts must be a list"),
     ({"id": "a", "prompts": [1]}, protocol.INVALID_REQUEST, "prompts must be a list"),
-    ({"id": "a", "prompt": "x", "prompts": ["y"]}, protocol.INVALID_REQUEST, "not both"),
+    ({"id": "a", "prompt": "x", "prompts": ["y"]}, protocol.INVALID_REQUEST, "one of prompt, prompts or messages"),
+    ({"id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, protocol.INVALID_REQUEST,
+     "one of prompt, prompts or messages"),
+    ({"id": "a", "messages": []}, protocol.INVALID_REQUEST, "messages must be a list of 1 to 256"),
+    ({"id": "a", "messages": [{"role": "robot", "content": "x"}]}, protocol.INVALID_REQUEST, "messages[0].role"),
+    ({"id": "a", "messages": [{"role": "user", "content": ["x"]}]}, protocol.INVALID_REQUEST,
+     "messages[0].content must be a string"),
+    ({"id": "a", "messages": [{"role": "user"}]}, protocol.INVALID_REQUEST, "exactly role and content"),
+    ({"id": "a", "messages": [{"role": "user", "content": "x" * 600_000}] * 2}, protocol.PROMPT_TOO_LONG,
+     "longer than"),
     ({"id": "a", "prompt": "x", "extra": 1}, protocol.INVALID_REQUEST, "unknown field(s): extra"),
     ({"id": "a", "prompt": "x", "params": {"temprature": 1}}, protocol.INVALID_REQUEST, "unknown parameter(s)"),
     ({"id": "a", "prompt": "x", "params": {"max_new_tokens": 33}}, protocol.INVALID_REQUEST, "max_new_tokens"),

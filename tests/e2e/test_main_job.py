@@ -195,6 +195,9 @@ def test_prompts_are_answered_through_the_gateway_service_by_the_official_client
                                        max_tokens=12, temperature=0)
     assert len(result.choices) == 2 and all(c.text for c in result.choices)
     assert result.usage.completion_tokens > 0
+    chat = client.chat.completions.create(model=mainjob.MODEL, messages=[{"role": "user", "content": "The fox"}],
+                                          max_completion_tokens=12, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
 
 
 def test_kubelm_status_generate_and_explain_through_the_api_server_and_the_queue(

@@ -23,6 +23,8 @@ MAX_PROMPTS = 64
 MAX_N = 16
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOP_SEQUENCES = 4
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 # Error types, stable for clients.
 INVALID_REQUEST = "invalid_request"
@@ -77,13 +79,20 @@ class Request:
     """Completions per prompt: rows sharing one prefill; choices are ordered prompt by prompt."""
     stream: bool = False
     """Send text as it is generated (chunk messages, then the reply)."""
+    messages: tuple[tuple[str, str], ...] = ()
+    """A chat request's conversation, (role, content) in order, instead of prompts: the worker renders it
+    into its one prompt with the model's chat template (docs/protocol.md)."""
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) > self.deadline
 
     def to_json(self) -> bytes:
-        body: dict[str, Any] = {"v": VERSION, "id": self.id, "prompts": list(self.prompts),
+        body: dict[str, Any] = {"v": VERSION, "id": self.id,
                                 "params": {**asdict(self.decoding), "stop": list(self.decoding.stop)}}
+        if self.messages:
+            body["messages"] = [{"role": role, "content": content} for role, content in self.messages]
+        else:
+            body["prompts"] = list(self.prompts)
         if self.deadline is not None:
             body["deadline"] = self.deadline
         if self.model is not None:
@@ -236,7 +245,8 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
         raise ProtocolError(INVALID_REQUEST, f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ProtocolError(INVALID_REQUEST, "body must be a JSON object")
-    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "params", "deadline", "model", "n", "stream"})
+    unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "messages", "params", "deadline", "model", "n",
+                                  "stream"})
     if unknown:
         raise ProtocolError(INVALID_REQUEST, f"unknown field(s): {', '.join(unknown)}")
     if data.get("v", VERSION) != VERSION:
@@ -244,13 +254,15 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
     request_id = data.get("id")
     if not isinstance(request_id, str) or not _ID.match(request_id):
         raise ProtocolError(INVALID_REQUEST, "id must be 1-128 characters of letters, digits and ._:-")
-    if "prompt" in data and "prompts" in data:
-        raise ProtocolError(INVALID_REQUEST, "give prompt or prompts, not both")
-    prompts = data.get("prompts", [data["prompt"]] if "prompt" in data else None)
-    if (not isinstance(prompts, list) or not prompts or len(prompts) > MAX_PROMPTS
-            or not all(isinstance(p, str) for p in prompts)):
+    if sum(k in data for k in ("prompt", "prompts", "messages")) > 1:
+        raise ProtocolError(INVALID_REQUEST, "give one of prompt, prompts or messages")
+    messages = _messages(data["messages"]) if "messages" in data else ()
+    given = [] if messages else data.get("prompts", [data["prompt"]] if "prompt" in data else None)
+    if not messages and (not isinstance(given, list) or not given or len(given) > MAX_PROMPTS
+                         or not all(isinstance(p, str) for p in given)):
         raise ProtocolError(INVALID_REQUEST, f"prompts must be a list of 1 to {MAX_PROMPTS} strings")
-    if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+    prompts: list[str] = given  # type: ignore[assignment]
+    if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or sum(len(c) for _, c in messages) > MAX_PROMPT_CHARS:
         raise ProtocolError(PROMPT_TOO_LONG, f"a prompt is longer than {MAX_PROMPT_CHARS} characters")
     deadline = data.get("deadline")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)):
@@ -261,14 +273,34 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
     n = data.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise ProtocolError(INVALID_REQUEST, f"n must be an integer from 1 to {MAX_N}")
-    if len(prompts) * n > MAX_PROMPTS:
+    if max(len(prompts), 1) * n > MAX_PROMPTS:
         raise ProtocolError(INVALID_REQUEST, f"prompts times n is {len(prompts) * n}; at most {MAX_PROMPTS} "
                                              "completions per request")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise ProtocolError(INVALID_REQUEST, "stream must be true or false")
     return Request(request_id, tuple(prompts), parse_decoding(data.get("params"), defaults, limits),
-                   float(deadline) if deadline is not None else None, model, n, stream)
+                   float(deadline) if deadline is not None else None, model, n, stream, messages)
+
+
+def _messages(raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_MESSAGES:
+        raise ProtocolError(INVALID_REQUEST, f"messages must be a list of 1 to {MAX_MESSAGES} messages")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}] must have exactly role and content")
+        if message["role"] not in CHAT_ROLES:
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message["content"], str):
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].content must be a string")
+        out.append((message["role"], message["content"]))
+    return tuple(out)
+
+
+def with_prompt(request: Request, prompt: str) -> Request:
+    """A chat request once its conversation is rendered: one prompt, the conversation kept."""
+    return replace(request, prompts=(prompt,))
 
 
 def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> str:

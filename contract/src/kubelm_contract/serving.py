@@ -23,6 +23,9 @@ class Generation:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    chat_template: str | None = None
+    """Renders chat messages into the prompt (Jinja, as Hugging Face chat templates); None: the
+    tokenizer's own, else kubelm's default."""
 
     def decoding(self) -> Decoding:
         return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty,

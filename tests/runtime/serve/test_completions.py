@@ -14,7 +14,13 @@ from kubelm_contract.settings import load
 from kubelm_runtime.broker import BrokerError, NoSuchQueue, QueueFull
 from kubelm_runtime.serve import response_cache
 from kubelm_runtime.serve.completions import CompletionService, worker_defaults
-from kubelm_runtime.serve.openai_api import ApiError, CompletionRequest, parse_completion_request
+from kubelm_runtime.serve.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
 from kubelm_runtime.serve.settings import GatewayConfig
 
 NAMESPACE = "team"
@@ -50,7 +56,8 @@ class FakeDispatcher:
             return self.answer(request)  # type: ignore[no-any-return]
         choice = Choice(text=" fine", finish_reason="length", prompt_tokens=2, completion_tokens=1)
         n = request.get("n", 1)
-        return protocol.Reply(id=request["id"], choices=(choice,) * (len(request["prompts"]) * n),
+        rows = len(request["prompts"]) if "prompts" in request else 1  # a chat request: one conversation
+        return protocol.Reply(id=request["id"], choices=(choice,) * (rows * n),
                               model=request["model"], n=n).to_json()
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
@@ -290,7 +297,7 @@ def test_an_unknown_field_is_refused_by_name_and_a_malformed_body_says_what_is_w
     assert "model: Field required" in missing.value.message and "temperature" in missing.value.message
 
 
-def events_of(completions: CompletionService, body: CompletionRequest) -> list[dict[str, Any]]:
+def events_of(completions: CompletionService, body: CompletionRequest | ChatCompletionRequest) -> list[dict[str, Any]]:
     async def collect() -> list[dict[str, Any]]:
         return [event async for event in completions.stream(body)]
 
@@ -355,3 +362,56 @@ def test_a_stream_whose_consumer_goes_away_cancels_the_request_at_the_workers() 
 
     dispatcher = asyncio.run(scenario())
     assert dispatcher.cancelled == [(queues.request_queue(NAMESPACE, "tiny"), dispatcher.calls[0][1]["id"])]
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest(**{"model": "tiny", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+        **fields})
+
+
+def test_a_chat_completion_sends_the_conversation_and_answers_in_chat_shape() -> None:
+    completions, dispatcher, _ = make()
+    answer = asyncio.run(completions.complete(chat(max_completion_tokens=5, max_tokens=9, temperature=0, n=2)))
+    _, sent, headers = dispatcher.calls[0]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert "prompts" not in sent and sent["n"] == 2
+    assert (sent["params"]["max_new_tokens"], sent["params"]["temperature"]) == (5, 0)  # max_completion_tokens wins
+    # The gateway cannot render the conversation, so it cannot look in the cache; the worker will.
+    assert headers[queues.CACHE_CHECKED_HEADER] == 0
+    assert answer["object"] == "chat.completion" and answer["id"] == f"chatcmpl-{sent['id']}"
+    assert answer["choices"] == [
+        {"index": i, "message": {"role": "assistant", "content": " fine", "refusal": None}, "logprobs": None,
+         "finish_reason": "length"} for i in (0, 1)]
+    assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+
+
+def test_a_streamed_chat_says_the_role_first_and_the_finish_reason_last() -> None:
+    completions, dispatcher, _ = make()
+    dispatcher.chunks = [{0: (0, " fi")}, {0: (3, "n")}]
+    events = events_of(completions, chat(stream=True, stream_options={"include_usage": True}))
+    deltas = [(e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events if e["choices"]]
+    assert deltas == [({"role": "assistant", "content": " fi"}, None), ({"content": "n"}, None),
+                      ({"content": "e"}, "length")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 1
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"model": "tiny", "messages": []}, "messages: List should have at least 1 item"),
+    ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": []}, "tools: Extra inputs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
+])
+def test_a_chat_request_is_refused_with_what_is_wrong(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(json.dumps(body).encode())
+    assert caught.value.status == 400 and message in caught.value.message
+
+
+def test_chat_logprobs_are_refused_as_not_supported() -> None:
+    completions, dispatcher, _ = make()
+    error = refused(completions.complete(chat(logprobs=True, top_logprobs=2)))
+    assert error.status == 400 and "logprobs" in error.message and not dispatcher.calls

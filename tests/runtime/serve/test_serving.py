@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -12,6 +13,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import httpx_sse
 import openai
 import pika
 import pytest
@@ -400,3 +403,51 @@ def test_a_worker_serves_a_published_artifact(launcher: Launcher) -> None:
         assert f"fetched {stored.uri}" in worker.output()
     finally:
         artifacts.delete(store, name)
+
+
+def test_chat_completions_with_the_official_client_sync_and_async_and_with_httpx(launcher: Launcher) -> None:
+    """/v1/chat/completions through gateway, RabbitMQ and worker: the conversation rendered with the default
+    template (the tiny tokenizer has none), the same text streamed and not, by the official client (sync and
+    async) and by httpx reading the Server-Sent Events as a browser would; the response cache keys on the
+    rendered prompt, so the same prompt sent as a completion is answered from the chat's entry."""
+    launcher.worker("tiny", generation={"maxNewTokens": 8}, limits={"maxNewTokens": 64})
+    gateway = launcher.gateway()
+    client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
+    messages = [{"role": "system", "content": "You tell tales."}, {"role": "user", "content": "the old fox"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=12,
+                                           temperature=0)  # type: ignore[arg-type]
+    answer = whole.choices[0].message
+    assert answer.role == "assistant" and answer.content and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.object == "chat.completion" and whole.usage and whole.usage.completion_tokens > 0
+
+    rendered = "system: You tell tales.\nuser: the old fox\nassistant:"
+    same = client.completions.create(model="tiny", prompt=rendered, max_tokens=12, temperature=0)
+    assert same.choices[0].text == answer.content
+    assert same.model_extra and same.model_extra["kubelm"]["cached"] is True  # the chat's cache entry
+
+    async def streamed() -> list[str]:
+        async_client = openai.AsyncOpenAI(base_url=gateway.url("/v1"), api_key="unused")
+        stream = await async_client.chat.completions.create(
+            model="tiny", messages=messages, max_completion_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True})  # type: ignore[arg-type]
+        events = [event async for event in stream]
+        assert events[0].choices[0].delta.role == "assistant"
+        usage = events[-1].usage
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+        await async_client.close()
+        return [e.choices[0].delta.content or "" for e in events if e.choices]
+    assert "".join(asyncio.run(streamed())) == answer.content
+
+    with httpx.Client(timeout=60) as web, httpx_sse.connect_sse(
+            web, "POST", gateway.url("/v1/chat/completions"),
+            json={"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0, "stream": True}) as sse:
+        assert sse.response.headers["content-type"].startswith("text/event-stream")
+        data = [event.data for event in sse.iter_sse()]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer.content
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason
+
+    with pytest.raises(openai.BadRequestError, match=r"messages\.0\.role"):
+        client.chat.completions.create(model="tiny",
+                                       messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]

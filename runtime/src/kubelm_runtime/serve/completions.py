@@ -24,11 +24,12 @@ from kubelm_contract.protocol import Choice, Decoding, Limits, ProtocolError
 from ..broker import BrokerError, NoSuchQueue, QueueFull, new_request_id
 from ..redis_store import AsyncOptionalRedis, AsyncRedisStore
 from . import openai_api, response_cache
-from .openai_api import ApiError, CompletionRequest
+from .openai_api import ApiError, ChatCompletionRequest, CompletionRequest
 from .settings import GatewayConfig
 
 log = logging.getLogger(__name__)
 ROUTE_TTL = 2.0
+Asked = CompletionRequest | ChatCompletionRequest
 
 
 class Dispatcher(Protocol):
@@ -158,30 +159,36 @@ class CompletionService:
         self._routes[model] = (now, entry)
         return entry
 
-    def build(self, body: CompletionRequest, entry: dict[str, Any], request_id: str) -> protocol.Request:
+    def build(self, body: Asked, entry: dict[str, Any], request_id: str) -> protocol.Request:
         """The protocol request for `body`, refused here when the worker would refuse it."""
-        if body.echo or body.logprobs is not None:
+        if isinstance(body, CompletionRequest) and (body.echo or body.logprobs is not None):
             raise openai_api.invalid("echo and logprobs are not supported", protocol.INVALID_REQUEST)
+        if isinstance(body, ChatCompletionRequest) and (body.logprobs or body.top_logprobs is not None):
+            raise openai_api.invalid("logprobs and top_logprobs are not supported", protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
-        if body.max_tokens is not None and body.max_tokens > ceiling:
-            raise openai_api.invalid(f"max_tokens {body.max_tokens} is over this model's limit of {ceiling}",
+        if body.new_tokens is not None and body.new_tokens > ceiling:
+            raise openai_api.invalid(f"max_tokens {body.new_tokens} is over this model's limit of {ceiling}",
                                      protocol.INVALID_REQUEST)
         params = {k: v for k, v in {
-            "max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+            "max_new_tokens": body.new_tokens, "temperature": body.temperature, "top_p": body.top_p,
             "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
             "seed": body.seed}.items() if v is not None}
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # A chat request travels as its conversation: only the worker has the tokenizer and its template.
+        conversation = body.conversation()
+        asked: dict[str, Any] = {"messages": [{"role": r, "content": c} for r, c in conversation]} \
+            if conversation is not None else \
+            {"prompts": [body.prompt] if isinstance(body.prompt, str) else body.prompt}  # type: ignore[union-attr]
         # Only what the client set travels; parsing with the worker's registered defaults gives the
         # decoding the worker will use, and refuses here what the worker would refuse.
         deadline = time.time() + self.config.request_timeout_seconds
-        raw = json.dumps({"v": protocol.VERSION, "id": request_id, "prompts": prompts, "params": params,
+        raw = json.dumps({"v": protocol.VERSION, "id": request_id, **asked, "params": params,
                           "deadline": deadline, "model": body.model, "n": body.n, "stream": body.stream}).encode()
         try:
             return protocol.parse_request(raw, worker_defaults(entry), Limits(max_new_tokens=ceiling))
         except ProtocolError as e:
             raise openai_api.invalid(str(e), e.kind) from e
 
-    async def _prepare(self, body: CompletionRequest) -> tuple[dict[str, Any], protocol.Request]:
+    async def _prepare(self, body: Asked) -> tuple[dict[str, Any], protocol.Request]:
         entry = await self.route(body.model)
         return entry, self.build(body, entry, new_request_id())
 
@@ -227,36 +234,36 @@ class CompletionService:
             raise openai_api.reply_error(*reply.error)
         return reply
 
-    async def complete(self, body: CompletionRequest,
-                       client_gone: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
-        """The completion for `body`. `client_gone` returns once the client has gone away: the request
-        is then cancelled at the workers (its decoding stops) and this ends with 499."""
+    async def complete(self, body: Asked, client_gone: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """The completion (or chat completion) for `body`. `client_gone` returns once the client has gone
+        away: the request is then cancelled at the workers (its decoding stops) and this ends with 499."""
+        shape = _shape(body)
         entry, message = await self._prepare(body)
         hit, cache_checked = await self.cached(entry, message)
         if hit is not None:
-            return openai_api.completion(hit, body.model, int(time.time()))
+            return shape.whole(hit, body.model, int(time.time()))
         started = time.perf_counter()
         async with self._through_the_queue(body.model):
             call = self.dispatcher.call(entry["queue"], message.to_json(), message.id,
                                         self.config.request_timeout_seconds, self._headers(cache_checked))
             raw = await self._unless_gone(call, client_gone, entry["queue"], message.id)
-        return openai_api.completion(self._reply(raw, body.model, started), body.model, int(time.time()))
+        return shape.whole(self._reply(raw, body.model, started), body.model, int(time.time()))
 
-    async def stream(self, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: Asked) -> AsyncIterator[dict[str, Any]]:
         """The completion as OpenAI's stream events: text per choice as the worker generates it, each
         choice's finish reason, and the usage when asked for. A refusal before the first event is an
         ApiError like `complete`'s; the caller going away (the iteration cancelled) cancels the request
         at the workers."""
+        shape = _shape(body)
         entry, message = await self._prepare(body)
         created, model = int(time.time()), body.model
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         hit, cache_checked = await self.cached(entry, message)
         if hit is not None:
             for index, choice in enumerate(hit.choices):
-                yield openai_api.completion_chunk(message.id, model, created, index, choice.text,
-                                                  choice.finish_reason)
+                yield shape.chunk(message.id, model, created, index, choice.text, choice.finish_reason, first=True)
             if include_usage:
-                yield openai_api.usage_chunk(hit, model, created)
+                yield shape.usage(hit, model, created)
             return
         sent: dict[int, str] = {}
         started = time.perf_counter()
@@ -282,8 +289,9 @@ class CompletionService:
                         if fresh:
                             if not sent:
                                 self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
+                            first = index not in sent
                             sent[index] = sent.get(index, "") + fresh
-                            yield openai_api.completion_chunk(message.id, model, created, index, fresh)
+                            yield shape.chunk(message.id, model, created, index, fresh, first=first)
                 raw = call.result()
             finally:
                 if arrived is not None:
@@ -295,9 +303,9 @@ class CompletionService:
         for index, choice in enumerate(reply.choices):
             streamed = sent.get(index, "")
             rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""
-            yield openai_api.completion_chunk(message.id, model, created, index, rest, choice.finish_reason)
+            yield shape.chunk(message.id, model, created, index, rest, choice.finish_reason, first=index not in sent)
         if include_usage:
-            yield openai_api.usage_chunk(reply, model, created)
+            yield shape.usage(reply, model, created)
 
     async def _unless_gone(self, call: Awaitable[bytes], client_gone: Callable[[], Awaitable[None]] | None,
                            queue: str, request_id: str) -> bytes:
@@ -359,6 +367,10 @@ class CompletionService:
                          "error": {"type": reply.error[0], "message": reply.error[1]}}
         return 200, {"id": request_id, "status": "done",
                      "completion": openai_api.completion(reply, reply.model or "", int(time.time()))}
+
+
+def _shape(body: Asked) -> openai_api.Shape:
+    return openai_api.CHAT if isinstance(body, ChatCompletionRequest) else openai_api.COMPLETIONS
 
 
 def _fresh(streamed: str, offset: int, text: str) -> str:

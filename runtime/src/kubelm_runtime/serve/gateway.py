@@ -1,6 +1,7 @@
 """`kubelm-runtime gateway`: an OpenAI-compatible HTTP front for the model queues.
 
-POST /v1/completions publishes one persistent request to the model's queue and
+POST /v1/completions (and /v1/chat/completions, whose messages the worker renders
+with the model's chat template) publishes one persistent request to the model's queue and
 waits for the reply on direct reply-to; GET /v1/models lists the registry;
 POST /v1/requests and GET /v1/requests/{id} are the asynchronous variant, whose
 results the worker stores in Redis so they outlive a gateway restart.
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..broker import RpcPool
 from . import openai_api
 from .completions import CompletionService, GatewayMetrics, RedisGatewayStore
-from .openai_api import ApiError, CompletionRequest
+from .openai_api import ApiError, ChatCompletionRequest, CompletionRequest
 from .settings import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,22 @@ def create_app(service: CompletionService, rpc_connected: Callable[[], bool], to
     async def parsed(request: Request) -> CompletionRequest:
         return openai_api.parse_completion_request(await read_body(request, config.max_body_bytes))
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> Response:
-        body = await parsed(request)
+    async def answer(request: Request, body: CompletionRequest | ChatCompletionRequest) -> Response:
         if not body.stream:
             return JSONResponse(await service.complete(body, lambda: disconnected(request)))
         events = aiter(service.stream(body))
         first = await anext(events, None)  # a refusal before any text is still an HTTP error
         return StreamingResponse(server_sent_events(first, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        return await answer(request, await parsed(request))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        raw = await read_body(request, config.max_body_bytes)
+        return await answer(request, openai_api.parse_chat_request(raw))
 
     @app.post("/v1/requests", response_model=None)
     async def submit(request: Request) -> JSONResponse:

@@ -6,7 +6,9 @@ Pure: no HTTP framework, broker or Redis, so every shape is testable on its own.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -68,12 +70,80 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = None
 
 
-def parse_completion_request(raw: bytes) -> CompletionRequest:
+    @property
+    def new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def conversation(self) -> list[tuple[str, str]] | None:
+        return None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+    """Accepted as OpenAI's API does; a chat template sees only role and content."""
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat completions request (text messages), plus top_k and repetition_penalty."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """OpenAI's newer name for max_tokens; it wins when both are given."""
+    temperature: float | None = Field(default=None, ge=0, le=10)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @property
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def conversation(self) -> list[tuple[str, str]] | None:
+        return [(m.role, m.text()) for m in self.messages]
+
+
+Parsed = TypeVar("Parsed", CompletionRequest, ChatCompletionRequest)
+
+
+def _parse(model: type[Parsed], raw: bytes) -> Parsed:
     try:
-        return CompletionRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise invalid(problems) from e
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    return _parse(CompletionRequest, raw)
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, raw)
 
 
 def reply_error(kind: str, message: str) -> ApiError:
@@ -98,7 +168,7 @@ def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None = None) -> dict[str, Any]:
+                     finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
     """One streamed event: new text of one choice, and its finish reason on the last."""
     return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
             "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
@@ -111,6 +181,49 @@ def usage_chunk(reply: protocol.Reply, model: str, created: int) -> dict[str, An
     return {"id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
             "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _usage(reply: protocol.Reply) -> dict[str, int]:
+    prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{reply.id}", "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                     "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
+        "usage": _usage(reply), "system_fingerprint": None,
+        "kubelm": {"cached": reply.cached, "timings": reply.timings},
+    }
+
+
+def chat_chunk(request_id: str, model: str, created: int, index: int, text: str,
+               finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+    """A choice's first event says the role; the last carries the finish reason."""
+    delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "system_fingerprint": None}
+
+
+def chat_usage_chunk(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{reply.id}", "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": _usage(reply)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one API answers: the whole response, a stream event, and the stream's usage event."""
+
+    whole: Callable[[protocol.Reply, str, int], dict[str, Any]]
+    chunk: Callable[..., dict[str, Any]]
+    usage: Callable[[protocol.Reply, str, int], dict[str, Any]]
+
+
+COMPLETIONS = Shape(completion, completion_chunk, usage_chunk)
+CHAT = Shape(chat_completion, chat_chunk, chat_usage_chunk)
 
 
 def server_sent_event(data: dict[str, Any] | str) -> bytes:

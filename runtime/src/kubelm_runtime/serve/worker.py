@@ -29,7 +29,7 @@ from kubelm_contract.protocol import ProtocolError, Reply, Request
 from .. import allocator, artifacts, models
 from ..broker import ConnectionLost, Delivery, WorkerChannel
 from ..redis_store import OptionalRedis, RedisStore
-from . import response_cache
+from . import chat, response_cache
 from .batching import Batcher
 from .engine import Batch, Engine, Item, Output
 from .health import HealthState, WorkerMetrics, serve_health
@@ -100,6 +100,7 @@ class Worker:
         self.digest = digest
         self.defaults = config.generation.decoding()
         self.limits = config.limits.limits()
+        self.chat_template = chat.template_for(engine.tokenizer, config.generation.chat_template)
         self.redis = OptionalRedis(redis_url, "the response cache", retry_after=config.redis_retry_seconds)
         self.metrics = metrics or WorkerMetrics()
         self.health = health or HealthState(config.liveness_timeout_seconds)
@@ -147,6 +148,9 @@ class Worker:
             request_id = request.id
             if request.expired():
                 raise ProtocolError(protocol.EXPIRED, "the request's deadline passed before it was served")
+            if request.messages:
+                request = protocol.with_prompt(request, chat.render(self.engine.tokenizer, self.chat_template,
+                                                                    request.messages))
             prompt_ids = [self.engine.encode(prompt) for prompt in request.prompts]
             for ids in prompt_ids:
                 if len(ids) > self.limits.max_input_tokens:
