@@ -60,6 +60,9 @@ class Decoding:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    """Return each generated token's log-probability and this many most likely alternatives (0-20);
+    None: no log-probabilities."""
 
     @property
     def deterministic(self) -> bool:
@@ -115,12 +118,49 @@ class Request:
         return rows
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log-probability under the model (before temperature, top-k/p), and
+    the most likely tokens at that position with theirs."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenLogprob:
+        return cls(str(data["token"]), float(data["logprob"]),
+                   tuple((str(t), float(lp)) for t, lp in data.get("top", ())))
+
+
 @dataclass(frozen=True)
 class Choice:
     text: str
     finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """Per generated token of `text`, when the request asked for them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"text": self.text, "finish_reason": self.finish_reason,
+                                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        if self.logprobs is not None:
+            data["logprobs"] = [t.to_dict() for t in self.logprobs]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Choice:
+        logprobs = data.get("logprobs")
+        return cls(str(data["text"]), str(data["finish_reason"]), int(data["prompt_tokens"]),
+                   int(data["completion_tokens"]),
+                   None if logprobs is None else tuple(TokenLogprob.from_dict(t) for t in logprobs))
 
 
 @dataclass(frozen=True)
@@ -152,7 +192,7 @@ class Reply:
         if self.error:
             body["error"] = {"type": self.error[0], "message": self.error[1]}
         else:
-            body["choices"] = [asdict(c) for c in self.choices]
+            body["choices"] = [c.to_dict() for c in self.choices]
             body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
             body["cached"] = self.cached
         if self.timings:
@@ -169,7 +209,7 @@ class Reply:
         error = data.get("error")
         return cls(
             id=str(data.get("id", "")),
-            choices=tuple(Choice(**c) for c in data.get("choices", [])),
+            choices=tuple(Choice.from_dict(c) for c in data.get("choices", [])),
             error=(str(error["type"]), str(error["message"])) if error else None,
             timings=dict(data.get("timings", {})),
             cached=bool(data.get("cached", False)),
@@ -204,7 +244,7 @@ def _integer(params: dict[str, Any], key: str, default: int | None, low: int, hi
     return value
 
 
-PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed"}
+PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "logprobs"}
 
 
 def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
@@ -234,6 +274,8 @@ def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
                                    low_open=True),
         stop=tuple(stop),
         seed=_integer(params, "seed", defaults.seed, 0, 2**63 - 1),
+        # Asked per request only: a model's defaults never turn log-probabilities on.
+        logprobs=_integer(params, "logprobs", None, 0, MAX_TOP_LOGPROBS),
     )
 
 
@@ -306,7 +348,10 @@ def with_prompt(request: Request, prompt: str) -> Request:
 def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> str:
     """What identifies a deterministic completion: model content, normalised prompt, decoding parameters."""
     normalised = prompt.replace("\r\n", "\n")
-    params = json.dumps({**asdict(decoding), "stop": list(decoding.stop)}, sort_keys=True)
+    # Requests with log-probabilities are never cached, so they do not key entries either (and keys stay
+    # those of before the field existed).
+    keyed = {k: v for k, v in asdict(decoding).items() if k != "logprobs"}
+    params = json.dumps({**keyed, "stop": list(decoding.stop)}, sort_keys=True)
     return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
 
 

@@ -24,7 +24,9 @@ def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, 
     entry: dict[str, Any] = {
         "queue": queue, "namespace": namespace, "digest": digest, "source": source,
         "maxNewTokens": limits.max_new_tokens, "maxInputTokens": limits.max_input_tokens,
-        "defaults": {**dataclasses.asdict(defaults), "stop": list(defaults.stop)},
+        # Log-probabilities are asked per request, never a model's default.
+        "defaults": {**{k: v for k, v in dataclasses.asdict(defaults).items() if k != "logprobs"},
+                     "stop": list(defaults.stop)},
         "responseCache": response_cache,
     }
     if phase is not None:

@@ -169,7 +169,8 @@ def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"n": 17}, "n must be an integer from 1 to 16"),
     ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompts times n is 80"),
-    ({"logprobs": 2}, "echo and logprobs are not supported"),
+    ({"logprobs": 2, "echo": True}, "echo with logprobs is not supported"),
+    ({"logprobs": 2, "stream": True}, "logprobs are not streamed"),
     ({"max_tokens": 65}, "over this model's limit of 64"),
     ({"prompt": ["p"] * (protocol.MAX_PROMPTS + 1)}, "prompts"),
 ])
@@ -411,7 +412,38 @@ def test_a_chat_request_is_refused_with_what_is_wrong(body: dict[str, Any], mess
     assert caught.value.status == 400 and message in caught.value.message
 
 
-def test_chat_logprobs_are_refused_as_not_supported() -> None:
+def test_log_probabilities_are_asked_of_the_worker_and_answered_in_each_apis_form() -> None:
     completions, dispatcher, _ = make()
-    error = refused(completions.complete(chat(logprobs=True, top_logprobs=2)))
-    assert error.status == 400 and "logprobs" in error.message and not dispatcher.calls
+    tokens = (protocol.TokenLogprob(" fi", -0.5, ((" fi", -0.5), (" so", -1.25))),
+              protocol.TokenLogprob("ne", -0.25, (("ne", -0.25), ("sh", -2.0))))
+
+    def answer(request: dict[str, Any]) -> bytes:
+        return protocol.Reply(id=request["id"], model="tiny", choices=(
+            Choice(" fine", "length", 2, 2, tokens),)).to_json()
+    dispatcher.answer = answer
+    found = asyncio.run(completions.complete(request(logprobs=2, temperature=0)))
+    assert dispatcher.calls[-1][1]["params"]["logprobs"] == 2
+    assert found["choices"][0]["logprobs"] == {
+        "tokens": [" fi", "ne"], "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{" fi": -0.5, " so": -1.25}, {"ne": -0.25, "sh": -2.0}], "text_offset": [0, 3]}
+    chatted = asyncio.run(completions.complete(chat(logprobs=True, top_logprobs=2)))
+    assert dispatcher.calls[-1][1]["params"]["logprobs"] == 2
+    assert chatted["choices"][0]["logprobs"]["content"][1] == {
+        "token": "ne", "logprob": -0.25, "bytes": [110, 101],
+        "top_logprobs": [{"token": "ne", "logprob": -0.25, "bytes": [110, 101]},
+                         {"token": "sh", "logprob": -2.0, "bytes": [115, 104]}]}
+    asyncio.run(completions.complete(chat(logprobs=True)))
+    assert dispatcher.calls[-1][1]["params"]["logprobs"] == 0  # the chosen tokens only
+    asyncio.run(completions.complete(chat()))
+    assert dispatcher.calls[-1][1]["params"]["logprobs"] is None
+    with pytest.raises(ApiError, match="top_logprobs needs logprobs"):
+        parse_chat_request(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                       "top_logprobs": 2}).encode())
+
+
+def test_echo_puts_each_prompt_before_its_completions() -> None:
+    completions, _, _ = make()
+    found = asyncio.run(completions.complete(request(prompt=["one", "two"], n=2, echo=True)))
+    assert [c["text"] for c in found["choices"]] == ["one fine", "one fine", "two fine", "two fine"]
+    events = events_of(completions, request(prompt="one", echo=True, stream=True))
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "one fine"

@@ -193,3 +193,47 @@ def test_rows_with_the_same_prompt_share_one_prefill_and_decode_as_if_alone(engi
         engine._forward = forward  # type: ignore[method-assign]
     assert prefilled == [2]  # "the old fox" once, "two" once
     assert together[:3] == alone
+
+
+def test_log_probabilities_are_the_models_own_for_each_generated_token(engine: Engine) -> None:
+    """Checked against one plain forward pass of the model over the prompt and the tokens the row generated,
+    in a batch with a row that asks for none, sampled at temperature 2 (they are the model's, before
+    sampling)."""
+    prompt = "the old fox"
+    asked = Item(prompt, Decoding(max_new_tokens=6, temperature=2.0, seed=7, logprobs=3))
+    batch = Batch()
+    engine.join(batch, [("asked", asked), ("other", Item("two", Decoding(max_new_tokens=4, temperature=0)))])
+    row = batch.rows[0]
+    outputs: dict[str, Output] = {}
+    while len(batch):
+        outputs.update(engine.step(batch))
+    output, generated = outputs["asked"], list(row.generated)
+    assert outputs["other"].logprobs is None and output.logprobs is not None
+    alone = engine.generate([asked])[0].logprobs
+    assert alone is not None and [t.token for t in alone] == [t.token for t in output.logprobs]
+    assert [t.logprob for t in alone] == pytest.approx([t.logprob for t in output.logprobs], abs=1e-4)
+    assert [t.token for t in output.logprobs] == [engine.tokenizer.decode([i]) for i in generated]
+    ids = torch.tensor([engine.encode(prompt) + tuple(generated)])
+    with torch.inference_mode():
+        expected = engine.model(ids).logits[0].float().log_softmax(dim=-1)
+    start = len(engine.encode(prompt)) - 1
+    for k, (token, found) in enumerate(zip(generated, output.logprobs, strict=True)):
+        position = expected[start + k]
+        assert found.logprob == pytest.approx(float(position[token]), abs=1e-4)
+        best = position.topk(3)
+        assert [t for t, _ in found.top] == [engine.tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert [lp for _, lp in found.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_a_stop_string_leaves_out_the_tokens_it_cut(engine: Engine) -> None:
+    greedy = Decoding(max_new_tokens=12, temperature=0, logprobs=0)
+    whole = engine.generate([Item("the old fox", greedy)])[0]
+    assert whole.logprobs is not None and all(t.top == () for t in whole.logprobs)
+    cut_at = len(whole.logprobs[0].token) + len(whole.logprobs[1].token)
+    stop = whole.text[cut_at:cut_at + 2]
+    stopped = engine.generate([Item("the old fox", Decoding(max_new_tokens=12, temperature=0, logprobs=0,
+                                                            stop=(stop,)))])[0]
+    assert stopped.text == whole.text[:whole.text.find(stop)]
+    assert stopped.logprobs is not None
+    assert "".join(t.token for t in stopped.logprobs) == stopped.text[:len("".join(t.token for t in stopped.logprobs))]
+    assert len(stopped.logprobs) <= len(whole.logprobs) and stopped.logprobs == whole.logprobs[:len(stopped.logprobs)]

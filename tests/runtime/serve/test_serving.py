@@ -451,3 +451,33 @@ def test_chat_completions_with_the_official_client_sync_and_async_and_with_httpx
     with pytest.raises(openai.BadRequestError, match=r"messages\.0\.role"):
         client.chat.completions.create(model="tiny",
                                        messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+
+
+def test_logprobs_and_echo_with_the_official_client(launcher: Launcher) -> None:
+    """Log-probabilities of each generated token (and the most likely alternatives) from the worker, in the
+    completions and chat forms; echo puts the prompt first; a streamed request for them is refused."""
+    launcher.worker("tiny", generation={"maxNewTokens": 8}, limits={"maxNewTokens": 64})
+    gateway = launcher.gateway()
+    client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
+    plain = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0)
+    found = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0, logprobs=2)
+    choice = found.choices[0]
+    assert choice.text == plain.choices[0].text and choice.logprobs is not None
+    tokens, logprobs, tops = choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs
+    assert tokens and logprobs and tops and found.usage
+    assert len(tokens) == len(logprobs) == len(tops) == found.usage.completion_tokens
+    assert "".join(tokens) == choice.text
+    for token, logprob, top in zip(tokens, logprobs, tops, strict=True):
+        assert len(top) == 2 and logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-5) and token in top  # greedy: the likeliest
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the old fox"}],
+                                          max_completion_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode()) for t in content)
+
+    echoed = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == "the old fox" + plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="not streamed"):
+        client.completions.create(model="tiny", prompt="x", logprobs=1, stream=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -161,10 +162,12 @@ class CompletionService:
 
     def build(self, body: Asked, entry: dict[str, Any], request_id: str) -> protocol.Request:
         """The protocol request for `body`, refused here when the worker would refuse it."""
-        if isinstance(body, CompletionRequest) and (body.echo or body.logprobs is not None):
-            raise openai_api.invalid("echo and logprobs are not supported", protocol.INVALID_REQUEST)
-        if isinstance(body, ChatCompletionRequest) and (body.logprobs or body.top_logprobs is not None):
-            raise openai_api.invalid("logprobs and top_logprobs are not supported", protocol.INVALID_REQUEST)
+        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+            raise openai_api.invalid("echo with logprobs is not supported (the prompt's log-probabilities are "
+                                     "not computed)", protocol.INVALID_REQUEST)
+        if body.stream and body.top_logprobs is not None:
+            raise openai_api.invalid("logprobs are not streamed; ask for them without stream",
+                                     protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
         if body.new_tokens is not None and body.new_tokens > ceiling:
             raise openai_api.invalid(f"max_tokens {body.new_tokens} is over this model's limit of {ceiling}",
@@ -172,7 +175,7 @@ class CompletionService:
         params = {k: v for k, v in {
             "max_new_tokens": body.new_tokens, "temperature": body.temperature, "top_p": body.top_p,
             "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
-            "seed": body.seed}.items() if v is not None}
+            "seed": body.seed, "logprobs": body.top_logprobs}.items() if v is not None}
         # A chat request travels as its conversation: only the worker has the tokenizer and its template.
         conversation = body.conversation()
         asked: dict[str, Any] = {"messages": [{"role": r, "content": c} for r, c in conversation]} \
@@ -241,13 +244,14 @@ class CompletionService:
         entry, message = await self._prepare(body)
         hit, cache_checked = await self.cached(entry, message)
         if hit is not None:
-            return shape.whole(hit, body.model, int(time.time()))
+            return shape.whole(_echoed(body, message, hit), body.model, int(time.time()))
         started = time.perf_counter()
         async with self._through_the_queue(body.model):
             call = self.dispatcher.call(entry["queue"], message.to_json(), message.id,
                                         self.config.request_timeout_seconds, self._headers(cache_checked))
             raw = await self._unless_gone(call, client_gone, entry["queue"], message.id)
-        return shape.whole(self._reply(raw, body.model, started), body.model, int(time.time()))
+        reply = _echoed(body, message, self._reply(raw, body.model, started))
+        return shape.whole(reply, body.model, int(time.time()))
 
     async def stream(self, body: Asked) -> AsyncIterator[dict[str, Any]]:
         """The completion as OpenAI's stream events: text per choice as the worker generates it, each
@@ -259,6 +263,9 @@ class CompletionService:
         created, model = int(time.time()), body.model
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         hit, cache_checked = await self.cached(entry, message)
+        if isinstance(body, CompletionRequest) and body.echo:  # the prompts first, as OpenAI streams them
+            for index in range(len(message.prompts) * message.n):
+                yield shape.chunk(message.id, model, created, index, message.prompts[index // message.n], first=True)
         if hit is not None:
             for index, choice in enumerate(hit.choices):
                 yield shape.chunk(message.id, model, created, index, choice.text, choice.finish_reason, first=True)
@@ -367,6 +374,14 @@ class CompletionService:
                          "error": {"type": reply.error[0], "message": reply.error[1]}}
         return 200, {"id": request_id, "status": "done",
                      "completion": openai_api.completion(reply, reply.model or "", int(time.time()))}
+
+
+def _echoed(body: Asked, message: protocol.Request, reply: protocol.Reply) -> protocol.Reply:
+    """`echo`: each choice's text after its prompt."""
+    if not (isinstance(body, CompletionRequest) and body.echo):
+        return reply
+    return dataclasses.replace(reply, choices=tuple(
+        dataclasses.replace(c, text=message.prompts[i // message.n] + c.text) for i, c in enumerate(reply.choices)))
 
 
 def _shape(body: Asked) -> openai_api.Shape:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kubelm_contract.protocol import Decoding
+from kubelm_contract.protocol import Decoding, TokenLogprob
 
 from ..cpu import cpu_has_fast_bf16
 from . import gpt2, packing
@@ -48,6 +48,8 @@ class Output:
     # the output is, so two runs of the same request compare equal.
     first_token_at: float | None = field(default=None, compare=False)
     finished_at: float | None = field(default=None, compare=False)
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """Per token of `text`, when its decoding asked for them."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finish: str | None = None
     first_token_at: float | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    """Per generated token, when asked for: its log-probability and the most likely (token, log-probability)."""
 
 
 @dataclass
@@ -148,7 +152,8 @@ class Engine:
         unknown = [item.prompt for _, item in entries if item.ids is None]
         encoded = iter(self.tokenizer(unknown, add_special_tokens=False)["input_ids"] if unknown else [])
         rows = [Row(key, item, list(item.ids if item.ids is not None else next(encoded)),
-                    self._generator(item.decoding)) for key, item in entries]
+                    self._generator(item.decoding), logprobs=None if item.decoding.logprobs is None else [])
+                for key, item in entries]
         # An empty prompt starts from BOS (EOS for GPT-2), as for unconditional text. Rows with the same
         # prompt (a request's `n` samples) share one prefill: its cache and logits are copied per row.
         inputs = [tuple(r.prompt_ids or [self.bos]) for r in rows]
@@ -186,12 +191,16 @@ class Engine:
         """One token for every row; returns the rows that finished with it."""
         if batch.logits is None:
             return []
+        distributions = self._distributions(batch)  # before _select applies penalties to the logits
         tokens = self._select(batch)
+        chosen = distributions.record(tokens) if distributions is not None else {}
         finished: list[tuple[Any, Output]] = []
-        for row, token in zip(batch.rows, tokens.tolist(), strict=True):
+        for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
             if row.finish is not None:
                 continue
             self._advance(row, token)
+            if row.logprobs is not None and token != self.eos:
+                row.logprobs.append(chosen[i])
             if row.finish is not None:
                 finished.append((row.key, self._output(row)))
         dead = len(batch.rows) - len(batch)
@@ -247,7 +256,29 @@ class Engine:
         text = self._cut_at_stop(self.tokenizer.decode(row.generated, skip_special_tokens=True),
                                  row.item.decoding.stop)
         return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated), row.first_token_at,
-                      time.monotonic())
+                      time.monotonic(), self._token_logprobs(row, text))
+
+    def _distributions(self, batch: Batch) -> _Distributions | None:
+        wanted = [i for i, r in enumerate(batch.rows) if r.finish is None and r.logprobs is not None]
+        if not wanted or batch.logits is None:
+            return None
+        index = torch.tensor(wanted, device=batch.logits.device)
+        top = max(int(batch.rows[i].item.decoding.logprobs or 0) for i in wanted)
+        return _Distributions(wanted, index, batch.logits[index].float().log_softmax(dim=-1), top)
+
+    def _token_logprobs(self, row: Row, text: str) -> tuple[TokenLogprob, ...] | None:
+        """The tokens of the final text with their log-probabilities: those a stop string cut off are left
+        out (a token only partly before the cut too)."""
+        if row.logprobs is None:
+            return None
+        kept = len(row.logprobs)
+        while kept and len(self.tokenizer.decode(row.generated[:kept], skip_special_tokens=True)) > len(text):
+            kept -= 1
+        wanted = int(row.item.decoding.logprobs or 0)
+        return tuple(
+            TokenLogprob(self.tokenizer.decode([token]), logprob,
+                         tuple((self.tokenizer.decode([t]), lp) for t, lp in top[:wanted]))
+            for token, (logprob, top) in zip(row.generated[:kept], row.logprobs[:kept], strict=True))
 
     def _compact(self, batch: Batch) -> torch.Tensor | None:
         """Drops finished rows, and the leading columns that only they needed; returns the indices of
@@ -332,6 +363,26 @@ class Engine:
         picks = (probabilities / race.log_().neg_()).argmax(dim=-1)
         chosen[torch.tensor(sampling, device=logits.device)] = picks
         return chosen
+
+
+@dataclass
+class _Distributions:
+    """The model's log-probabilities for the rows that asked for them, as they were before decoding."""
+
+    rows: list[int]
+    index: torch.Tensor
+    log_probabilities: torch.Tensor
+    top: int
+
+    def record(self, tokens: torch.Tensor) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """Per batch row: the chosen token's log-probability and the most likely alternatives."""
+        chosen = self.log_probabilities.gather(1, tokens[self.index][:, None]).squeeze(1).tolist()
+        if self.top:
+            values, ids = self.log_probabilities.topk(self.top, dim=-1)
+            alternatives = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        else:
+            alternatives = [[] for _ in self.rows]
+        return {row: (lp, top) for row, lp, top in zip(self.rows, chosen, alternatives, strict=True)}
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

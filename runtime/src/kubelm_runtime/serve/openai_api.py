@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubelm_contract import protocol
 
@@ -65,7 +65,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=protocol.MAX_TOP_LOGPROBS)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
@@ -73,6 +73,10 @@ class CompletionRequest(BaseModel):
     @property
     def new_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
 
     def conversation(self) -> list[tuple[str, str]] | None:
         return None
@@ -115,13 +119,24 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs_asked: int | None = Field(default=None, ge=0, le=protocol.MAX_TOP_LOGPROBS, alias="top_logprobs")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs_asked is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """Alternatives per token, or None when no log-probabilities were asked for."""
+        return (self.top_logprobs_asked or 0) if self.logprobs else None
 
     def conversation(self) -> list[tuple[str, str]] | None:
         return [(m.role, m.text()) for m in self.messages]
@@ -153,12 +168,36 @@ def reply_error(kind: str, message: str) -> ApiError:
                     kind)
 
 
+def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """The completions API's form: parallel lists, offsets counted in characters of the text."""
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+def _with_bytes(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def chat_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """The chat API's form: one entry per token, its alternatives inside."""
+    if tokens is None:
+        return None
+    return {"content": [{**_with_bytes(t.token, t.logprob), "top_logprobs": [_with_bytes(*top) for top in t.top]}
+                        for t in tokens], "refusal": None}
+
+
 def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
     prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
     return {
         "id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
-        "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                    for i, c in enumerate(reply.choices)],
+        "choices": [{"text": c.text, "index": i, "logprobs": completion_logprobs(c.logprobs),
+                     "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
         "system_fingerprint": None,
@@ -193,7 +232,8 @@ def chat_completion(reply: protocol.Reply, model: str, created: int) -> dict[str
     return {
         "id": f"chatcmpl-{reply.id}", "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                     "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
+                     "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                    for i, c in enumerate(reply.choices)],
         "usage": _usage(reply), "system_fingerprint": None,
         "kubelm": {"cached": reply.cached, "timings": reply.timings},
     }

@@ -7,7 +7,6 @@ parameter, so a new model version or other parameters never hit an old entry.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from kubelm_contract import keys, protocol
@@ -18,15 +17,16 @@ from ..redis_store import AsyncOptionalRedis, AsyncRedisStore, OptionalRedis, Re
 
 def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding, n: int = 1) -> list[str] | None:
     """Cache key material per prompt, or None when the request is not cacheable (sampled without a
-    seed, or several completions per prompt: an entry holds one)."""
-    if not decoding.deterministic or n != 1:
+    seed, several completions per prompt: an entry holds one, or log-probabilities asked for: an entry
+    holds text)."""
+    if not decoding.deterministic or n != 1 or decoding.logprobs is not None:
         return None
     return [protocol.cache_key_material(digest, p, decoding) for p in prompts]
 
 
 def _choices(documents: list[Any] | None) -> tuple[Choice, ...] | None:
     # Built inside the Redis call: a malformed entry is a miss, not a crash.
-    return None if documents is None else tuple(Choice(**c) for c in documents)
+    return None if documents is None else tuple(Choice.from_dict(c) for c in documents)
 
 
 def lookup(redis: OptionalRedis, model: str, material: list[str]) -> tuple[Choice, ...] | None:
@@ -50,5 +50,5 @@ async def lookup_async(redis: AsyncOptionalRedis, model: str, material: list[str
 
 
 def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:
-    key, document = keys.response(model, material), dataclasses.asdict(choice)
+    key, document = keys.response(model, material), choice.to_dict()
     redis.call(lambda s: s.set_json(key, document, ttl_seconds), None)
