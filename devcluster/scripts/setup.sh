@@ -11,7 +11,9 @@ venv=${KUBELM_VENV:-$root/.venv}
 cache=${KUBELM_CACHE:-$HOME/.cache/kubelm}
 apt_packages=(redis-server rabbitmq-server erlang-base libjemalloc2 openssl ca-certificates make
   # the real node and the images (devcluster/scripts/build-node.sh, build-images.sh)
-  docker.io runc iptables conntrack iproute2 kmod debootstrap gcc libc6-dev)
+  docker.io runc iptables conntrack iproute2 kmod debootstrap gcc libc6-dev
+  # the response cache's second backend, for its tests
+  memcached)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -200,13 +200,15 @@ def test_runtime_image(render: Callable[..., Objects], defaults: Objects) -> Non
 def test_connection_urls_go_into_the_secret(render: Callable[..., Objects], defaults: Objects) -> None:
     urls = {"KUBELM_REDIS_URL": "rediss://:pw@redis.example:6380/2",
             "KUBELM_AMQP_URL": "amqps://u:p@mq.example:5671/kubelm",
-            "KUBELM_RABBITMQ_API_URL": "https://u:p@mq.example:15671"}
+            "KUBELM_RABBITMQ_API_URL": "https://u:p@mq.example:15671",
+            "KUBELM_MEMCACHED_URL": "memcached://cache.example:11211"}
 
     def edit(o: Objects) -> None:
         o[("v1", "Secret", NAMESPACE, CONNECTIONS)]["stringData"] = urls
     rendered = render("--set", f"connections.redisUrl={urls['KUBELM_REDIS_URL']}",
                       "--set", f"connections.amqpUrl={urls['KUBELM_AMQP_URL']}",
-                      "--set", f"connections.rabbitmqApiUrl={urls['KUBELM_RABBITMQ_API_URL']}")
+                      "--set", f"connections.rabbitmqApiUrl={urls['KUBELM_RABBITMQ_API_URL']}",
+                      "--set", f"connections.memcachedUrl={urls['KUBELM_MEMCACHED_URL']}")
     assert_same(rendered, _expect(defaults, edit))
 
 

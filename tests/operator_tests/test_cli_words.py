@@ -91,6 +91,9 @@ RUNNING = {"phase": "Running", "step": 40, "totalSteps": 200, "loss": 3.25, "per
      ["Ready: 2/2 workers"]),
     (_lm(_serving(min_replicas=0, workers=serving.ObservedDeployment("chat-worker", 0))), True, "ScaledToZero",
      ["no requests wait"]),
+    (_lm(_serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1),
+                  cache_problem=serving.cache_backend_problem(True, "memcached", False))),
+     False, "MemcachedNotConfigured", ["KUBELM_MEMCACHED_URL", "spec.cache.responses.backend", "serves meanwhile"]),
     (_tj({}), False, "NotObserved", ["has not written a status yet"]),
 ])
 def test_each_state_gets_its_sentence(obj: dict[str, Any], ready: bool, reason: str, words: list[str]) -> None:

@@ -74,7 +74,7 @@ def test_cpu_sample_gives_this_worker_deployment() -> None:
                                          "kubelm.io/languagemodel": "gpt2"}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "db0993c67e50cb66"}},
+                "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "efcb260377b44220"}},
                 "spec": {
                     "automountServiceAccountToken": False, "enableServiceLinks": False,
                     "securityContext": POD_SECURITY, "terminationGracePeriodSeconds": 120,
@@ -134,6 +134,22 @@ def test_replicas_are_set_only_when_nothing_else_scales(autoscaling: dict[str, A
     worker = _children({"model": {"hub": {"id": "gpt2"}}, "autoscaling": autoscaling,
                         "suspend": suspend})["Deployment/gpt2-worker"]
     assert worker["spec"].get("replicas") == replicas
+
+
+@pytest.mark.parametrize(("backend", "url", "passed"), [("memcached", "memcached://cache:11211", True),
+                                                        ("redis", "memcached://cache:11211", False),
+                                                        ("memcached", None, False)])
+def test_memcached_reaches_the_pods_of_a_model_whose_cache_lives_there(backend: str, url: str | None,
+                                                                       passed: bool) -> None:
+    objects = build.children(OWNER, parse_languagemodel({"model": HUB, "cache": {"responses": {"backend": backend}}}),
+                             image=IMAGE, model_source=HUB, amqp_url="amqp://u:p@rabbitmq:5672/%2F",
+                             redis_url="redis://redis:6379/0", memcached_url=url)
+    found = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    assert ("memcached-url" in found["Secret/gpt2-serve-env"]["stringData"]) == passed
+    variable = {"name": "KUBELM_MEMCACHED_URL", "valueFrom": {"secretKeyRef": {"name": "gpt2-serve-env",
+                                                                               "key": "memcached-url"}}}
+    for deployment in ("Deployment/gpt2-worker", "Deployment/gpt2-gateway"):
+        assert (variable in found[deployment]["spec"]["template"]["spec"]["containers"][0]["env"]) == passed
 
 
 def test_no_gateway_when_disabled() -> None:

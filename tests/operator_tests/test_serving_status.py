@@ -117,3 +117,12 @@ def test_a_replaced_model_goes_to_the_bounded_revision_history() -> None:
                                     "until": "2026-11-30T10:00:08Z"}
     assert status.compute(old, _obs(model=status.ModelInfo("artifact://ns/job@8", "v8", "sha256:8"),
                                     workers=_workers(1, 1)), T1) == old
+
+
+def test_a_cache_asked_of_memcached_without_one_degrades_and_says_so() -> None:
+    assert status.cache_backend_problem(True, "memcached", True) is None
+    assert status.cache_backend_problem(False, "memcached", False) is None  # no cache, nothing missing
+    assert status.cache_backend_problem(True, "redis", False) is None
+    problem = status.cache_backend_problem(True, "memcached", False)
+    s = status.compute({}, _obs(workers=_workers(1, 1), cache_problem=problem), T0)
+    assert s["phase"] == "Degraded" and _conditions(s)["CacheReady"] == ("False", "MemcachedNotConfigured")

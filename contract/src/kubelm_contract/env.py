@@ -10,6 +10,9 @@ AMQP_URL = "KUBELM_AMQP_URL"
 """amqp://user:password@host:port/vhost of the RabbitMQ broker."""
 RABBITMQ_API_URL = "KUBELM_RABBITMQ_API_URL"
 """http://user:password@host:port of the RabbitMQ management API (queue depth)."""
+MEMCACHED_URL = "KUBELM_MEMCACHED_URL"
+"""memcached://host:port of the Memcached holding response-cache entries of models whose
+`cache.responses.backend` is memcached (optional)."""
 
 CONFIG_FILE = "KUBELM_CONFIG"
 """Path of the runtime's JSON or YAML configuration (docs/runtime-contract.md)."""

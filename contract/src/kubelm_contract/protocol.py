@@ -156,11 +156,21 @@ class Choice:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Choice:
-        logprobs = data.get("logprobs")
-        return cls(str(data["text"]), str(data["finish_reason"]), int(data["prompt_tokens"]),
-                   int(data["completion_tokens"]),
-                   None if logprobs is None else tuple(TokenLogprob.from_dict(t) for t in logprobs))
+    def from_dict(cls, data: Any) -> Choice:
+        """A choice as `to_dict` wrote it; anything else (a stored entry that is not one) is a ValueError."""
+        if not isinstance(data, dict) or not _CHOICE_KEYS[0] <= set(data) <= _CHOICE_KEYS[1]:
+            raise ValueError(f"not a choice: {data!r:.200}")
+        try:
+            logprobs = data.get("logprobs")
+            return cls(str(data["text"]), str(data["finish_reason"]), int(data["prompt_tokens"]),
+                       int(data["completion_tokens"]),
+                       None if logprobs is None else tuple(TokenLogprob.from_dict(t) for t in logprobs))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a choice: {data!r:.200}") from e
+
+
+_CHOICE_KEYS = ({"text", "finish_reason", "prompt_tokens", "completion_tokens"},
+                {"text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs"})
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ def source_digest(description: str) -> str:
 
 
 def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, limits: Limits,
-                defaults: Decoding, response_cache: bool, phase: str | None = None) -> dict[str, Any]:
+                defaults: Decoding, response_cache: bool, phase: str | None = None,
+                response_cache_backend: str = "redis") -> dict[str, Any]:
     entry: dict[str, Any] = {
         "queue": queue, "namespace": namespace, "digest": digest, "source": source,
         "maxNewTokens": limits.max_new_tokens, "maxInputTokens": limits.max_input_tokens,
@@ -29,6 +30,8 @@ def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, 
                      "stop": list(defaults.stop)},
         "responseCache": response_cache,
     }
+    if response_cache_backend != "redis":  # entries written before the field existed read as redis
+        entry["responseCacheBackend"] = response_cache_backend
     if phase is not None:
         entry["status"] = phase
     return entry

@@ -62,6 +62,8 @@ class Queue(QueueSpec):
 class Responses:
     enabled: bool = True
     ttl_seconds: int = 3600
+    backend: Literal["redis", "memcached"] = "redis"
+    """Where entries live; hit and miss counters stay in Redis either way."""
 
 
 @dataclass(frozen=True)

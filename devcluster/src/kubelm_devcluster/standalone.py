@@ -1,4 +1,4 @@
-"""A single private redis-server, for tests and benchmarks that need to stop and restart it."""
+"""A single private redis-server or memcached, for tests and benchmarks that need to stop and restart it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from .layout import HOST, Ports
-from .probes import redis_ping, wait_for
+from .probes import redis_ping, tcp_open, wait_for
 
 
 class RedisServer:
@@ -32,6 +32,38 @@ class RedisServer:
             self.process.wait()
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MemcachedServer:
+    """memcached from the Debian package, on loopback (the response cache's second backend)."""
+
+    def __init__(self, port: int | None = None, memory_mib: int = 64):
+        self.port = port or Ports.allocate().redis
+        self.memory_mib = memory_mib
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"memcached://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["memcached", "--listen", HOST, "--port", str(self.port), "--udp-port", "0",
+             "--memory-limit", str(self.memory_mib), "--user", "nobody"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for("memcached", lambda: tcp_open(self.port, HOST), timeout=10, interval=0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> MemcachedServer:
         self.start()
         return self
 

@@ -22,6 +22,8 @@ class OperatorConfig:
     redis_url: str | None = None
     amqp_url: str | None = None
     rabbitmq_api_url: str | None = None
+    memcached_url: str | None = None
+    """Passed to the pods of models whose response cache lives in Memcached."""
     namespaces: tuple[str, ...] = ()
     """Empty: every namespace."""
     log_format: Literal["text", "json"] = "text"
@@ -64,6 +66,7 @@ def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
         redis_url=environ.get(env.REDIS_URL) or None,
         amqp_url=environ.get(env.AMQP_URL) or None,
         rabbitmq_api_url=environ.get(env.RABBITMQ_API_URL) or None,
+        memcached_url=environ.get(env.MEMCACHED_URL) or None,
         namespaces=tuple(n.strip() for n in environ.get(env.NAMESPACES, "").split(",") if n.strip()),
         log_format=log_format,  # type: ignore[arg-type]
         log_level=(environ.get(env.LOG_LEVEL, "INFO").strip() or "INFO").upper(),

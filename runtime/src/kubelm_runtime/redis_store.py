@@ -109,6 +109,9 @@ class RedisStore:
     def hset_json(self, name: str, field: str, value: Any) -> None:
         self._call(self._client.hset, name, field, json.dumps(value, separators=(",", ":")))
 
+    def count(self, name: str, field: str) -> None:
+        self._call(self._client.hincrby, name, field, 1)
+
     def hget_json(self, name: str, field: str) -> Any:
         return _json_or_none(self._call(self._client.hget, name, field))
 
@@ -157,16 +160,22 @@ class AsyncRedisStore:
         raw = await self._call(self._client.hgetall(name))  # type: ignore[arg-type]
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
+    async def count(self, name: str, field: str) -> None:
+        await self._call(self._client.hincrby(name, field, 1))  # type: ignore[misc]
+
     async def get_json_all_or_none(self, keys: Sequence[str], stats: str) -> list[Any] | None:
         """As RedisStore.get_json_all_or_none: one round trip, a hit or a miss counted in `stats`."""
         found = await self._call(self._lookup(keys=[stats, *keys]))
         return None if found is None else [json.loads(raw) for raw in found]
 
 
-class _Optional:
-    """Redis as an optional helper: while it is unreachable calls return a default at once, and it is
-    tried again after a quiet period, so callers (training, serving) never stall on it. An error answer
-    or a malformed document fails that one call (the default, and a warning): the next may succeed."""
+class OptionalService:
+    """A store (Redis here, Memcached in memcached_store) as an optional helper: while it is unreachable
+    calls return a default at once, and it is tried again after a quiet period, so callers (training,
+    serving) never stall on it. An error answer or a malformed document fails that one call (the default,
+    and a warning): the next may succeed."""
+
+    system = "redis"
 
     def __init__(self, configured: bool, purpose: str, retry_after: float):
         self.configured = configured
@@ -180,7 +189,7 @@ class _Optional:
         now = time.monotonic()
         if self._warned_at is None or now - self._warned_at >= self.retry_after:
             self._warned_at = now
-            log.warning("redis call failed, continuing without it for %s: %s: %s", self.purpose,
+            log.warning("%s call failed, continuing without it for %s: %s: %s", self.system, self.purpose,
                         type(error).__name__, error)
 
     @property
@@ -196,19 +205,19 @@ class _Optional:
     def _failed(self, error: Exception) -> None:
         if isinstance(error, StoreUnavailable):
             if self._down_since is None:
-                log.warning("redis unavailable, continuing without %s: %s", self.purpose, error)
+                log.warning("%s unavailable, continuing without %s: %s", self.system, self.purpose, error)
             self._down_since = time.monotonic()
         else:  # an error reply; a document not in the expected shape
             self._warn(error)
 
     def _succeeded(self) -> None:
         if self._down_since is not None:
-            log.info("redis is back: %s resumes", self.purpose)
+            log.info("%s is back: %s resumes", self.system, self.purpose)
             self._down_since = None
 
 
-class OptionalRedis(_Optional):
-    __doc__ = _Optional.__doc__
+class OptionalRedis(OptionalService):
+    __doc__ = OptionalService.__doc__
 
     def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
         super().__init__(bool(url), purpose, retry_after)
@@ -226,7 +235,7 @@ class OptionalRedis(_Optional):
         return result
 
 
-class AsyncOptionalRedis(_Optional):
+class AsyncOptionalRedis(OptionalService):
     """OptionalRedis for asyncio code."""
 
     def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):

@@ -72,12 +72,12 @@ class Launcher:
         self.started: list[Process] = []
 
     def _start(self, kind: str, config: dict[str, Any], redis_url: str | None, ready_path: str,
-               amqp_url: str | None = None) -> Process:
+               amqp_url: str | None = None, extra_env: dict[str, str] | None = None) -> Process:
         name = f"{kind}-{len(self.started)}"
         path = self.tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         log = self.tmp_path / f"{name}.log"
-        env = {**os.environ, "KUBELM_AMQP_URL": amqp_url or self.cluster.amqp_url}
+        env = {**os.environ, "KUBELM_AMQP_URL": amqp_url or self.cluster.amqp_url, **(extra_env or {})}
         env.pop("KUBELM_REDIS_URL", None)
         if redis_url:
             env["KUBELM_REDIS_URL"] = redis_url
@@ -98,18 +98,21 @@ class Launcher:
         eventually(up, timeout=90, interval=0.1, what=f"{name} ready")
         return started
 
-    def worker(self, name: str, redis_url: str | None = "", **overrides: Any) -> Process:
+    def worker(self, name: str, redis_url: str | None = "", extra_env: dict[str, str] | None = None,
+               **overrides: Any) -> Process:
         config: dict[str, Any] = {
             "name": name, "namespace": self.namespace, "model": {"uri": str(self.tiny_model)},
             "batching": {"maxBatchSize": 16, "maxWaitMillis": 20}, "generation": {"maxNewTokens": 8},
             "cacheDir": str(self.tmp_path / "cache"), "healthPort": free_port(), "dtype": "fp32", **overrides}
-        return self._start("serve", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz")
+        return self._start("serve", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz",
+                           extra_env=extra_env)
 
-    def gateway(self, redis_url: str | None = "", amqp_url: str | None = None, **overrides: Any) -> Process:
+    def gateway(self, redis_url: str | None = "", amqp_url: str | None = None, extra_env: dict[str, str] | None = None,
+                **overrides: Any) -> Process:
         config = {"namespace": self.namespace, "host": "127.0.0.1", "port": free_port(),
                   "requestTimeoutSeconds": 30, **overrides}
         return self._start("gateway", config, self.cluster.redis_url if redis_url == "" else redis_url, "/readyz",
-                           amqp_url)
+                           amqp_url, extra_env)
 
     def stop_all(self) -> None:
         for started in self.started:

@@ -88,7 +88,8 @@ class MemoryStore:
         self.reads += 1
         return self.entries.get(model_id) if self.available else None
 
-    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None:
+    async def cached_choices(self, model_id: str, material: list[str],
+                             backend: str = "redis") -> tuple[Choice, ...] | None:
         found = [self.responses.get(keys.response(model_id, m)) for m in material]
         return tuple(found) if self.available and all(found) else None  # type: ignore[arg-type]
 

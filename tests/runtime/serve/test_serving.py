@@ -20,7 +20,7 @@ import pika
 import pytest
 
 from kubelm_contract import keys, protocol, queues
-from kubelm_devcluster.standalone import RedisServer
+from kubelm_devcluster.standalone import MemcachedServer, RedisServer
 from kubelm_runtime import artifacts
 from kubelm_runtime.redis_store import RedisStore
 from support import ClusterEnv, eventually
@@ -241,6 +241,27 @@ def test_broker_dead_letters_a_message_that_expires_in_the_queue(launcher: Launc
     eventually(lambda: _collect(dead, dead_letters(launcher.cluster, launcher.namespace, "idle")) >= 1,
                timeout=30, what="broker dead-letters the expired message")
     assert dead[0][0]["x-death"][0]["reason"] in (b"expired", "expired")
+
+
+def test_a_response_cache_in_memcached(launcher: Launcher) -> None:
+    """`cache.responses.backend: memcached`: the worker fills Memcached, the gateway answers the repeat from
+    it, Redis holds the counters and no entry."""
+    with MemcachedServer() as memcached:
+        where = {"KUBELM_MEMCACHED_URL": memcached.url}
+        worker = launcher.worker("tiny", extra_env=where, cache={"responses": {"backend": "memcached"}})
+        gateway = launcher.gateway(extra_env=where)
+        first = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0)
+        batches = worker.metric("kubelm_batch_size_count")
+        second = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0)
+        assert first[1]["choices"] == second[1]["choices"]
+        assert not first[1]["kubelm"]["cached"] and second[1]["kubelm"]["cached"]
+        assert worker.metric("kubelm_batch_size_count") == batches  # not through the worker
+        model = f"{launcher.namespace}/tiny"
+        redis = RedisStore(launcher.cluster.redis_url)
+        assert redis.hgetall_json(keys.cache_stats(model)) == {"hits": 1, "misses": 1}
+        assert not list(redis._client.scan_iter(match=keys.response(model, "*")))
+        entry = redis.hget_json(keys.MODEL_REGISTRY, model)
+        assert entry["responseCacheBackend"] == "memcached"
 
 
 def test_cache_hit_skips_the_model(launcher: Launcher) -> None:

@@ -25,6 +25,7 @@ AUTH_DIR = "/etc/kubelm/auth"
 DRAIN_SECONDS = 120
 """SIGTERM drains the running batch: time enough for a batch of long completions to finish."""
 AMQP_URL_KEY, REDIS_URL_KEY, RABBITMQ_API_URL_KEY = "amqp-url", "redis-url", "rabbitmq-api-url"
+MEMCACHED_URL_KEY = "memcached-url"
 KEDA_POLLING_SECONDS = 5
 SELECTOR_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/component", "kubelm.io/languagemodel")
 """Labels that pick one model's workers or gateway; immutable in a Deployment's selector, so never more."""
@@ -86,20 +87,25 @@ def config_map(owner: Owner, serve: dict[str, Any], gateway: dict[str, Any]) -> 
 
 
 def connection_secret(owner: Owner, amqp_url: str, redis_url: str | None,
-                      rabbitmq_api_url: str | None = None) -> dict[str, Any]:
-    """The URLs the pods need, and the management API's for KEDA's RabbitMQ scaler when it is used."""
+                      rabbitmq_api_url: str | None = None, memcached_url: str | None = None) -> dict[str, Any]:
+    """The URLs the pods need, the management API's for KEDA's RabbitMQ scaler when it is used, and
+    Memcached's for a response cache kept there."""
     data = {AMQP_URL_KEY: amqp_url, **({REDIS_URL_KEY: redis_url} if redis_url else {}),
-            **({RABBITMQ_API_URL_KEY: rabbitmq_api_url} if rabbitmq_api_url else {})}
+            **({RABBITMQ_API_URL_KEY: rabbitmq_api_url} if rabbitmq_api_url else {}),
+            **({MEMCACHED_URL_KEY: memcached_url} if memcached_url else {})}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata(owner, names(owner).secret, WORKER),
             "type": "Opaque", "stringData": data}
 
 
-def _connection_env(owner: Owner, with_redis: bool) -> list[dict[str, Any]]:
+def _connection_env(owner: Owner, with_redis: bool, with_memcached: bool = False) -> list[dict[str, Any]]:
     secret = names(owner).secret
     variables = [{"name": env.AMQP_URL, "valueFrom": {"secretKeyRef": {"name": secret, "key": AMQP_URL_KEY}}}]
     if with_redis:
         variables.append({"name": env.REDIS_URL, "valueFrom": {"secretKeyRef": {"name": secret,
                                                                                  "key": REDIS_URL_KEY}}})
+    if with_memcached:
+        variables.append({"name": env.MEMCACHED_URL, "valueFrom": {"secretKeyRef": {"name": secret,
+                                                                                     "key": MEMCACHED_URL_KEY}}})
     return variables
 
 
@@ -154,7 +160,7 @@ def _deployment(owner: Owner, name: str, component: str, template: dict[str, Any
 
 
 def worker_deployment(owner: Owner, spec: LanguageModelSpec, image: str, model_source: dict[str, Any],
-                      config_digest: str, with_redis: bool) -> dict[str, Any]:
+                      config_digest: str, with_redis: bool, with_memcached: bool = False) -> dict[str, Any]:
     """Inference workers on the model's queue. Replicas are left to the autoscaler (builtin: the operator,
     keda: an HPA) and set here only with engine none."""
     resources: dict[str, str] = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
@@ -181,7 +187,7 @@ def worker_deployment(owner: Owner, spec: LanguageModelSpec, image: str, model_s
         "name": "worker",
         "image": spec.image or image,
         "args": ["serve"],
-        "env": _base_env(SERVE_FILE) + _connection_env(owner, with_redis),
+        "env": _base_env(SERVE_FILE) + _connection_env(owner, with_redis, with_memcached),
         "ports": [{"name": "health", "containerPort": HEALTH_PORT}],
         "resources": {"requests": resources, "limits": dict(resources)},
         "volumeMounts": mounts,
@@ -200,7 +206,7 @@ def worker_deployment(owner: Owner, spec: LanguageModelSpec, image: str, model_s
 
 
 def gateway_deployment(owner: Owner, spec: LanguageModelSpec, image: str, config_digest: str,
-                       with_redis: bool) -> dict[str, Any]:
+                       with_redis: bool, with_memcached: bool = False) -> dict[str, Any]:
     n = names(owner)
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": n.config_map}},
                                      {"name": "tmp", "emptyDir": {}}]
@@ -213,7 +219,7 @@ def gateway_deployment(owner: Owner, spec: LanguageModelSpec, image: str, config
         "name": "gateway",
         "image": spec.image or image,
         "args": ["gateway"],
-        "env": _base_env(GATEWAY_FILE) + _connection_env(owner, with_redis),
+        "env": _base_env(GATEWAY_FILE) + _connection_env(owner, with_redis, with_memcached),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
         "volumeMounts": mounts,
@@ -271,15 +277,17 @@ def keda_scaled_object(owner: Owner, spec: LanguageModelSpec, vhost: str) -> dic
 
 
 def children(owner: Owner, spec: LanguageModelSpec, *, image: str, model_source: dict[str, Any], amqp_url: str,
-             redis_url: str | None, rabbitmq_api_url: str | None = None) -> list[dict[str, Any]]:
+             redis_url: str | None, rabbitmq_api_url: str | None = None,
+             memcached_url: str | None = None) -> list[dict[str, Any]]:
     """Every child, in the order they must exist: what the pods mount before the Deployments."""
     serve, gateway = serve_config(owner, spec, model_source), gateway_config(owner, spec)
     keda = spec.autoscaling.engine == "keda"
+    memcached = memcached_url if spec.cache.responses.backend == "memcached" else None
     objects = [config_map(owner, serve, gateway),
-               connection_secret(owner, amqp_url, redis_url, rabbitmq_api_url if keda else None),
-               worker_deployment(owner, spec, image, model_source, digest(serve), bool(redis_url))]
+               connection_secret(owner, amqp_url, redis_url, rabbitmq_api_url if keda else None, memcached),
+               worker_deployment(owner, spec, image, model_source, digest(serve), bool(redis_url), bool(memcached))]
     if spec.gateway.enabled:
-        objects += [gateway_deployment(owner, spec, image, digest(gateway), bool(redis_url)),
+        objects += [gateway_deployment(owner, spec, image, digest(gateway), bool(redis_url), bool(memcached)),
                     gateway_service(owner, spec)]
     if keda:
         vhost = unquote(urlsplit(amqp_url).path[1:]) or "/"

@@ -89,6 +89,9 @@ _SERVING = {
                         "KUBELM_REDIS_URL.",
     "ModelLoadFailed": "The model source is missing or cannot be loaded ({m}). Fix spec.model (hub id, uri or "
                        "trainingJobRef) or make the files available to the workers.",
+    "MemcachedNotConfigured": "Its response cache is to live in Memcached, but none is configured ({m}). Add "
+                              "KUBELM_MEMCACHED_URL to the kubelm-connections Secret, or set "
+                              "spec.cache.responses.backend to redis; it serves meanwhile, without the cache.",
     "KedaNotInstalled": "spec.autoscaling.engine is keda but KEDA is not installed ({m}). Install KEDA or use "
                         "the built-in engine.",
     "Loading": "A worker is loading the model ({m}); it becomes Ready when the first worker is.",

@@ -111,7 +111,7 @@ def registry_entry(owner: Owner, spec: LanguageModelSpec, model: status.ModelInf
     return registry.model_entry(queue=queues.request_queue(owner.namespace, owner.name), namespace=owner.namespace,
                                 digest=model.digest, source=model.source, limits=spec.limits.limits(),
                                 defaults=spec.generation.decoding(), response_cache=spec.cache.responses.enabled,
-                                phase=phase)
+                                phase=phase, response_cache_backend=spec.cache.responses.backend)
 
 
 async def reconcile(ctx: Context, state: ServingState, body: dict[str, Any], trigger: str) -> None:
@@ -159,12 +159,15 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 state.registered[owner.uid] = (digest(entry), ctx.clock())
             except CacheUnavailable as e:
                 cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
+        cache_problem = cache_problem or status.cache_backend_problem(
+            spec.cache.responses.enabled, spec.cache.responses.backend, bool(ctx.config.memcached_url))
         # The children depend on the spec and the resolved source only: rendered again when either changes.
         inputs = f"{generation}:{digest(source)}"
         if state.applied.get(owner.uid) != inputs:
             children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
                                       amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
-                                      rabbitmq_api_url=ctx.config.rabbitmq_api_url)
+                                      rabbitmq_api_url=ctx.config.rabbitmq_api_url,
+                                      memcached_url=ctx.config.memcached_url)
             try:
                 for child in children:
                     applied = await ctx.kube.apply(child)

@@ -81,6 +81,15 @@ def _part(type_: str, problem: Problem | None, ok_reason: str, ok_message: str, 
     return condition(type_, False, problem.reason, problem.message, generation, previous, at)
 
 
+def cache_backend_problem(enabled: bool, backend: str, memcached_configured: bool) -> Problem | None:
+    """A response cache asked to live in Memcached with no Memcached to use: the model serves without it."""
+    if enabled and backend == "memcached" and not memcached_configured:
+        return Problem("MemcachedNotConfigured", "spec.cache.responses.backend is memcached but the operator has "
+                       "no KUBELM_MEMCACHED_URL (kubelm-connections Secret): serving without the response cache",
+                       degrades=True)
+    return None
+
+
 LOAD_FAILURE_EXIT_CODE = 1
 
 

@@ -23,6 +23,7 @@ from kubelm_contract import keys, protocol, queues
 from kubelm_contract.protocol import Choice, Decoding, Limits, ProtocolError
 
 from ..broker import BrokerError, NoSuchQueue, QueueFull, new_request_id
+from ..memcached_store import OptionalMemcached
 from ..redis_store import AsyncOptionalRedis, AsyncRedisStore
 from . import openai_api, response_cache
 from .openai_api import ApiError, ChatCompletionRequest, CompletionRequest
@@ -57,7 +58,8 @@ class GatewayStore(Protocol):
 
     async def registry_entry(self, model_id: str) -> dict[str, Any] | None: ...
 
-    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None: ...
+    async def cached_choices(self, model_id: str, material: list[str],
+                             backend: str = "redis") -> tuple[Choice, ...] | None: ...
 
     async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool: ...
 
@@ -66,10 +68,13 @@ class GatewayStore(Protocol):
 
 class RedisGatewayStore:
     """The GatewayStore on Redis, through redis.asyncio: a slow or silent Redis holds up the requests
-    that need it, never the event loop and every other connection of the gateway."""
+    that need it, never the event loop and every other connection of the gateway. Response-cache entries
+    of models whose backend is memcached are looked up there (on a thread: pymemcache blocks)."""
 
-    def __init__(self, redis_url: str | None):
+    def __init__(self, redis_url: str | None, memcached_url: str | None = None):
         self.redis = AsyncOptionalRedis(redis_url, "the model registry and asynchronous results", retry_after=5)
+        self.memcached = OptionalMemcached(memcached_url, "the response cache", retry_after=5) \
+            if memcached_url else None
 
     @property
     def available(self) -> bool:
@@ -83,7 +88,12 @@ class RedisGatewayStore:
             lambda store: store.hget_json(keys.MODEL_REGISTRY, model_id), None)
         return entry
 
-    async def cached_choices(self, model_id: str, material: list[str]) -> tuple[Choice, ...] | None:
+    async def cached_choices(self, model_id: str, material: list[str],
+                             backend: str = "redis") -> tuple[Choice, ...] | None:
+        if backend == "memcached":
+            if self.memcached is None:
+                return None
+            return await response_cache.lookup_in_memcached_async(self.memcached, self.redis, model_id, material)
         return await response_cache.lookup_async(self.redis, model_id, material)
 
     async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool:
@@ -204,7 +214,7 @@ class CompletionService:
         if not material:
             return None, False
         choices = await self.store.cached_choices(keys.model_id(self.config.namespace, str(message.model)),
-                                                  material)
+                                                  material, str(entry.get("responseCacheBackend", "redis")))
         if choices is None:
             return None, self.store.available
         return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model), True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubelm_contract import env
 
 from ..broker import RpcPool
 from . import openai_api
@@ -199,7 +202,7 @@ def run(config: GatewayConfig, amqp_url: str, redis_url: str | None) -> None:
     token = Path(config.auth_token_file).read_text().strip() if config.auth_token_file else None
     rpc = RpcPool(amqp_url, config.publish_connections, name=f"kubelm-gateway {config.namespace}")
     rpc.start()
-    store = RedisGatewayStore(redis_url)
+    store = RedisGatewayStore(redis_url, os.environ.get(env.MEMCACHED_URL))
     app = create_app(CompletionService(config, rpc, store), lambda: rpc.connected, token)
     log.info("gateway for namespace %s listening on http://%s:%d (%d publish connections, Redis %s, bearer "
              "token %s, access log %s)", config.namespace, config.host, config.port, config.publish_connections,

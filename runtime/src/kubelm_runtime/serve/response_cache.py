@@ -3,16 +3,24 @@
 Only deterministic requests are cached (greedy, or sampled with a seed); the key
 covers the model's content digest, the normalised prompt and every decoding
 parameter, so a new model version or other parameters never hit an old entry.
+Entries live in Redis, or in Memcached for models whose `cache.responses.backend`
+says so (same keys, documents and TTL); hits and misses are counted in Redis either way.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from kubelm_contract import keys, protocol
 from kubelm_contract.protocol import Choice, Decoding
 
+from ..memcached_store import MemcachedStore, OptionalMemcached
 from ..redis_store import AsyncOptionalRedis, AsyncRedisStore, OptionalRedis, RedisStore
+
+MISSING = object()
+"""What a Memcached lookup answers while Memcached is unreachable: neither a hit nor a miss."""
 
 
 def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding, n: int = 1) -> list[str] | None:
@@ -52,3 +60,56 @@ async def lookup_async(redis: AsyncOptionalRedis, model: str, material: list[str
 def store(redis: OptionalRedis, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:
     key, document = keys.response(model, material), choice.to_dict()
     redis.call(lambda s: s.set_json(key, document, ttl_seconds), None)
+
+
+def _found_in(memcached: OptionalMemcached, response_keys: list[str]) -> Any:
+    def found(store: MemcachedStore) -> Any:
+        return _choices(store.get_json_all_or_none(response_keys))
+
+    return memcached.call(found, MISSING)
+
+
+@dataclass
+class ResponseCache:
+    """A worker's response cache: in Redis, or in Memcached when one is given (entries there, counters in
+    Redis)."""
+
+    redis: OptionalRedis
+    memcached: OptionalMemcached | None = None
+
+    def lookup(self, model: str, material: list[str]) -> tuple[Choice, ...] | None:
+        if self.memcached is None:
+            return lookup(self.redis, model, material)
+        choices = _found_in(self.memcached, [keys.response(model, m) for m in material])
+        if choices is MISSING:
+            return None
+        self.redis.call(lambda s: s.count(keys.cache_stats(model), "hits" if choices else "misses"), None)
+        return choices  # type: ignore[no-any-return]
+
+    def store(self, model: str, material: str, choice: Choice, ttl_seconds: int) -> None:
+        if self.memcached is None:
+            store(self.redis, model, material, choice, ttl_seconds)
+            return
+        key, document = keys.response(model, material), choice.to_dict()
+        self.memcached.call(lambda s: s.set_json(key, document, ttl_seconds), None)
+
+
+_counting: set[asyncio.Task[None]] = set()
+"""Counter updates under way (a reference keeps each task alive until it ends)."""
+
+
+async def lookup_in_memcached_async(memcached: OptionalMemcached, redis: AsyncOptionalRedis, model: str,
+                                    material: list[str]) -> tuple[Choice, ...] | None:
+    """The gateway's lookup for a model whose entries live in Memcached: on a thread (pymemcache blocks),
+    and the count in Redis on a task of its own, so a hit waits for one store, not two."""
+    choices = await asyncio.to_thread(_found_in, memcached, [keys.response(model, m) for m in material])
+    if choices is MISSING:
+        return None
+
+    async def count(store: AsyncRedisStore) -> None:
+        await store.count(keys.cache_stats(model), "hits" if choices else "misses")
+
+    task = asyncio.get_running_loop().create_task(redis.call(count, None))
+    _counting.add(task)
+    task.add_done_callback(_counting.discard)
+    return choices  # type: ignore[no-any-return]

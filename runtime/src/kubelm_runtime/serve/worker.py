@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import time
 from collections import OrderedDict
@@ -23,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubelm_contract import keys, protocol, queues, registry
+from kubelm_contract import env, keys, protocol, queues, registry
 from kubelm_contract.protocol import ProtocolError, Reply, Request
 
 from .. import allocator, artifacts, models
 from ..broker import ConnectionLost, Delivery, WorkerChannel
+from ..memcached_store import OptionalMemcached
 from ..redis_store import OptionalRedis, RedisStore
 from . import chat, response_cache
 from .batching import Batcher
@@ -94,7 +96,8 @@ def model_digest(reference: str, source_description: str) -> str:
 
 class Worker:
     def __init__(self, config: ServeConfig, amqp_url: str, redis_url: str | None, engine: Engine, digest: str,
-                 metrics: WorkerMetrics | None = None, health: HealthState | None = None):
+                 metrics: WorkerMetrics | None = None, health: HealthState | None = None,
+                 memcached_url: str | None = None):
         self.config = config
         self.engine = engine
         self.digest = digest
@@ -102,6 +105,7 @@ class Worker:
         self.limits = config.limits.limits()
         self.chat_template = chat.template_for(engine.tokenizer, config.generation.chat_template)
         self.redis = OptionalRedis(redis_url, "the response cache", retry_after=config.redis_retry_seconds)
+        self.responses = response_cache.ResponseCache(self.redis, self._memcached(memcached_url))
         self.metrics = metrics or WorkerMetrics()
         self.health = health or HealthState(config.liveness_timeout_seconds)
         self.batcher: Batcher[Pending] = Batcher(config.batching.max_batch_size,
@@ -125,6 +129,15 @@ class Worker:
         self.model_id = keys.model_id(config.namespace, config.name)
         self.cancelled: OrderedDict[str, None] = OrderedDict()
         """Requests whose caller went away, most recent last: skipped if delivered (again)."""
+
+    def _memcached(self, url: str | None) -> OptionalMemcached | None:
+        if self.config.cache.responses.backend != "memcached":
+            return None
+        if not url:
+            log.warning("cache.responses.backend is memcached but %s is not set: serving without the response "
+                        "cache", env.MEMCACHED_URL)
+        # Unconfigured, it answers every lookup with "unavailable": no hits, no entries, nothing in Redis.
+        return OptionalMemcached(url, "the response cache", retry_after=self.config.redis_retry_seconds)
 
     def _connect(self) -> WorkerChannel:
         return WorkerChannel(self.amqp_url, prefetch=2 * self.config.batching.max_batch_size,
@@ -166,7 +179,7 @@ class Worker:
         material = (response_cache.materials(self.digest, request.prompts, request.decoding, request.n)
                     if self.config.cache.responses.enabled else None)
         checked = bool(delivery.headers.get(queues.CACHE_CHECKED_HEADER))
-        cached = response_cache.lookup(self.redis, self.model_id, material) if material and not checked else None
+        cached = self.responses.lookup(self.model_id, material) if material and not checked else None
         if material and not checked:
             self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
@@ -344,7 +357,7 @@ class Worker:
         self.metrics.requests.labels("ok").inc()
         self._observe_latency(flight, outputs)
         for material, choice in zip(pending.material or (), choices, strict=False):
-            response_cache.store(self.redis, self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
+            self.responses.store(self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
 
     def _observe_latency(self, flight: InFlight, outputs: list[Output]) -> None:
         """Time to first token and between tokens, as vLLM reports them; delivery is in wall time,
@@ -385,7 +398,8 @@ class Worker:
         self.register_tried = time.monotonic()
         entry = registry.model_entry(queue=self.queue, namespace=self.config.namespace, digest=self.digest,
                                      source=self.config.model.describe(), limits=self.limits,
-                                     defaults=self.defaults, response_cache=self.config.cache.responses.enabled)
+                                     defaults=self.defaults, response_cache=self.config.cache.responses.enabled,
+                                     response_cache_backend=self.config.cache.responses.backend)
 
         def write(store: RedisStore) -> bool:
             store.hset_json(keys.MODEL_REGISTRY, self.model_id, entry)
@@ -496,7 +510,7 @@ def run(config: ServeConfig, amqp_url: str, redis_url: str | None) -> None:
     gc.collect()
     gc.freeze()
     worker = Worker(config, amqp_url, redis_url, engine, model_digest(reference, config.model.describe()),
-                    metrics, health)
+                    metrics, health, memcached_url=os.environ.get(env.MEMCACHED_URL))
 
     def drain(signum: int, frame: Any) -> None:
         worker.draining = True
