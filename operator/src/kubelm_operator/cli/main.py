@@ -83,14 +83,14 @@ namespace_option = click.option("-n", "--namespace", help="Namespace (default: t
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--kubeconfig", envvar="KUBECONFIG",
-              help="Path to the kubeconfig file (default: $KUBECONFIG, ~/.kube/config).")
+@click.option("--kubeconfig", help="Path to the kubeconfig file (default: $KUBECONFIG, merged as kubectl does, "
+                                   "else ~/.kube/config).")
 @click.option("--context", help="The kubeconfig context to use.")
 @click.version_option(package_name="kubelm-operator")
 @click.pass_context
 def cli(ctx: click.Context, kubeconfig: str | None, context: str | None) -> None:
     """Training and serving language models on Kubernetes, at a glance."""
-    ctx.obj = State(kubeconfig.split(":")[0] if kubeconfig else None, context)
+    ctx.obj = State(kubeconfig, context)
 
 
 @cli.command()

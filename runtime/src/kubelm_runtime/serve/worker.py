@@ -352,12 +352,14 @@ class Worker:
         reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, n=pending.request.n, timings={
             "batch_wait_ms": round((flight.admitted_wall - pending.delivery.received) * 1000, 3),
             "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
+        # Cached before the reply goes out: a client that repeats the request once it has the answer must
+        # find the entry (stored after, the repeat could overtake it and be generated again).
+        for material, choice in zip(pending.material or (), choices, strict=False):
+            self.responses.store(self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
         if not self._answer(pending.delivery, reply):
             return
         self.metrics.requests.labels("ok").inc()
         self._observe_latency(flight, outputs)
-        for material, choice in zip(pending.material or (), choices, strict=False):
-            self.responses.store(self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
 
     def _observe_latency(self, flight: InFlight, outputs: list[Output]) -> None:
         """Time to first token and between tokens, as vLLM reports them; delivery is in wall time,
