@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from pymemcache.client.base import PooledClient
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from .redis_store import OptionalService, StoreError, StoreUnavailable
+from .redis_store import BlockingOptional, OptionalService, StoreError, StoreUnavailable
 
-T = TypeVar("T")
 DEFAULT_PORT = 11211
 
 
@@ -62,21 +61,10 @@ class MemcachedStore:
         self._client.close()
 
 
-class OptionalMemcached(OptionalService):
+class OptionalMemcached(BlockingOptional[MemcachedStore]):
     __doc__ = OptionalService.__doc__
     system = "memcached"
 
     def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
         super().__init__(bool(url), purpose, retry_after)
         self.store = MemcachedStore(url, timeout=timeout) if url else None
-
-    def call(self, fn: Callable[[MemcachedStore], T], default: T, force: bool = False) -> T:
-        if self.store is None or self._resting(force):
-            return default
-        try:
-            result = fn(self.store)
-        except (StoreError, ValueError, TypeError) as e:
-            self._failed(e)
-            return default
-        self._succeeded()
-        return result

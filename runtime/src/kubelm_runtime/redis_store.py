@@ -11,13 +11,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 class StoreError(RuntimeError):
@@ -216,14 +217,12 @@ class OptionalService:
             self._down_since = None
 
 
-class OptionalRedis(OptionalService):
-    __doc__ = OptionalService.__doc__
+class BlockingOptional(OptionalService, Generic[S]):
+    """An OptionalService called from blocking code, around a store of type S."""
 
-    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
-        super().__init__(bool(url), purpose, retry_after)
-        self.store = RedisStore(url, timeout=timeout) if url else None
+    store: S | None
 
-    def call(self, fn: Callable[[RedisStore], T], default: T, force: bool = False) -> T:
+    def call(self, fn: Callable[[S], T], default: T, force: bool = False) -> T:
         if self.store is None or self._resting(force):
             return default
         try:
@@ -233,6 +232,14 @@ class OptionalRedis(OptionalService):
             return default
         self._succeeded()
         return result
+
+
+class OptionalRedis(BlockingOptional[RedisStore]):
+    __doc__ = OptionalService.__doc__
+
+    def __init__(self, url: str | None, purpose: str, timeout: float = 0.5, retry_after: float = 30.0):
+        super().__init__(bool(url), purpose, retry_after)
+        self.store = RedisStore(url, timeout=timeout) if url else None
 
 
 class AsyncOptionalRedis(OptionalService):

@@ -47,12 +47,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request, plus top_k and repetition_penalty."""
+class _Sampled(BaseModel):
+    """What both APIs' requests share: the model, decoding parameters (OpenAI's plus top_k and
+    repetition_penalty), n and streaming. Unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    prompt: str | list[str]
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=10)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -64,10 +64,16 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=protocol.MAX_TOP_LOGPROBS)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+class CompletionRequest(_Sampled):
+    """The OpenAI completions request."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=protocol.MAX_TOP_LOGPROBS)
 
 
     @property
@@ -99,29 +105,14 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat completions request (text messages), plus top_k and repetition_penalty."""
+class ChatCompletionRequest(_Sampled):
+    """The OpenAI chat completions request (text messages)."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """OpenAI's newer name for max_tokens; it wins when both are given."""
-    temperature: float | None = Field(default=None, ge=0, le=10)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
     logprobs: bool | None = None
     top_logprobs_asked: int | None = Field(default=None, ge=0, le=protocol.MAX_TOP_LOGPROBS, alias="top_logprobs")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
