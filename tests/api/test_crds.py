@@ -70,7 +70,7 @@ def test_languagemodel_defaults_are_applied(custom: client.CustomObjectsApi, nam
     assert spec["limits"] == {"maxInputTokens": 1024, "maxNewTokens": 512}
     assert spec["batching"] == {"maxBatchSize": 16, "maxWaitMillis": 10}
     assert spec["queue"] == {"type": "quorum", "deadLetter": True, "deletionPolicy": "Delete"}
-    assert spec["cache"] == {"responses": {"enabled": True, "ttlSeconds": 3600},
+    assert spec["cache"] == {"responses": {"enabled": True, "ttlSeconds": 3600, "backend": "redis"},
                              "deletionPolicy": "Delete"}
     assert spec["autoscaling"] == {"engine": "builtin", "minReplicas": 1, "maxReplicas": 4,
                                    "targetQueueLengthPerReplica": 16, "activationQueueLength": 0,
