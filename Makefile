@@ -22,6 +22,7 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/artifact_fetch.py
 	$(PY) bench/operator_scale.py
+	$(PY) bench/response_cache.py
 
 up: setup
 	$(VENV)/bin/kubelm-dev up
