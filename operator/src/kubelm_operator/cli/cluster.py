@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import urllib3
 from kubernetes import client, config
@@ -46,9 +47,8 @@ class Cluster:
         namespace = "default"
         try:
             config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
             chosen = context or (active or {}).get("name")
-            contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
             found = next((c for c in contexts if c.get("name") == chosen), active or {})
             namespace = (found.get("context") or {}).get("namespace") or namespace
         except config.ConfigException as e:
@@ -67,7 +67,7 @@ class Cluster:
               what: str, stream: bool = False, timeout: float | None = TIMEOUT) -> Any:
         url = self.server + path
         if query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in query.items() if v is not None)
+            url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         self.api.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
         try:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..status.conditions import READY, STALLED, find
+
 TRAINING_JOB, LANGUAGE_MODEL = "TrainingJob", "LanguageModel"
 
 
@@ -18,11 +20,6 @@ class Explanation:
     ready: bool
     reason: str
     sentence: str
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c.get("type") == type_), {})
 
 
 def _gpus(obj: dict[str, Any]) -> int:
@@ -112,7 +109,8 @@ def explain(obj: dict[str, Any]) -> Explanation:
     if generation is not None and int(observed) < int(generation):
         return Explanation(False, "NotObserved", f"The operator has not yet acted on the latest spec "
                            f"(generation {generation}, status is of {observed}); it runs, or it is behind.")
-    ready, stalled = condition(obj, "Ready"), condition(obj, "Stalled")
+    conditions = status.get("conditions") or []
+    ready, stalled = find(conditions, READY) or {}, find(conditions, STALLED) or {}
     phase = str(status.get("phase") or "")
     if phase == "Suspended":
         return Explanation(False, "Suspended", "It is suspended (spec.suspend is true); set it to false to resume.")

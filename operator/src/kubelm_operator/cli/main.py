@@ -8,6 +8,7 @@ unreachable or no kubeconfig, 4 access denied, 5 kubelm API not installed, 6 obj
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import queue
 import sys
@@ -53,6 +54,7 @@ class State:
 
 def _errors(command: Callable[..., int | None]) -> Callable[..., None]:
     """One line on stderr and the documented exit code, never a traceback, for what users run into."""
+    @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         try:
             code = command(*args, **kwargs)
@@ -62,7 +64,6 @@ def _errors(command: Callable[..., int | None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             sys.exit(130)
         sys.exit(code or 0)
-    run.__name__, run.__doc__ = command.__name__, command.__doc__
     return run
 
 
@@ -116,9 +117,7 @@ def status(state: State, namespace: str | None, all_namespaces: bool, output: st
         return 0
 
     def screen() -> Any:
-        models, jobs = read()
-        return render.overview([summary.model_row(m) for m in sorted(models, key=_key)],
-                               [summary.training_row(j) for j in sorted(jobs, key=_key)], namespaces=where is None)
+        return render.overview(*summary.rows(*read()), namespaces=where is None)
 
     console = Console()
     if not watch:
@@ -131,10 +130,6 @@ def status(state: State, namespace: str | None, all_namespaces: bool, output: st
                 live.update(screen(), refresh=True)
     except KeyboardInterrupt:  # the way out of --watch: not a failure
         return 0
-
-
-def _key(obj: dict[str, Any]) -> tuple[str, str]:
-    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
 
 @cli.command()

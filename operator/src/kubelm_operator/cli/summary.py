@@ -38,8 +38,13 @@ def _camel(row: Any) -> dict[str, Any]:
     return out
 
 
+class _Row:
+    def to_dict(self) -> dict[str, Any]:
+        return _camel(self)
+
+
 @dataclass(frozen=True)
-class ModelRow:
+class ModelRow(_Row):
     namespace: str
     name: str
     phase: str
@@ -57,12 +62,9 @@ class ModelRow:
     model_digest: str | None
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return _camel(self)
-
 
 @dataclass(frozen=True)
-class TrainingRow:
+class TrainingRow(_Row):
     namespace: str
     name: str
     phase: str
@@ -76,9 +78,6 @@ class TrainingRow:
     artifact: str | None
     """uri, with the version when known."""
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return _camel(self)
 
 
 def model_row(obj: dict[str, Any]) -> ModelRow:
@@ -114,10 +113,15 @@ def training_row(obj: dict[str, Any]) -> TrainingRow:
         reason=why.reason)
 
 
+def rows(models: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> tuple[list[ModelRow], list[TrainingRow]]:
+    """The rows of `kubelm status`, by namespace and name."""
+    return [model_row(m) for m in _sorted(models)], [training_row(j) for j in _sorted(jobs)]
+
+
 def overview(models: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """`kubelm status -o json|yaml`."""
-    return {"languageModels": [model_row(m).to_dict() for m in _sorted(models)],
-            "trainingJobs": [training_row(j).to_dict() for j in _sorted(jobs)]}
+    model_rows, training_rows = rows(models, jobs)
+    return {"languageModels": [r.to_dict() for r in model_rows], "trainingJobs": [r.to_dict() for r in training_rows]}
 
 
 def _sorted(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -184,14 +184,11 @@ def chat_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None) -> dict[str,
 
 
 def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
-    prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
     return {
         "id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
         "choices": [{"text": c.text, "index": i, "logprobs": completion_logprobs(c.logprobs),
                      "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-        "system_fingerprint": None,
+        "usage": _usage(reply), "system_fingerprint": None,
         # Extra fields are ignored by OpenAI clients; they say how the answer was produced.
         "kubelm": {"cached": reply.cached, "timings": reply.timings},
     }
@@ -207,10 +204,8 @@ def completion_chunk(request_id: str, model: str, created: int, index: int, text
 
 def usage_chunk(reply: protocol.Reply, model: str, created: int) -> dict[str, Any]:
     """The last event before [DONE] when the client asked for `stream_options.include_usage`."""
-    prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
     return {"id": f"cmpl-{reply.id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                     "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": [], "usage": _usage(reply)}
 
 
 def _usage(reply: protocol.Reply) -> dict[str, int]:
