@@ -228,6 +228,15 @@ class Reply:
         )
 
 
+def result_document(reply: Reply, chat: bool = False) -> dict[str, Any]:
+    """What a worker stores under an asynchronous request's result key (the gateway stores
+    `{"status": "pending"}` there first): the reply, and whether the request was a chat."""
+    document: dict[str, Any] = {"status": "done", "reply": json.loads(reply.to_json())}
+    if chat:
+        document["chat"] = True
+    return document
+
+
 def error_reply(request_id: str, kind: str, message: str) -> Reply:
     return Reply(id=request_id, error=(kind, message))
 

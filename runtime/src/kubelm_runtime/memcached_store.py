@@ -45,8 +45,8 @@ class MemcachedStore:
     def get_json_all_or_none(self, keys: Sequence[str]) -> list[Any] | None:
         """The documents at every key in one exchange, or None if one is missing."""
         with _store_errors(self.url):
-            found = self._client.get_many(list(keys))
-        if len(found) != len(keys):
+            found = self._client.get_many(list(dict.fromkeys(keys)))
+        if not all(k in found for k in keys):
             return None
         return [json.loads(found[k]) for k in keys]
 

@@ -18,6 +18,7 @@ from kubelm_runtime.serve.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    parse_any_request,
     parse_chat_request,
     parse_completion_request,
 )
@@ -144,7 +145,7 @@ def test_a_cache_hit_is_answered_without_the_queue_and_a_miss_tells_the_worker_i
     entry = store.entries[keys.model_id(NAMESPACE, "tiny")]
     message = protocol.parse_request(json.dumps(dispatcher.calls[0][1]).encode(), worker_defaults(entry),
                                      protocol.Limits(max_new_tokens=64))
-    [material] = response_cache.materials(DIGEST, message.prompts, message.decoding)  # type: ignore[misc]
+    [material] = response_cache.materials(DIGEST, message)  # type: ignore[misc]
     store.responses[keys.response(keys.model_id(NAMESPACE, "tiny"), material)] = Choice(
         text=" cached", finish_reason="length", prompt_tokens=3, completion_tokens=4)
     second = asyncio.run(completions.complete(request(temperature=0, max_tokens=4)))
@@ -285,9 +286,34 @@ def test_n_completions_per_prompt_go_to_the_worker_and_count_each_prompt_once() 
     answer = asyncio.run(completions.complete(request(prompt=["one", "two"], n=3, temperature=0)))
     _, sent, headers = dispatcher.calls[0]
     assert sent["n"] == 3 and sent["prompts"] == ["one", "two"]
-    assert headers[queues.CACHE_CHECKED_HEADER] == 0  # an entry holds one completion: not cached
+    assert headers[queues.CACHE_CHECKED_HEADER] == 1  # greedy: looked up (a miss here)
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3, 4, 5]
     assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+
+def test_each_row_of_n_has_its_own_cache_entry_keyed_by_its_own_seed() -> None:
+    """A seeded request's samples take seeds s, s + 1, ...: each row is the completion of one seed, so a
+    later n = 1 request with seed s + 1 is the second row's entry, and n = 2 again is two hits."""
+    completions, dispatcher, store = make()
+    asked = {"prompt": "one", "temperature": 1.0, "seed": 7, "max_tokens": 4}
+    asyncio.run(completions.complete(request(n=2, **asked)))
+    entry = store.entries[keys.model_id(NAMESPACE, "tiny")]
+    message = protocol.parse_request(json.dumps(dispatcher.calls[0][1]).encode(), worker_defaults(entry),
+                                     protocol.Limits(max_new_tokens=64))
+    rows = response_cache.materials(DIGEST, message)
+    assert rows is not None and len(set(rows)) == 2
+    model = keys.model_id(NAMESPACE, "tiny")
+    for material, text in zip(rows, [" seven", " eight"], strict=True):
+        store.responses[keys.response(model, material)] = Choice(text, "length", 1, 1)
+    both = asyncio.run(completions.complete(request(n=2, **asked)))
+    assert [c["text"] for c in both["choices"]] == [" seven", " eight"] and both["kubelm"]["cached"]
+    assert both["usage"]["prompt_tokens"] == 1  # n rows of one prompt count it once, from the cache too
+    second = asyncio.run(completions.complete(request(**{**asked, "seed": 8})))
+    assert [c["text"] for c in second["choices"]] == [" eight"] and second["kubelm"]["cached"]
+    assert len(dispatcher.calls) == 1
+    greedy = protocol.parse_request(json.dumps({**dispatcher.calls[0][1], "params": {"temperature": 0}}).encode(),
+                                    worker_defaults(entry), protocol.Limits(max_new_tokens=64))
+    assert len(set(response_cache.materials(DIGEST, greedy) or ())) == 1  # n identical rows share one key
 
 
 def test_an_unknown_field_is_refused_by_name_and_a_malformed_body_says_what_is_wrong() -> None:
@@ -343,7 +369,7 @@ def test_a_streamed_cache_hit_is_one_event_per_choice() -> None:
     entry = store.entries[keys.model_id(NAMESPACE, "tiny")]
     message = protocol.parse_request(json.dumps(dispatcher.calls[0][1]).encode(), worker_defaults(entry),
                                      protocol.Limits(max_new_tokens=64))
-    [material] = response_cache.materials(DIGEST, message.prompts, message.decoding)  # type: ignore[misc]
+    [material] = response_cache.materials(DIGEST, message)  # type: ignore[misc]
     store.responses[keys.response(keys.model_id(NAMESPACE, "tiny"), material)] = Choice(" cached", "stop", 3, 1)
     events = events_of(completions, request(temperature=0, max_tokens=4, stream=True))
     assert [e["choices"][0]["text"] for e in events] == [" cached"] and len(dispatcher.calls) == 1
@@ -448,3 +474,34 @@ def test_echo_puts_each_prompt_before_its_completions() -> None:
     assert [c["text"] for c in found["choices"]] == ["one fine", "one fine", "two fine", "two fine"]
     events = events_of(completions, request(prompt="one", echo=True, stream=True))
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "one fine"
+
+
+def test_an_asynchronous_chat_goes_as_its_conversation_and_its_result_is_a_chat_completion() -> None:
+    completions, dispatcher, store = make()
+    accepted = asyncio.run(completions.submit(chat(max_completion_tokens=3)))
+    _, sent, _ = dispatcher.sent[0]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert "prompts" not in sent
+    reply = protocol.Reply(id=accepted["id"], choices=(Choice(" hi", "stop", 4, 1),), model="tiny")
+    store.results[keys.result(accepted["id"])] = protocol.result_document(reply, chat=True)
+    status, body = asyncio.run(completions.result(accepted["id"]))
+    assert status == 200 and body["completion"]["object"] == "chat.completion"
+    assert body["completion"]["choices"][0]["message"] == {"role": "assistant", "content": " hi", "refusal": None}
+    store.results[keys.result(accepted["id"])] = protocol.result_document(reply)
+    assert asyncio.run(completions.result(accepted["id"]))[1]["completion"]["object"] == "text_completion"
+    assert "not streamed" in refused(completions.submit(chat(stream=True))).message
+
+
+def test_either_api_body_is_told_apart_by_its_messages() -> None:
+    assert isinstance(parse_any_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}'),
+                      ChatCompletionRequest)
+    assert isinstance(parse_any_request(b'{"model": "m", "prompt": "x"}'), CompletionRequest)
+    assert "prompt: Field required" in refused_now(lambda: parse_any_request(b'{"model": "m"}')).message
+    assert "valid JSON" in refused_now(lambda: parse_any_request(b"{")).message
+    assert "JSON object" in refused_now(lambda: parse_any_request(b"[]")).message
+
+
+def refused_now(call: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        call()
+    return caught.value

@@ -142,6 +142,28 @@ def test_asynchronous_requests_pending_failed_and_without_redis(launcher: Launch
     assert status == 503 and "need Redis, which is unavailable" in error["error"]["message"]
 
 
+def test_an_asynchronous_chat_is_rendered_by_the_worker_and_kept_as_a_chat_completion(launcher: Launcher) -> None:
+    launcher.worker("tiny")
+    gateway = launcher.gateway()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "the old fox"}], "max_completion_tokens": 3,
+            "temperature": 0}
+    status, accepted = post(f"{gateway.url()}/v1/requests", body)
+    assert status == 202 and accepted["status"] == "pending"
+    results: list[dict[str, Any]] = []
+
+    def done() -> bool:
+        code, result = get(f"{gateway.url()}/v1/requests/{accepted['id']}")
+        results.append(result)
+        return code == 200
+
+    eventually(done, timeout=60, interval=0.1, what="the chat's result")
+    completion = results[-1]["completion"]
+    assert results[-1]["status"] == "done" and completion["object"] == "chat.completion"
+    status, direct = post(f"{gateway.url()}/v1/chat/completions", body)
+    assert status == 200 and completion["choices"][0]["message"] == direct["choices"][0]["message"]
+    assert completion["usage"] == direct["usage"]
+
+
 def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
     worker = launcher.worker("tiny")
     gateway = launcher.gateway()

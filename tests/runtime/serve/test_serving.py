@@ -282,6 +282,15 @@ def test_cache_hit_skips_the_model(launcher: Launcher) -> None:
     assert stats == {"hits": 1, "misses": 1}
     sampled = completion(gateway.url(), "tiny", "the old fox", max_tokens=6, temperature=0.8)
     assert not sampled[1]["kubelm"]["cached"]
+    # n seeded samples: the worker stores each row under its own seed's key.
+    seeded = {"max_tokens": 6, "temperature": 1.0, "seed": 40}
+    rows = completion(gateway.url(), "tiny", "the old fox", n=3, **seeded)
+    again = completion(gateway.url(), "tiny", "the old fox", n=3, **seeded)
+    third = completion(gateway.url(), "tiny", "the old fox", **{**seeded, "seed": 42})
+    assert not rows[1]["kubelm"]["cached"] and again[1]["kubelm"]["cached"] and third[1]["kubelm"]["cached"]
+    texts = [c["text"] for c in rows[1]["choices"]]
+    assert [c["text"] for c in again[1]["choices"]] == texts and third[1]["choices"][0]["text"] == texts[2]
+    assert again[1]["usage"] == rows[1]["usage"]
 
 
 def test_requests_are_answered_while_redis_is_down(launcher: Launcher, tmp_path: Path) -> None:

@@ -210,14 +210,14 @@ class CompletionService:
         through the queue, and after a real miss the worker need not look again."""
         if not entry.get("responseCache") or "digest" not in entry:
             return None, False
-        material = response_cache.materials(entry["digest"], message.prompts, message.decoding, message.n)
+        material = response_cache.materials(entry["digest"], message)
         if not material:
             return None, False
         choices = await self.store.cached_choices(keys.model_id(self.config.namespace, str(message.model)),
                                                   material, str(entry.get("responseCacheBackend", "redis")))
         if choices is None:
             return None, self.store.available
-        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model), True
+        return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model, n=message.n), True
 
     # -- the API --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -355,8 +355,11 @@ class CompletionService:
         if not task.cancelled() and task.exception() is not None:
             log.warning("could not cancel a request at the workers: %s", task.exception())
 
-    async def submit(self, body: CompletionRequest) -> dict[str, Any]:
-        """Queues the request for an asynchronous answer, which the worker stores in Redis."""
+    async def submit(self, body: Asked) -> dict[str, Any]:
+        """Queues the request (a completion or a chat) for an asynchronous answer, which the worker stores
+        in Redis."""
+        if body.stream:
+            raise openai_api.invalid("an asynchronous request is not streamed; leave stream out")
         entry, message = await self._prepare(body)
         result_key = keys.result(message.id)
         ttl = self.config.result_ttl_seconds
@@ -382,8 +385,9 @@ class CompletionService:
         if reply.error:
             return 200, {"id": request_id, "status": "failed",
                          "error": {"type": reply.error[0], "message": reply.error[1]}}
+        shape = openai_api.CHAT if stored.get("chat") else openai_api.COMPLETIONS
         return 200, {"id": request_id, "status": "done",
-                     "completion": openai_api.completion(reply, reply.model or "", int(time.time()))}
+                     "completion": shape.whole(reply, reply.model or "", int(time.time()))}
 
 
 def _echoed(body: Asked, message: protocol.Request, reply: protocol.Reply) -> protocol.Reply:

@@ -169,7 +169,8 @@ def create_app(service: CompletionService, rpc_connected: Callable[[], bool], to
 
     @app.post("/v1/requests", response_model=None)
     async def submit(request: Request) -> JSONResponse:
-        return JSONResponse(await service.submit(await parsed(request)), status_code=202)
+        raw = await read_body(request, config.max_body_bytes)
+        return JSONResponse(await service.submit(openai_api.parse_any_request(raw)), status_code=202)
 
     @app.get("/v1/requests/{request_id}", response_model=None)
     async def result(request_id: str) -> JSONResponse:

@@ -140,8 +140,11 @@ def _parse(model: type[Parsed], raw: bytes) -> Parsed:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise invalid(problems) from e
+        raise invalid(_problems(e)) from e
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in error.errors())
 
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
@@ -150,6 +153,22 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
 
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     return _parse(ChatCompletionRequest, raw)
+
+
+def parse_any_request(raw: bytes) -> CompletionRequest | ChatCompletionRequest:
+    """A body of either API, told apart by its `messages` (a chat) or not (a completion)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise invalid(f"body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise invalid("body must be a JSON object")
+    model: type[CompletionRequest] | type[ChatCompletionRequest] = (
+        ChatCompletionRequest if "messages" in data else CompletionRequest)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise invalid(_problems(e)) from e
 
 
 def reply_error(kind: str, message: str) -> ApiError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubelm_contract import keys, protocol
-from kubelm_contract.protocol import Choice, Decoding
+from kubelm_contract.protocol import Choice, Request
 
 from ..memcached_store import MemcachedStore, OptionalMemcached
 from ..redis_store import AsyncOptionalRedis, AsyncRedisStore, OptionalRedis, RedisStore
@@ -23,13 +23,14 @@ MISSING = object()
 """What a Memcached lookup answers while Memcached is unreachable: neither a hit nor a miss."""
 
 
-def materials(digest: str, prompts: tuple[str, ...], decoding: Decoding, n: int = 1) -> list[str] | None:
-    """Cache key material per prompt, or None when the request is not cacheable (sampled without a
-    seed, several completions per prompt: an entry holds one, or log-probabilities asked for: an entry
-    holds text)."""
-    if not decoding.deterministic or n != 1 or decoding.logprobs is not None:
+def materials(digest: str, request: Request) -> list[str] | None:
+    """Cache key material per row of the request (`n` per prompt, in choice order), or None when it is
+    not cacheable (sampled without a seed, or log-probabilities asked for: an entry holds text). A row's
+    key covers its own decoding, so the samples of a seeded request (seeds s, s + 1, ...) have entries of
+    their own, and a greedy request's `n` identical rows share one."""
+    if not request.decoding.deterministic or request.decoding.logprobs is not None:
         return None
-    return [protocol.cache_key_material(digest, p, decoding) for p in prompts]
+    return [protocol.cache_key_material(digest, prompt, decoding) for prompt, decoding in request.samples()]
 
 
 def _choices(documents: list[Any] | None) -> tuple[Choice, ...] | None:

@@ -50,7 +50,7 @@ class Pending:
     delivery: Delivery
     request: Request
     material: list[str] | None
-    """Response-cache key material per prompt; None when not cacheable."""
+    """Response-cache key material per row (`n` per prompt); None when not cacheable."""
     prompt_ids: list[tuple[int, ...]]
     """Each prompt's token ids, encoded once for the length check and reused by the prefill."""
 
@@ -176,14 +176,15 @@ class Worker:
             log.info("request %s was cancelled by its caller before it was delivered: skipped", request.id)
             self._drop_cancelled(delivery)
             return
-        material = (response_cache.materials(self.digest, request.prompts, request.decoding, request.n)
+        material = (response_cache.materials(self.digest, request)
                     if self.config.cache.responses.enabled else None)
         checked = bool(delivery.headers.get(queues.CACHE_CHECKED_HEADER))
         cached = self.responses.lookup(self.model_id, material) if material and not checked else None
         if material and not checked:
             self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
-            if self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name)):
+            if self._answer(delivery, Reply(id=request.id, choices=cached, cached=True, model=self.config.name,
+                                           n=request.n), chat=bool(request.messages)):
                 self.metrics.requests.labels("cached").inc()
             return
         self.batcher.add(Pending(delivery, request, material, prompt_ids), time.monotonic())
@@ -226,14 +227,14 @@ class Worker:
             self.health.ready = False
             self.channel.stop_consuming()
 
-    def _answer(self, delivery: Delivery, reply: Reply) -> bool:
+    def _answer(self, delivery: Delivery, reply: Reply, chat: bool = False) -> bool:
         """Reply (confirmed), store an asynchronous result, then acknowledge: at least once, never lost.
         False when the request was dead-lettered instead (counted as an error here)."""
         self._before_ack()
         if delivery.reply_to:
             self.channel.reply(delivery.reply_to, delivery.correlation_id, reply.to_json())
             self._replied(delivery)
-        if self._store_result(delivery, reply):
+        if self._store_result(delivery, reply, chat):
             self.channel.ack(delivery.tag)
             return True
         # An asynchronous result that cannot be stored would be lost: keep the request instead.
@@ -247,15 +248,16 @@ class Worker:
         if delivery.correlation_id:
             _remember(self.replied, _reply_key(delivery))
 
-    def _store_result(self, delivery: Delivery, reply: Reply) -> bool:
-        """Stores the reply of an asynchronous request; False only when that was asked for and failed."""
+    def _store_result(self, delivery: Delivery, reply: Reply, chat: bool = False) -> bool:
+        """Stores the reply of an asynchronous request; False only when that was asked for and failed.
+        `chat`: the request was a conversation, whose result the gateway shows as a chat completion."""
         key = delivery.headers.get(queues.RESULT_KEY_HEADER)
         if isinstance(key, bytes):
             key = key.decode()
         if not (isinstance(key, str) and key.startswith(keys.PREFIX)):
             return True
         ttl = int(delivery.headers.get(queues.RESULT_TTL_HEADER, 3600))
-        document = {"status": "done", "reply": json.loads(reply.to_json())}
+        document = protocol.result_document(reply, chat)
 
         def put(store: RedisStore) -> bool:
             store.set_json(key, document, ttl)
@@ -354,9 +356,10 @@ class Worker:
             "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
         # Cached before the reply goes out: a client that repeats the request once it has the answer must
         # find the entry (stored after, the repeat could overtake it and be generated again).
-        for material, choice in zip(pending.material or (), choices, strict=False):
+        # A greedy request's n rows share one key: stored once.
+        for material, choice in dict(zip(pending.material or (), choices, strict=False)).items():
             self.responses.store(self.model_id, material, choice, self.config.cache.responses.ttl_seconds)
-        if not self._answer(pending.delivery, reply):
+        if not self._answer(pending.delivery, reply, chat=bool(pending.request.messages)):
             return
         self.metrics.requests.labels("ok").inc()
         self._observe_latency(flight, outputs)
