@@ -379,18 +379,37 @@ CHUNK_TYPE = "chunk"
 """The AMQP `type` property of a chunk message; the reply that ends a streamed request has none."""
 
 
-def chunk_message(request_id: str, texts: dict[int, tuple[int, str]]) -> bytes:
-    """Text generated since the last chunk, by choice index: (characters sent before it, the new text)."""
-    return json.dumps({"v": VERSION, "id": request_id, "chunks": [
-        {"index": index, "offset": offset, "text": text} for index, (offset, text) in sorted(texts.items())]},
-        separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class ChunkPart:
+    """What one choice generated since its last chunk."""
+
+    offset: int
+    """Characters of the choice's text sent before `text`."""
+    text: str
+    token_offset: int = 0
+    """Tokens with log-probabilities sent before `logprobs`."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Of the tokens whose text is now wholly sent, when the request asked for log-probabilities."""
 
 
-def parse_chunk_message(raw: bytes) -> dict[int, tuple[int, str]]:
-    """(offset, text) by choice index; empty for a body that is not a chunk message."""
+def chunk_message(request_id: str, parts: dict[int, ChunkPart]) -> bytes:
+    """A chunk message: the new parts of the choices that have any, by choice index."""
+    chunks = []
+    for index, part in sorted(parts.items()):
+        chunk: dict[str, Any] = {"index": index, "offset": part.offset, "text": part.text}
+        if part.logprobs:
+            chunk["token_offset"] = part.token_offset
+            chunk["logprobs"] = [t.to_dict() for t in part.logprobs]
+        chunks.append(chunk)
+    return json.dumps({"v": VERSION, "id": request_id, "chunks": chunks}, separators=(",", ":")).encode()
+
+
+def parse_chunk_message(raw: bytes) -> dict[int, ChunkPart]:
+    """The parts by choice index; empty for a body that is not a chunk message."""
     try:
         data = json.loads(raw)
-        return {int(c["index"]): (int(c["offset"]), str(c["text"])) for c in data["chunks"]}
-    except (ValueError, KeyError, TypeError):
+        return {int(c["index"]): ChunkPart(int(c["offset"]), str(c["text"]), int(c.get("token_offset", 0)),
+                                           tuple(TokenLogprob.from_dict(t) for t in c.get("logprobs", ())))
+                for c in data["chunks"]}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return {}
-

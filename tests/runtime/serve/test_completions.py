@@ -37,8 +37,8 @@ class FakeDispatcher:
         self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.sent: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.cancelled: list[tuple[str, str]] = []
-        self.chunks: list[dict[int, tuple[int, str]]] = []
-        """Chunk messages a streamed call receives before its reply."""
+        self.chunks: list[dict[int, Any]] = []
+        """Chunk messages a streamed call receives before its reply: ChunkParts, or (offset, text)."""
         self.answer: Any = None
         self.release = asyncio.Event()
         self.release.set()
@@ -48,7 +48,9 @@ class FakeDispatcher:
         request = json.loads(body)
         self.calls.append((queue_name, request, headers or {}))
         for chunk in self.chunks:
-            on_chunk(protocol.chunk_message(request["id"], chunk))
+            on_chunk(protocol.chunk_message(request["id"], {
+                index: part if isinstance(part, protocol.ChunkPart) else protocol.ChunkPart(*part)
+                for index, part in chunk.items()}))
             await asyncio.sleep(0)
         await self.release.wait()
         if isinstance(self.answer, BaseException):
@@ -172,7 +174,6 @@ def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() 
     ({"n": 17}, "n must be an integer from 1 to 16"),
     ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompts times n is 80"),
     ({"logprobs": 2, "echo": True}, "echo with logprobs is not supported"),
-    ({"logprobs": 2, "stream": True}, "logprobs are not streamed"),
     ({"max_tokens": 65}, "over this model's limit of 64"),
     ({"prompt": ["p"] * (protocol.MAX_PROMPTS + 1)}, "prompts"),
 ])
@@ -350,6 +351,27 @@ def test_a_stream_relays_chunks_as_they_come_and_the_reply_finishes_each_choice(
     assert sample("kubelm_gateway_time_to_first_token_seconds_count", {"model": "tiny"}) == 1
     assert sample("kubelm_gateway_latency_seconds_count", {"model": "tiny"}) == 1
     assert all(e["object"] == "text_completion" for e in events)
+
+
+def test_a_stream_with_logprobs_relays_each_tokens_once_and_the_reply_brings_the_rest() -> None:
+    completions, dispatcher, _ = make()
+    fi, n, e = (protocol.TokenLogprob(t, lp, ((t, lp),)) for t, lp in ((" fi", -0.5), ("n", -1.0), ("e", -2.0)))
+    dispatcher.chunks = [{0: protocol.ChunkPart(0, " fi", 0, (fi,))},
+                         {0: protocol.ChunkPart(0, " fin", 0, (fi, n))},  # overlapping: only what is new
+                         {0: protocol.ChunkPart(5, "x", 3, (e,))}]  # past what was sent: a chunk went missing
+    dispatcher.answer = lambda sent: protocol.Reply(id=sent["id"], choices=(
+        Choice(" fine", "length", 2, 3, (fi, n, e)),)).to_json()
+    events = events_of(completions, request(stream=True, logprobs=1))
+    forms = [e["choices"][0]["logprobs"] for e in events]
+    assert [f["tokens"] for f in forms] == [[" fi"], ["n"], ["e"]]
+    assert [f["text_offset"] for f in forms] == [[0], [3], [4]]
+    assert [f["top_logprobs"] for f in forms] == [[{" fi": -0.5}], [{"n": -1.0}], [{"e": -2.0}]]
+    assert "".join(e["choices"][0]["text"] for e in events) == " fine"
+    plain = events_of(completions, request(stream=True))
+    assert all(e["choices"][0]["logprobs"] is None for e in plain)
+    chat_events = events_of(completions, chat(stream=True, logprobs=True, top_logprobs=1))
+    assert [[t["token"] for t in e["choices"][0]["logprobs"]["content"]] for e in chat_events] == [
+        [" fi"], ["n"], ["e"]]
 
 
 def test_a_stream_that_lost_a_chunk_gets_the_rest_from_the_reply_and_errors_are_raised() -> None:

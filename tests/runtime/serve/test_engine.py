@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +238,31 @@ def test_a_stop_string_leaves_out_the_tokens_it_cut(engine: Engine) -> None:
     assert stopped.logprobs is not None
     assert "".join(t.token for t in stopped.logprobs) == stopped.text[:len("".join(t.token for t in stopped.logprobs))]
     assert len(stopped.logprobs) <= len(whole.logprobs) and stopped.logprobs == whole.logprobs[:len(stopped.logprobs)]
+
+
+def test_what_may_be_streamed_carries_the_log_probabilities_of_the_tokens_inside_it(engine: Engine) -> None:
+    """Step by step, a streaming row's log-probabilities cover exactly the tokens whose text is wholly in
+    the streamable text, grow as it grows, and end as a prefix of the output's."""
+    greedy = Decoding(max_new_tokens=12, temperature=0, logprobs=1)
+    whole = engine.generate([Item("the old fox", greedy)])[0]
+    assert whole.logprobs is not None and len(whole.logprobs) > 3
+    stop = whole.text[len("".join(t.token for t in whole.logprobs[:3])):][:3]
+    batch = Batch()
+    engine.join(batch, [("row", Item("the old fox", Decoding(max_new_tokens=12, temperature=0, logprobs=1,
+                                                              stop=(stop,))))])
+    seen: list[tuple[str, tuple[Any, ...]]] = []
+    outputs: dict[str, Output] = {}
+    while len(batch):
+        outputs.update(engine.step(batch))
+        ready = engine.streamable_texts(batch, lambda key: True)
+        if "row" in ready:
+            assert ready["row"].logprobs is not None
+            seen.append((ready["row"].text, ready["row"].logprobs))
+    final = outputs["row"].logprobs
+    assert seen and final is not None
+    for (text, logprobs), (later_text, later) in itertools.pairwise(seen):
+        assert later_text.startswith(text) and later[:len(logprobs)] == logprobs
+    for text, logprobs in seen:
+        covered = "".join(t.token for t in logprobs)
+        assert text.startswith(covered) and logprobs == final[:len(logprobs)]
+    assert engine.streamable_texts(batch, lambda key: True) == {}

@@ -485,7 +485,7 @@ def test_chat_completions_with_the_official_client_sync_and_async_and_with_httpx
 
 def test_logprobs_and_echo_with_the_official_client(launcher: Launcher) -> None:
     """Log-probabilities of each generated token (and the most likely alternatives) from the worker, in the
-    completions and chat forms; echo puts the prompt first; a streamed request for them is refused."""
+    completions and chat forms, whole and streamed; echo puts the prompt first."""
     launcher.worker("tiny", generation={"maxNewTokens": 8}, limits={"maxNewTokens": 64})
     gateway = launcher.gateway()
     client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
@@ -509,5 +509,16 @@ def test_logprobs_and_echo_with_the_official_client(launcher: Launcher) -> None:
 
     echoed = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0, echo=True)
     assert echoed.choices[0].text == "the old fox" + plain.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="not streamed"):
-        client.completions.create(model="tiny", prompt="x", logprobs=1, stream=True)
+    # Streamed: each token's log-probability arrives once, with the text it belongs to.
+    streamed = list(client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0,
+                                              logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens or ()] == tokens
+    assert [lp for p in parts for lp in p.token_logprobs or ()] == pytest.approx(logprobs, abs=1e-5)
+    assert [o for p in parts for o in p.text_offset or ()] == choice.logprobs.text_offset
+    chat_stream = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the old fox"}], max_completion_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed_content = [t for c in chat_stream if c.choices and c.choices[0].logprobs
+                        for t in c.choices[0].logprobs.content or ()]
+    assert [t.token for t in streamed_content] == [t.token for t in content]

@@ -175,9 +175,6 @@ class CompletionService:
         if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
             raise openai_api.invalid("echo with logprobs is not supported (the prompt's log-probabilities are "
                                      "not computed)", protocol.INVALID_REQUEST)
-        if body.stream and body.top_logprobs is not None:
-            raise openai_api.invalid("logprobs are not streamed; ask for them without stream",
-                                     protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
         if body.new_tokens is not None and body.new_tokens > ceiling:
             raise openai_api.invalid(f"max_tokens {body.new_tokens} is over this model's limit of {ceiling}",
@@ -283,6 +280,20 @@ class CompletionService:
                 yield shape.usage(hit, model, created)
             return
         sent: dict[int, str] = {}
+        logged: dict[int, tuple[protocol.TokenLogprob, ...]] = {}
+        """Per choice, the tokens whose log-probabilities were streamed (when asked for)."""
+        asked_logprobs = message.decoding.logprobs is not None
+
+        def event(index: int, text: str, tokens: tuple[protocol.TokenLogprob, ...],
+                  finish_reason: str | None = None) -> dict[str, Any]:
+            before = logged.get(index, ())
+            logged[index] = before + tokens
+            first = index not in sent
+            sent[index] = sent.get(index, "") + text
+            return shape.chunk(message.id, model, created, index, text, finish_reason, first=first,
+                               logprobs=tokens if asked_logprobs else None,
+                               text_offset=sum(len(t.token) for t in before))
+
         started = time.perf_counter()
         async with self._through_the_queue(model):
             chunks: asyncio.Queue[bytes] = asyncio.Queue()
@@ -301,14 +312,13 @@ class CompletionService:
                         body_of_chunk = arrived.result()
                     else:
                         body_of_chunk = chunks.get_nowait()
-                    for index, (offset, text) in protocol.parse_chunk_message(body_of_chunk).items():
-                        fresh = _fresh(sent.get(index, ""), offset, text)
-                        if fresh:
+                    for index, part in protocol.parse_chunk_message(body_of_chunk).items():
+                        fresh = _fresh(sent.get(index, ""), part.offset, part.text)
+                        tokens = _fresh_tokens(len(logged.get(index, ())), part)
+                        if fresh or tokens:
                             if not sent:
                                 self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
-                            first = index not in sent
-                            sent[index] = sent.get(index, "") + fresh
-                            yield shape.chunk(message.id, model, created, index, fresh, first=first)
+                            yield event(index, fresh, tokens)
                 raw = call.result()
             finally:
                 if arrived is not None:
@@ -320,7 +330,7 @@ class CompletionService:
         for index, choice in enumerate(reply.choices):
             streamed = sent.get(index, "")
             rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""
-            yield shape.chunk(message.id, model, created, index, rest, choice.finish_reason, first=index not in sent)
+            yield event(index, rest, (choice.logprobs or ())[len(logged.get(index, ())):], choice.finish_reason)
         if include_usage:
             yield shape.usage(reply, model, created)
 
@@ -400,6 +410,14 @@ def _echoed(body: Asked, message: protocol.Request, reply: protocol.Reply) -> pr
 
 def _shape(body: Asked) -> openai_api.Shape:
     return openai_api.CHAT if isinstance(body, ChatCompletionRequest) else openai_api.COMPLETIONS
+
+
+def _fresh_tokens(logged: int, part: protocol.ChunkPart) -> tuple[protocol.TokenLogprob, ...]:
+    """The log-probabilities of a chunk not streamed yet (`logged` were); none when they start past those
+    (a chunk went missing: the reply brings the rest)."""
+    if part.token_offset > logged:
+        return ()
+    return part.logprobs[logged - part.token_offset:]
 
 
 def _fresh(streamed: str, offset: int, text: str) -> str:

@@ -62,8 +62,19 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finish: str | None = None
     first_token_at: float | None = None
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    """Per generated token, when asked for: its log-probability and the most likely (token, log-probability)."""
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, when asked for: its text, log-probability and the most likely alternatives."""
+    covered: int = 0
+    """Tokens whose text lies wholly inside what may be streamed so far (rows with log-probabilities)."""
+
+
+@dataclass(frozen=True)
+class Streamable:
+    """What of an unfinished row may be sent now."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    """Of the tokens whose text lies wholly inside `text`, when the row asked for log-probabilities."""
 
 
 @dataclass
@@ -200,7 +211,7 @@ class Engine:
                 continue
             self._advance(row, token)
             if row.logprobs is not None and token != self.eos:
-                row.logprobs.append(chosen[i])
+                row.logprobs.append(self._token_logprob(token, *chosen[i], int(row.item.decoding.logprobs or 0)))
             if row.finish is not None:
                 finished.append((row.key, self._output(row)))
         dead = len(batch.rows) - len(batch)
@@ -215,11 +226,25 @@ class Engine:
         batch.attention, batch.positions = attention, batch.positions + 1
         return finished
 
-    def streamable_texts(self, batch: Batch, wanted: Callable[[Any], bool]) -> dict[Any, str]:
-        """The text each unfinished row whose key is `wanted` may send so far (see textstream)."""
-        return {row.key: streamable(self.tokenizer.decode(row.generated, skip_special_tokens=True),
-                                    row.item.decoding.stop)
-                for row in batch.rows if row.finish is None and wanted(row.key)}
+    def streamable_texts(self, batch: Batch, wanted: Callable[[Any], bool]) -> dict[Any, Streamable]:
+        """What each unfinished row whose key is `wanted` may send so far (see textstream): its text, and
+        for a row with log-probabilities those of the tokens whose text lies wholly inside it."""
+        found = {}
+        for row in batch.rows:
+            if row.finish is None and wanted(row.key):
+                text = streamable(self.tokenizer.decode(row.generated, skip_special_tokens=True),
+                                  row.item.decoding.stop)
+                found[row.key] = Streamable(text, None if row.logprobs is None else self._covered(row, text))
+        return found
+
+    def _covered(self, row: Row, text: str) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the row's tokens inside `text`, counted on from the last call (what may
+        be streamed only grows)."""
+        assert row.logprobs is not None
+        while (row.covered < len(row.logprobs) and len(
+                self.tokenizer.decode(row.generated[:row.covered + 1], skip_special_tokens=True)) <= len(text)):
+            row.covered += 1
+        return tuple(row.logprobs[:row.covered])
 
     def cancel(self, batch: Batch, keys: set[Any]) -> None:
         """Takes the unfinished rows of `keys` out of the batch before the next step."""
@@ -274,11 +299,11 @@ class Engine:
         kept = len(row.logprobs)
         while kept and len(self.tokenizer.decode(row.generated[:kept], skip_special_tokens=True)) > len(text):
             kept -= 1
-        wanted = int(row.item.decoding.logprobs or 0)
-        return tuple(
-            TokenLogprob(self.tokenizer.decode([token]), logprob,
-                         tuple((self.tokenizer.decode([t]), lp) for t, lp in top[:wanted]))
-            for token, (logprob, top) in zip(row.generated[:kept], row.logprobs[:kept], strict=True))
+        return tuple(row.logprobs[:kept])
+
+    def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]], wanted: int) -> TokenLogprob:
+        return TokenLogprob(self.tokenizer.decode([token]), logprob,
+                            tuple((self.tokenizer.decode([t]), lp) for t, lp in top[:wanted]))
 
     def _compact(self, batch: Batch) -> torch.Tensor | None:
         """Drops finished rows, and the leading columns that only they needed; returns the indices of

@@ -178,11 +178,12 @@ def reply_error(kind: str, message: str) -> ApiError:
                     kind)
 
 
-def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None) -> dict[str, Any] | None:
-    """The completions API's form: parallel lists, offsets counted in characters of the text."""
+def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None, start: int = 0) -> dict[str, Any] | None:
+    """The completions API's form: parallel lists, offsets counted in characters of the text (from `start`,
+    the characters of the tokens before these)."""
     if tokens is None:
         return None
-    offsets, at = [], 0
+    offsets, at = [], start
     for t in tokens:
         offsets.append(at)
         at += len(t.token)
@@ -214,10 +215,13 @@ def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
-    """One streamed event: new text of one choice, and its finish reason on the last."""
+                     finish_reason: str | None = None, first: bool = False,
+                     logprobs: tuple[protocol.TokenLogprob, ...] | None = None, text_offset: int = 0) -> dict[str, Any]:
+    """One streamed event: new text of one choice (with its tokens' log-probabilities when asked for, the
+    offsets counted from `text_offset`), and its finish reason on the last."""
     return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"text": text, "index": index, "logprobs": completion_logprobs(logprobs, text_offset),
+                         "finish_reason": finish_reason}],
             "system_fingerprint": None}
 
 
@@ -245,11 +249,13 @@ def chat_completion(reply: protocol.Reply, model: str, created: int) -> dict[str
 
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, text: str,
-               finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+               finish_reason: str | None = None, first: bool = False,
+               logprobs: tuple[protocol.TokenLogprob, ...] | None = None, text_offset: int = 0) -> dict[str, Any]:
     """A choice's first event says the role; the last carries the finish reason."""
     delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs),
+                         "finish_reason": finish_reason}],
             "system_fingerprint": None}
 
 

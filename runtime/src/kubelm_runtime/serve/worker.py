@@ -33,7 +33,7 @@ from ..memcached_store import OptionalMemcached
 from ..redis_store import OptionalRedis, RedisStore
 from . import chat, response_cache
 from .batching import Batcher
-from .engine import Batch, Engine, Item, Output
+from .engine import Batch, Engine, Item, Output, Streamable
 from .health import HealthState, WorkerMetrics, serve_health
 from .settings import ServeConfig
 
@@ -66,9 +66,12 @@ class InFlight:
     """Rows decoding together right after it joined."""
     sent: list[int] = field(init=False)
     """Characters of each row's text already streamed."""
+    sent_tokens: list[int] = field(init=False)
+    """Tokens of each row whose log-probabilities were streamed."""
 
     def __post_init__(self) -> None:
         self.sent = [0] * len(self.outputs)
+        self.sent_tokens = [0] * len(self.outputs)
 
     def rows(self, key: int) -> set[tuple[int, int]]:
         """The engine's keys of this request's rows, `key` being the request's in the running batch."""
@@ -313,15 +316,19 @@ class Worker:
                      if flight.pending.request.stream and flight.pending.delivery.reply_to}
         if not streaming:
             return
-        texts = self.engine.streamable_texts(self.batch, lambda row_key: row_key[0] in streaming)
+        ready = self.engine.streamable_texts(self.batch, lambda row_key: row_key[0] in streaming)
         for key in streaming:
             flight = self.in_flight[key]
-            new: dict[int, tuple[int, str]] = {}
+            new: dict[int, protocol.ChunkPart] = {}
             for index, output in enumerate(flight.outputs):
-                text = output.text if output is not None else texts.get((key, index))
-                if text is not None and len(text) > flight.sent[index]:
-                    new[index] = (flight.sent[index], text[flight.sent[index]:])
-                    flight.sent[index] = len(text)
+                part = Streamable(output.text, output.logprobs) if output is not None else ready.get((key, index))
+                if part is None:
+                    continue
+                text_at, tokens_at = flight.sent[index], flight.sent_tokens[index]
+                logprobs = part.logprobs[tokens_at:] if part.logprobs is not None else ()
+                if len(part.text) > text_at or logprobs:
+                    new[index] = protocol.ChunkPart(text_at, part.text[text_at:], tokens_at, logprobs)
+                    flight.sent[index], flight.sent_tokens[index] = len(part.text), tokens_at + len(logprobs)
             if new:
                 delivery = flight.pending.delivery
                 self.channel.send_chunk(delivery.reply_to, delivery.correlation_id,  # type: ignore[arg-type]
