@@ -84,6 +84,20 @@ def test_limits_at_and_past_their_edges() -> None:
             parse({"id": "a", "prompt": "x", "params": {"stop": too_many}})
 
 
+def test_prompt_logprobs_need_logprobs_and_parameters_at_their_defaults_stay_off_the_wire() -> None:
+    asked = parse({"id": "a", "prompt": "x", "params": {"logprobs": 2, "prompt_logprobs": True}})
+    assert asked.decoding.prompt_logprobs and parse(asked.to_json()) == asked
+    with pytest.raises(ProtocolError, match=r"prompt_logprobs needs params\.logprobs"):
+        parse({"id": "a", "prompt": "x", "params": {"prompt_logprobs": True}})
+    with pytest.raises(ProtocolError, match="true or false"):
+        parse({"id": "a", "prompt": "x", "params": {"logprobs": 1, "prompt_logprobs": 1}})
+    plain = json.loads(parse({"id": "a", "prompt": "x"}).to_json())["params"]
+    assert "logprobs" not in plain and "prompt_logprobs" not in plain  # a worker without them takes it
+    choice = Choice("hi", "stop", 2, 1, (protocol.TokenLogprob("hi", -1.0),),
+                    (protocol.TokenLogprob("a", None), protocol.TokenLogprob(" b", -2.5, ((" b", -2.5),))))
+    assert Choice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
 def test_reply_round_trip_and_errors() -> None:
     reply = Reply("r", (Choice("hi", "stop", 3, 1),), timings={"generate_ms": 2.0}, model="m")
     data = json.loads(reply.to_json())

@@ -63,6 +63,9 @@ class Decoding:
     logprobs: int | None = None
     """Return each generated token's log-probability and this many most likely alternatives (0-20);
     None: no log-probabilities."""
+    prompt_logprobs: bool = False
+    """Also the prompt's tokens with theirs (the completions API's `echo` with `logprobs`): one more
+    forward pass over the prompt. Needs `logprobs`."""
 
     @property
     def deterministic(self) -> bool:
@@ -90,8 +93,12 @@ class Request:
         return self.deadline is not None and (now or time.time()) > self.deadline
 
     def to_json(self) -> bytes:
-        body: dict[str, Any] = {"v": VERSION, "id": self.id,
-                                "params": {**asdict(self.decoding), "stop": list(self.decoding.stop)}}
+        params = {**asdict(self.decoding), "stop": list(self.decoding.stop)}
+        # Left out at their defaults: a worker older than these parameters still takes the request.
+        for optional, default in (("logprobs", None), ("prompt_logprobs", False)):
+            if params[optional] == default:
+                del params[optional]
+        body: dict[str, Any] = {"v": VERSION, "id": self.id, "params": params}
         if self.messages:
             body["messages"] = [{"role": role, "content": content} for role, content in self.messages]
         else:
@@ -127,7 +134,8 @@ class TokenLogprob:
     the most likely tokens at that position with theirs."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for a prompt's first token, which nothing before it predicts."""
     top: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +143,8 @@ class TokenLogprob:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenLogprob:
-        return cls(str(data["token"]), float(data["logprob"]),
+        logprob = data["logprob"]
+        return cls(str(data["token"]), None if logprob is None else float(logprob),
                    tuple((str(t), float(lp)) for t, lp in data.get("top", ())))
 
 
@@ -147,12 +156,16 @@ class Choice:
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
     """Per generated token of `text`, when the request asked for them."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """Per token of the prompt, when the request asked for them (`Decoding.prompt_logprobs`)."""
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"text": self.text, "finish_reason": self.finish_reason,
                                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
         if self.logprobs is not None:
             data["logprobs"] = [t.to_dict() for t in self.logprobs]
+        if self.prompt_logprobs is not None:
+            data["prompt_logprobs"] = [t.to_dict() for t in self.prompt_logprobs]
         return data
 
     @classmethod
@@ -161,16 +174,17 @@ class Choice:
         if not isinstance(data, dict) or not _CHOICE_KEYS[0] <= set(data) <= _CHOICE_KEYS[1]:
             raise ValueError(f"not a choice: {data!r:.200}")
         try:
-            logprobs = data.get("logprobs")
+            logprobs, prompt_logprobs = data.get("logprobs"), data.get("prompt_logprobs")
             return cls(str(data["text"]), str(data["finish_reason"]), int(data["prompt_tokens"]),
                        int(data["completion_tokens"]),
-                       None if logprobs is None else tuple(TokenLogprob.from_dict(t) for t in logprobs))
+                       None if logprobs is None else tuple(TokenLogprob.from_dict(t) for t in logprobs),
+                       None if prompt_logprobs is None else tuple(TokenLogprob.from_dict(t) for t in prompt_logprobs))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a choice: {data!r:.200}") from e
 
 
 _CHOICE_KEYS = ({"text", "finish_reason", "prompt_tokens", "completion_tokens"},
-                {"text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs"})
+                {"text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "prompt_logprobs"})
 
 
 @dataclass(frozen=True)
@@ -263,7 +277,8 @@ def _integer(params: dict[str, Any], key: str, default: int | None, low: int, hi
     return value
 
 
-PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "logprobs"}
+PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "logprobs",
+          "prompt_logprobs"}
 
 
 def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
@@ -284,6 +299,11 @@ def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
                                              "of at most 64 characters")
     max_new = _integer(params, "max_new_tokens", defaults.max_new_tokens, 1, limits.max_new_tokens)
     assert max_new is not None
+    prompt_logprobs = params.get("prompt_logprobs", False)
+    if not isinstance(prompt_logprobs, bool):
+        raise ProtocolError(INVALID_REQUEST, "params.prompt_logprobs must be true or false")
+    if prompt_logprobs and params.get("logprobs") is None:
+        raise ProtocolError(INVALID_REQUEST, "params.prompt_logprobs needs params.logprobs")
     return Decoding(
         max_new_tokens=max_new,
         temperature=_number(params, "temperature", defaults.temperature, 0.0, 10.0),
@@ -295,6 +315,7 @@ def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
         seed=_integer(params, "seed", defaults.seed, 0, 2**63 - 1),
         # Asked per request only: a model's defaults never turn log-probabilities on.
         logprobs=_integer(params, "logprobs", None, 0, MAX_TOP_LOGPROBS),
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -369,7 +390,7 @@ def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> st
     normalised = prompt.replace("\r\n", "\n")
     # Requests with log-probabilities are never cached, so they do not key entries either (and keys stay
     # those of before the field existed).
-    keyed = {k: v for k, v in asdict(decoding).items() if k != "logprobs"}
+    keyed = {k: v for k, v in asdict(decoding).items() if k not in ("logprobs", "prompt_logprobs")}
     params = json.dumps({**keyed, "stop": list(decoding.stop)}, sort_keys=True)
     return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
 

@@ -26,7 +26,8 @@ def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, 
         "queue": queue, "namespace": namespace, "digest": digest, "source": source,
         "maxNewTokens": limits.max_new_tokens, "maxInputTokens": limits.max_input_tokens,
         # Log-probabilities are asked per request, never a model's default.
-        "defaults": {**{k: v for k, v in dataclasses.asdict(defaults).items() if k != "logprobs"},
+        "defaults": {**{k: v for k, v in dataclasses.asdict(defaults).items()
+                        if k not in ("logprobs", "prompt_logprobs")},
                      "stop": list(defaults.stop)},
         "responseCache": response_cache,
     }

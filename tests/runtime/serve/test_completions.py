@@ -173,7 +173,7 @@ def test_routes_are_remembered_briefly_and_configured_models_need_no_registry() 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"n": 17}, "n must be an integer from 1 to 16"),
     ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompts times n is 80"),
-    ({"logprobs": 2, "echo": True}, "echo with logprobs is not supported"),
+    ({"logprobs": 2, "echo": True, "stream": True}, "echo with logprobs is not streamed"),
     ({"max_tokens": 65}, "over this model's limit of 64"),
     ({"prompt": ["p"] * (protocol.MAX_PROMPTS + 1)}, "prompts"),
 ])
@@ -484,7 +484,7 @@ def test_log_probabilities_are_asked_of_the_worker_and_answered_in_each_apis_for
     asyncio.run(completions.complete(chat(logprobs=True)))
     assert dispatcher.calls[-1][1]["params"]["logprobs"] == 0  # the chosen tokens only
     asyncio.run(completions.complete(chat()))
-    assert dispatcher.calls[-1][1]["params"]["logprobs"] is None
+    assert "logprobs" not in dispatcher.calls[-1][1]["params"]  # not asked: left off the wire
     with pytest.raises(ApiError, match="top_logprobs needs logprobs"):
         parse_chat_request(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                        "top_logprobs": 2}).encode())
@@ -496,6 +496,21 @@ def test_echo_puts_each_prompt_before_its_completions() -> None:
     assert [c["text"] for c in found["choices"]] == ["one fine", "one fine", "two fine", "two fine"]
     events = events_of(completions, request(prompt="one", echo=True, stream=True))
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "one fine"
+
+
+def test_echo_with_logprobs_asks_the_worker_for_the_prompts_and_puts_them_first() -> None:
+    completions, dispatcher, _ = make()
+    prompt_part = (protocol.TokenLogprob("one", None), protocol.TokenLogprob(" two", -3.0, ((" two", -3.0),)))
+    dispatcher.answer = lambda sent: protocol.Reply(id=sent["id"], choices=(Choice(
+        " fine", "length", 2, 1, (protocol.TokenLogprob(" fine", -0.5, ((" fine", -0.5),)),), prompt_part),)).to_json()
+    found = asyncio.run(completions.complete(request(prompt="one two", echo=True, logprobs=1)))
+    assert dispatcher.calls[0][1]["params"]["prompt_logprobs"] is True
+    choice = found["choices"][0]
+    assert choice["text"] == "one two fine"
+    assert choice["logprobs"] == {"tokens": ["one", " two", " fine"], "token_logprobs": [None, -3.0, -0.5],
+                                  "top_logprobs": [None, {" two": -3.0}, {" fine": -0.5}], "text_offset": [0, 3, 7]}
+    asyncio.run(completions.complete(request(prompt="one two", logprobs=1)))
+    assert "prompt_logprobs" not in dispatcher.calls[1][1]["params"]
 
 
 def test_an_asynchronous_chat_goes_as_its_conversation_and_its_result_is_a_chat_completion() -> None:

@@ -266,3 +266,22 @@ def test_what_may_be_streamed_carries_the_log_probabilities_of_the_tokens_inside
         covered = "".join(t.token for t in logprobs)
         assert text.startswith(covered) and logprobs == final[:len(logprobs)]
     assert engine.streamable_texts(batch, lambda key: True) == {}
+
+
+def test_prompt_log_probabilities_are_those_of_a_plain_forward_pass(engine: Engine) -> None:
+    """Asked with `prompt_logprobs`, each prompt token after the first gets its log-probability given the
+    ones before it and the most likely alternatives; rows sharing a prompt share the scores."""
+    prompt = "the old fox jumps over"
+    asked = Decoding(max_new_tokens=2, temperature=0, logprobs=2, prompt_logprobs=True)
+    both = engine.generate([Item(prompt, asked), Item(prompt, asked), Item("two", Decoding(max_new_tokens=2))])
+    found = both[0].prompt_logprobs
+    assert found is not None and found == both[1].prompt_logprobs and both[2].prompt_logprobs is None
+    ids = list(engine.encode(prompt))
+    assert [t.token for t in found] == [engine.tokenizer.decode([i]) for i in ids]
+    assert found[0].logprob is None and found[0].top == ()
+    with torch.inference_mode():
+        expected = engine.model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+    for k, scored in enumerate(found[1:]):
+        assert scored.logprob == pytest.approx(float(expected[k, ids[k + 1]]), abs=1e-4)
+        best = expected[k].topk(2)
+        assert [t for t, _ in scored.top] == [engine.tokenizer.decode([i]) for i in best.indices.tolist()]

@@ -509,6 +509,17 @@ def test_logprobs_and_echo_with_the_official_client(launcher: Launcher) -> None:
 
     echoed = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0, echo=True)
     assert echoed.choices[0].text == "the old fox" + plain.choices[0].text
+    # echo with logprobs: the prompt's tokens first, the first without a log-probability.
+    scored = client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0, echo=True,
+                                       logprobs=2).choices[0]
+    assert scored.text == echoed.choices[0].text and scored.logprobs is not None
+    assert "".join(scored.logprobs.tokens or ()) == scored.text
+    prompt_count = len(scored.logprobs.tokens or ()) - len(tokens)
+    assert prompt_count > 1 and (scored.logprobs.tokens or [])[prompt_count:] == tokens
+    assert (scored.logprobs.token_logprobs or [])[0] is None and (scored.logprobs.top_logprobs or [])[0] is None
+    assert all(lp is not None and lp <= 0 for lp in (scored.logprobs.token_logprobs or [])[1:])
+    with pytest.raises(openai.BadRequestError, match="not streamed"):
+        client.completions.create(model="tiny", prompt="x", echo=True, logprobs=1, stream=True)
     # Streamed: each token's log-probability arrives once, with the text it belongs to.
     streamed = list(client.completions.create(model="tiny", prompt="the old fox", max_tokens=8, temperature=0,
                                               logprobs=2, stream=True))

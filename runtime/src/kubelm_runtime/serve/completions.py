@@ -172,9 +172,10 @@ class CompletionService:
 
     def build(self, body: Asked, entry: dict[str, Any], request_id: str) -> protocol.Request:
         """The protocol request for `body`, refused here when the worker would refuse it."""
-        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
-            raise openai_api.invalid("echo with logprobs is not supported (the prompt's log-probabilities are "
-                                     "not computed)", protocol.INVALID_REQUEST)
+        prompt_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
+        if prompt_logprobs and body.stream:
+            raise openai_api.invalid("echo with logprobs is not streamed; ask for it without stream",
+                                     protocol.INVALID_REQUEST)
         ceiling = min(self.config.max_tokens, int(entry.get("maxNewTokens", self.config.max_tokens)))
         if body.new_tokens is not None and body.new_tokens > ceiling:
             raise openai_api.invalid(f"max_tokens {body.new_tokens} is over this model's limit of {ceiling}",
@@ -182,7 +183,8 @@ class CompletionService:
         params = {k: v for k, v in {
             "max_new_tokens": body.new_tokens, "temperature": body.temperature, "top_p": body.top_p,
             "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
-            "seed": body.seed, "logprobs": body.top_logprobs}.items() if v is not None}
+            "seed": body.seed, "logprobs": body.top_logprobs, "prompt_logprobs": prompt_logprobs or None,
+        }.items() if v is not None}
         # A chat request travels as its conversation: only the worker has the tokenizer and its template.
         conversation = body.conversation()
         asked: dict[str, Any] = {"messages": [{"role": r, "content": c} for r, c in conversation]} \
@@ -401,11 +403,14 @@ class CompletionService:
 
 
 def _echoed(body: Asked, message: protocol.Request, reply: protocol.Reply) -> protocol.Reply:
-    """`echo`: each choice's text after its prompt."""
+    """`echo`: each choice's text after its prompt (and its log-probabilities after the prompt's, when asked
+    for)."""
     if not (isinstance(body, CompletionRequest) and body.echo):
         return reply
-    return dataclasses.replace(reply, choices=tuple(
-        dataclasses.replace(c, text=message.prompts[i // message.n] + c.text) for i, c in enumerate(reply.choices)))
+    return dataclasses.replace(reply, choices=tuple(dataclasses.replace(
+        c, text=message.prompts[i // message.n] + c.text,
+        logprobs=None if c.logprobs is None else (*(c.prompt_logprobs or ()), *c.logprobs))
+        for i, c in enumerate(reply.choices)))
 
 
 def _shape(body: Asked) -> openai_api.Shape:

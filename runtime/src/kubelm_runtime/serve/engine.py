@@ -50,6 +50,8 @@ class Output:
     finished_at: float | None = field(default=None, compare=False)
     logprobs: tuple[TokenLogprob, ...] | None = None
     """Per token of `text`, when its decoding asked for them."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """Per token of the prompt, when its decoding asked for them (the first has no log-probability)."""
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Row:
     """Per generated token, when asked for: its text, log-probability and the most likely alternatives."""
     covered: int = 0
     """Tokens whose text lies wholly inside what may be streamed so far (rows with log-probabilities)."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,12 @@ class Engine:
             cache.keep(copies)
             attention, positions, logits = attention[copies], positions[copies], logits[copies]
         following = positions[:, -1:] + 1
+        scored: dict[tuple[int, ...], tuple[TokenLogprob, ...]] = {}
+        for row, ids in zip(rows, inputs, strict=True):
+            if row.item.decoding.prompt_logprobs:
+                if ids not in scored:
+                    scored[ids] = self._score_prompt(row.prompt_ids, int(row.item.decoding.logprobs or 0))
+                row.prompt_logprobs = scored[ids]
         self._compact(batch)
         if batch.attention is None or batch.positions is None or batch.logits is None:
             batch.rows, batch.cache, batch.attention, batch.positions, batch.logits = (
@@ -281,7 +290,30 @@ class Engine:
         text = self._cut_at_stop(self.tokenizer.decode(row.generated, skip_special_tokens=True),
                                  row.item.decoding.stop)
         return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated), row.first_token_at,
-                      time.monotonic(), self._token_logprobs(row, text))
+                      time.monotonic(), self._token_logprobs(row, text), row.prompt_logprobs)
+
+    def _score_prompt(self, ids: list[int], wanted: int) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's log-probability given the tokens before it (one more forward pass over the
+        prompt, every position's logits kept); the first token has none."""
+        if not ids:
+            return ()
+        first = TokenLogprob(self.tokenizer.decode([ids[0]]), None)
+        if len(ids) == 1:
+            return (first,)
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        if self.lean is not None:
+            logits = self.lean(input_ids, positions, torch.ones_like(input_ids), GrowingCache(), every_position=True)
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=positions).logits.float()
+        log_probabilities = logits[0, :-1].log_softmax(dim=-1)
+        following = torch.tensor(ids[1:], device=self.device)[:, None]
+        chosen = log_probabilities.gather(1, following).squeeze(1).tolist()
+        values, top_ids = log_probabilities.topk(wanted, dim=-1) if wanted else (None, None)
+        tops = ([list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
+                if top_ids is not None and values is not None else [[] for _ in chosen])
+        return (first, *(self._token_logprob(token, lp, top, wanted)
+                         for token, lp, top in zip(ids[1:], chosen, tops, strict=True)))
 
     def _distributions(self, batch: Batch) -> _Distributions | None:
         wanted = [i for i, r in enumerate(batch.rows) if r.finish is None and r.logprobs is not None]

@@ -96,9 +96,10 @@ class Gpt2:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor,
-                 cache: GrowingCache) -> torch.Tensor:
-        """Logits of each row's last position. `attention` has one column per cache column, the new
-        tokens' included (1 = a real token); the new tokens are the last `input_ids.shape[1]` columns."""
+                 cache: GrowingCache, every_position: bool = False) -> torch.Tensor:
+        """Logits of each row's last position (of every position: [rows, count, vocabulary]). `attention`
+        has one column per cache column, the new tokens' included (1 = a real token); the new tokens are
+        the last `input_ids.shape[1]` columns."""
         rows, count = input_ids.shape
         h = F.embedding(input_ids, self.token_embedding) + F.embedding(positions, self.position_embedding)
         h = h.reshape(rows * count, -1)
@@ -109,6 +110,9 @@ class Gpt2:
             h = block.attention_out(mixed, residual=h)
             m = F.layer_norm(h, h.shape[-1:], *block.ln_2, self.eps)
             h = block.mlp_out(block.mlp_in(m, gelu=self.gelu), residual=h)
+        if every_position:
+            logits = self.head(F.layer_norm(h, h.shape[-1:], *self.ln_f, self.eps)).float()
+            return logits.reshape(rows, count, -1)
         last = h.reshape(rows, count, -1)[:, -1]
         return self.head(F.layer_norm(last, last.shape[-1:], *self.ln_f, self.eps)).float()
 

@@ -187,11 +187,12 @@ def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None, start:
     for t in tokens:
         offsets.append(at)
         at += len(t.token)
+    # A prompt's first token (echo) has no log-probability and no alternatives: null in both lists.
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens], "text_offset": offsets}
 
 
-def _with_bytes(token: str, logprob: float) -> dict[str, Any]:
+def _with_bytes(token: str, logprob: float | None) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 

@@ -356,8 +356,8 @@ class Worker:
         self.metrics.generation.observe(elapsed)
         self.metrics.tokens.inc(sum(o.completion_tokens for o in outputs))
         self.metrics.prompt_tokens.inc(sum(o.prompt_tokens for o in outputs))
-        choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens, o.logprobs)
-                        for o in outputs)
+        choices = tuple(protocol.Choice(o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens, o.logprobs,
+                                        o.prompt_logprobs) for o in outputs)
         reply = Reply(id=pending.request.id, choices=choices, model=self.config.name, n=pending.request.n, timings={
             "batch_wait_ms": round((flight.admitted_wall - pending.delivery.received) * 1000, 3),
             "generate_ms": round(elapsed * 1000, 3), "batch_size": flight.batch_size})
