@@ -14,11 +14,14 @@ generated tokens, since a random model may stop early at EOS.
    (delivery to reply, reported in the reply), p50; beside it the round trip of a
    worker that answers at once (the broker's floor), and single-request latency
    in-process, through RabbitMQ and through the HTTP gateway.
-3. Roofline: steady batch-1 decode steps against memory bandwidth (weight bytes
-   per step over the better of a copy and a read-only sum on the engine's
-   threads), batch-32 steps against the measured bf16 matmul peak; each run of
-   steps is paired with a probe run next to it, and the median of the paired
-   fractions is the figure.
+3. Roofline: steady decode steps at batch 1 and 32 against the time the
+   machine needs at least, max(bytes read / memory bandwidth, FLOPs / matmul
+   peak), counting the weights and the KV cache read per step and the products
+   and attention's arithmetic; bandwidth is the better of a copy and a read-only
+   sum on the engine's threads, the peak a 2048-square product in the serving
+   precision. Each run of steps is paired with probes next to it, and the
+   median of the paired fractions is the figure. The CPU's name and the path
+   oneDNN takes for the serving precision's packed products are printed.
 4. Response cache: p50 of a cache hit at the gateway against a miss, over one
    kept-alive HTTP connection as API clients use.
 
@@ -45,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,7 @@ from kubelm_devcluster import cli as devcluster
 from kubelm_devcluster.probes import http_get, wait_for
 from kubelm_runtime import allocator
 from kubelm_runtime.broker import Delivery, RpcClient, WorkerChannel, new_request_id
+from kubelm_runtime.cpu import cpu_model
 from kubelm_runtime.serve.batching import Batcher
 from kubelm_runtime.serve.engine import Batch, Engine, Item
 from kubelm_runtime.tinymodel import TinyShape, build
@@ -193,6 +198,33 @@ def memory_bandwidth() -> Callable[[], float]:
     return probe
 
 
+def machine(dtype: torch.dtype) -> Callable[[], tuple[float, float]]:
+    """Probes: (memory bandwidth in bytes/s, matrix-product peak in FLOP/s in `dtype`)."""
+    bandwidth, peak = memory_bandwidth(), matmul_peak(dtype)
+    return lambda: (bandwidth(), peak())
+
+
+ONEDNN_PROBE = """
+import sys, torch
+dtype = getattr(torch, sys.argv[1])
+weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(768, 768, dtype=dtype), 32)
+torch.ops.mkldnn._linear_pointwise(torch.randn(32, 768, dtype=dtype), weight, None, "none", [], "")
+"""
+
+
+def onednn_path(dtype: torch.dtype) -> str:
+    """Which implementation oneDNN runs for a packed product in `dtype` (e.g. brg_matmul:avx512_core_amx
+    for bf16 on AMX, brg_matmul:avx512_core_bf16 on AVX512-BF16), from its verbose log; or why none."""
+    found = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, str(dtype).removeprefix("torch.")],
+                           env={**os.environ, "ONEDNN_VERBOSE": "1"}, capture_output=True, text=True, timeout=120)
+    for line in found.stdout.splitlines():
+        fields = line.split(",")
+        if "exec" in fields and "inner_product" in fields:
+            return fields[fields.index("inner_product") + 1]
+    reason = (found.stderr.strip().splitlines() or ["no oneDNN product ran"])[-1]
+    return f"none ({reason[-160:]})"
+
+
 def matmul_peak(dtype: torch.dtype) -> Callable[[], float]:
     """A probe: FLOP/s of a square 2048 matrix product, best of 3."""
     a = torch.randn(2048, 2048, dtype=dtype)
@@ -237,17 +269,29 @@ def in_process(model_dir: Path, n: int, tokens: int, max_wait: float) -> dict:
         engine.generate(batcher.take(time.monotonic()))
         latency.append(time.perf_counter() - started)
     # Steady decode steps for the rooflines (prefill excluded), every row kept to its full length.
-    return {"run": run, "latency": latency,
-            "steps_1": decode_steps(engine, 1, memory_bandwidth()),
-            "steps_32": decode_steps(engine, 32, matmul_peak(engine.dtype)),
+    probe = machine(engine.dtype)
+    return {"run": run, "latency": latency, "steps_1": decode_steps(engine, 1, probe),
+            "steps_32": decode_steps(engine, 32, probe), "packed": engine.packed_layers,
             "weight_bytes": engine.weight_bytes, "params": engine.parameter_count, "dtype": engine.dtype}
 
 
-def decode_steps(engine: Engine, rows: int, baseline: Callable[[], float], chunks: int = 7,
-                 steps: int = 8) -> list[tuple[float, float]]:
-    """(seconds per decode step of `rows` rows, baseline) pairs. Runs of `steps` steps (16-token prompts,
-    prefill and warm-up excluded) alternate with the baseline probe, so that each pair saw the same
-    load on a shared machine; two untimed steps after each probe let the caches refill."""
+@dataclass(frozen=True)
+class StepRun:
+    seconds: float
+    """Per decode step."""
+    rows: int
+    columns: int
+    """KV cache columns (positions) each step attended to, on average."""
+    bandwidth: float
+    peak: float
+    """What the probes next to this run measured: bytes/s and FLOP/s."""
+
+
+def decode_steps(engine: Engine, rows: int, probe: Callable[[], tuple[float, float]], chunks: int = 7,
+                 steps: int = 8) -> list[StepRun]:
+    """Runs of `steps` decode steps of `rows` rows (16-token prompts, prefill and warm-up excluded),
+    alternating with the machine's probes so that each run is compared with what the machine could do
+    in the same minute of a shared host; two untimed steps after each probe let the caches refill."""
     eos, engine.eos = engine.eos, -1  # a random model may pick EOS: keep every row decoding
     try:
         batch = Batch()
@@ -256,33 +300,61 @@ def decode_steps(engine: Engine, rows: int, baseline: Callable[[], float], chunk
                             for i in range(rows)])
         for _ in range(steps):
             engine.step(batch)
-        pairs = []
+        runs = []
         for _ in range(chunks):
-            reference = baseline()
+            bandwidth, peak = probe()
             for _ in range(2):  # the probe evicted the caches: settle before timing
                 engine.step(batch)
+            assert batch.attention is not None
+            columns = batch.attention.shape[1] + steps // 2
             started = time.perf_counter()
             for _ in range(steps):
                 engine.step(batch)
-            pairs.append(((time.perf_counter() - started) / steps, reference))
-        return pairs
+            runs.append(StepRun((time.perf_counter() - started) / steps, rows, columns, bandwidth, peak))
+        return runs
     finally:
         engine.eos = eos
 
 
-def fractions(pairs: list[tuple[float, float]], work: float) -> list[float]:
-    """Each run's rate (work per step over its time) as a fraction of the probe run next to it, sorted:
-    paired because identical steps vary by up to 1.6x, and the probes as much, between minutes here."""
-    return sorted(work / step / reference for step, reference in pairs)
+@dataclass(frozen=True)
+class Roofline:
+    """The least time a decode step can take on this machine, and why."""
+
+    memory_seconds: float
+    compute_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.memory_seconds, self.compute_seconds)
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_seconds >= self.compute_seconds else "compute"
 
 
-def summary(pairs: list[tuple[float, float]], work: float) -> str:
-    shares = fractions(pairs, work)
-    step = min(s for s, _ in pairs)
-    probe = statistics.median(reference for _, reference in pairs)
-    return (f"{100 * statistics.median(shares):.0f}% median of {len(shares)} paired runs "
-            f"({100 * shares[0]:.0f}-{100 * shares[-1]:.0f}%); fastest step {step * 1000:.2f} ms, "
-            f"{work / step / 1e9:.1f} G/s; probe median {probe / 1e9:.1f} G/s")
+def roofline(run: StepRun, weight_bytes: int, params: int, dtype: torch.dtype) -> Roofline:
+    """Bytes: every weight once, and each row's keys and values in every layer. FLOPs: two per parameter
+    per row for the products, and attention's two products over the cache."""
+    element = torch.empty((), dtype=dtype).element_size()
+    cache_bytes = 2 * SHAPE.n_layer * run.rows * run.columns * SHAPE.n_embd * element
+    attention_flops = 2 * 2 * SHAPE.n_layer * run.rows * run.columns * SHAPE.n_embd
+    return Roofline((weight_bytes + cache_bytes) / run.bandwidth,
+                    (2 * params * run.rows + attention_flops) / run.peak)
+
+
+def summary(runs: list[StepRun], weight_bytes: int, params: int, dtype: torch.dtype) -> tuple[float, str]:
+    """(median fraction of the roofline, a line saying it): each run against the roofline of its own
+    probes, because identical steps vary by up to 1.6x between minutes here, and the probes as much."""
+    shares = sorted(roofline(r, weight_bytes, params, dtype).seconds / r.seconds for r in runs)
+    fastest = min(runs, key=lambda r: r.seconds)
+    best = roofline(fastest, weight_bytes, params, dtype)
+    median = statistics.median(shares)
+    return median, (
+        f"{100 * median:.0f}% of the roofline, median of {len(shares)} paired runs ({100 * shares[0]:.0f}-"
+        f"{100 * shares[-1]:.0f}%); fastest step {fastest.seconds * 1000:.2f} ms against {best.seconds * 1000:.2f} ms "
+        f"({best.bound}-bound: {best.memory_seconds * 1000:.2f} ms of bytes at "
+        f"{statistics.median(r.bandwidth for r in runs) / 1e9:.1f} GB/s, {best.compute_seconds * 1000:.2f} ms of "
+        f"FLOPs at {statistics.median(r.peak for r in runs) / 1e9:.0f} GFLOP/s; {fastest.columns} cache columns)")
 
 
 def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
@@ -391,33 +463,42 @@ def main() -> None:
         local = in_process(model_dir, n, tokens, max_wait)
         queued = queue_path(model_dir, n, tokens, max_wait, tmp, local["run"])
 
-    print(f"model: GPT-2 124M shapes, vocabulary 2048, {local['params'] / 1e6:.0f}M parameters; serving "
-          f"{local['dtype']}; {n} requests x {tokens} new tokens; batching wait {args.max_wait_ms} ms; "
-          f"{torch.get_num_threads()} threads; {allocator.in_use()} malloc")
+    dtype, weights, params = local["dtype"], local["weight_bytes"], local["params"]
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()} kernels; "
+          f"oneDNN packed product: bf16 {onednn_path(torch.bfloat16)}, fp32 {onednn_path(torch.float32)}")
+    print(f"model: GPT-2 124M shapes, vocabulary 2048, {params / 1e6:.0f}M parameters; serving {dtype} "
+          f"({local['packed']} products packed for oneDNN); {n} requests x {tokens} new tokens; batching wait "
+          f"{args.max_wait_ms} ms; {torch.get_num_threads()} threads; {allocator.in_use()} malloc")
     print(f"transformers generate, one at a time (fp32)    {hf_tps:8.0f} tokens/s   1.00x")
     queue_tps, local_tps = (max(q for q, _ in queued["pairs"]), max(i for _, i in queued["pairs"]))
     ratios = sorted(q / i for q, i in queued["pairs"])
+    ceiling = n / min(roofline(r, weights, params, dtype).seconds for r in local["steps_32"]) / hf_tps
     print(f"queue path, {n} concurrent (gateway+RabbitMQ)   {queue_tps:8.0f} tokens/s   "
-          f"{queue_tps / hf_tps:5.2f}x (goal >= 10x)")
+          f"{queue_tps / hf_tps:5.2f}x (goal >= 40x with the step at >= 60% of its roofline; a step at the "
+          f"roofline itself would give {ceiling:.0f}x here)")
     print(f"in-process batched worker, same batch          {local_tps:8.0f} tokens/s   queue/in-process: "
           f"{statistics.median(ratios):.2f}x median of {len(ratios)} paired runs "
           f"({ratios[0]:.2f}-{ratios[-1]:.2f}x), {queue_tps / local_tps:.2f}x best/best (goal >= 0.9x)")
     streamed = sorted(s / q for s, q in queued["streaming"])
     print(f"streaming, {n} concurrent: {max(s for s, _ in queued['streaming']):.0f} tokens/s, streamed/not "
           f"{statistics.median(streamed):.2f}x median of {len(streamed)} paired runs ({streamed[0]:.2f}-"
-          f"{streamed[-1]:.2f}x) (goal >= 0.9x); time to first text p50 {p50(queued['first_tokens']):.0f} ms")
+          f"{streamed[-1]:.2f}x) (goal >= 0.9x)")
     print(f"  the {n} queued requests joined the running batch in {len(queued['joined'])} groups "
           f"(rows after each join: {queued['joined']})")
     added = p50([rtt - own for rtt, own in queued["amqp"]])
     floor = p50([rtt for rtt, _ in queued["floor"]])
     print(f"single request through RabbitMQ ({QueueSpec().type} queue): p50 added to the worker's own time "
-          f"{added:.2f} ms (goal <= 1 ms); a worker that answers at once: {floor:.2f} ms round trip")
+          f"{added:.2f} ms = {added / floor:.2f}x the round trip of a worker that answers at once, {floor:.2f} ms "
+          "(goal <= 2x)")
+    step_32 = min(r.seconds for r in local["steps_32"]) * 1000
+    first = p50(queued["first_tokens"])
+    print(f"time to first text, {n} concurrent streamed, p50 {first:.0f} ms = {first / step_32:.1f} batch-{n} "
+          f"decode steps ({step_32:.1f} ms fastest); goal: 2 steps + the broker's round trip = "
+          f"{2 * step_32 + floor:.0f} ms")
     print(f"single request, 1 new token: in-process batched {p50(local['latency']):.2f} ms, RabbitMQ "
           f"{p50([rtt for rtt, _ in queued['amqp']]):.2f} ms, HTTP gateway + RabbitMQ {p50(queued['latency']):.2f} ms")
-    weights, flops = local["weight_bytes"], 2 * local["params"] * 32
-    print(f"batch-1 decode, weight bytes per second vs memory bandwidth: {summary(local['steps_1'], weights)} "
-          "(goal >= 70%)")
-    print(f"batch-32 decode, FLOP/s vs bf16 matmul peak: {summary(local['steps_32'], flops)} (goal >= 50%)")
+    for rows in (1, 32):
+        print(f"batch-{rows} decode: {summary(local[f'steps_{rows}'], weights, params, dtype)[1]} (goal >= 60%)")
     print(f"response cache at the gateway: hit p50 {p50(queued['hits']):.2f} ms, miss p50 "
           f"{p50(queued['misses']):.2f} ms, {p50(queued['misses']) / p50(queued['hits']):.0f}x faster "
           "(goal p50 <= 1 ms, >= 50x)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kubelm_runtime.cpu import cpu_has_fast_bf16
+from kubelm_runtime.cpu import cpu_has_fast_bf16, cpu_model
 from kubelm_runtime.train import checkpoint
 from kubelm_runtime.train.data import DataError, epoch_order, iter_documents
 from kubelm_runtime.train.distributed import world_from_env
@@ -48,6 +48,8 @@ def test_precision_choice() -> None:
     assert cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512_bf16")
     assert cpu_has_fast_bf16("flags : amx_bf16 amx_tile")
     assert not cpu_has_fast_bf16("flags : fpu avx2")
+    assert cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t: fpu") == "AMD EPYC 9R14"
+    assert cpu_model("flags : fpu") == "unknown"
     cpu = torch.device("cpu")
     assert resolve("fp32", cpu).autocast_dtype is None
     assert resolve("bf16", cpu).autocast_dtype is torch.bfloat16

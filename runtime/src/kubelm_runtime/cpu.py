@@ -18,3 +18,17 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
     return bool(cpu_flags(cpuinfo) & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The processor's name from /proc/cpuinfo ("unknown" where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
