@@ -235,7 +235,7 @@ def matmul_peak(dtype: torch.dtype) -> Callable[[], float]:
 
 def hf_sequential(model_dir: Path, n: int, tokens: int) -> float:
     """transformers' generate, one request at a time, fp32 (the library's default)."""
-    baseline = Engine.load(str(model_dir), dtype="fp32")
+    baseline = Engine.load(str(model_dir), dtype="fp32", batch_hint=0, lean=False)  # transformers as it comes
 
     def run() -> int:
         count = 0

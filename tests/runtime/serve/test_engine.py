@@ -17,20 +17,27 @@ from kubelm_runtime.serve.kvcache import GrowingCache, GrowingLayer, room_for
 
 @pytest.fixture(scope="module", params=["lean", "transformers"])
 def engine(tiny_model: Path, request: pytest.FixtureRequest) -> Engine:
-    """Both forward passes: the lean GPT-2 one and transformers' (used for other architectures)."""
+    """Both forward passes: the lean GPT-2 one and transformers' (used for other architectures), each
+    with its products packed for oneDNN where this CPU can (as a worker loads them)."""
     loaded = Engine.load(str(tiny_model), dtype="fp32", lean=request.param == "lean")
     assert (loaded.lean is not None) == (request.param == "lean")
     return loaded
 
 
-def test_greedy_batch_matches_transformers_generate_one_by_one(engine: Engine) -> None:
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Engine:
+    """transformers' model as it comes (nothing packed): what the engine's results are checked against."""
+    return Engine.load(str(tiny_model), dtype="fp32", batch_hint=0, lean=False)
+
+
+def test_greedy_batch_matches_transformers_generate_one_by_one(engine: Engine, reference: Engine) -> None:
     prompts = ["the old fox", "two", "counting: one two three"]
     outputs = engine.generate([Item(p, Decoding(max_new_tokens=6 + i, temperature=0)) for i, p in enumerate(prompts)])
     for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
         ids = engine.tokenizer(prompt, return_tensors="pt")
-        reference = engine.model.generate(**ids, max_new_tokens=6 + i, do_sample=False,
-                                          pad_token_id=engine.tokenizer.eos_token_id)
-        expected = engine.tokenizer.decode(reference[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        generated = reference.model.generate(**ids, max_new_tokens=6 + i, do_sample=False,
+                                             pad_token_id=engine.tokenizer.eos_token_id)
+        expected = engine.tokenizer.decode(generated[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
         assert output.text == expected
         assert output.prompt_tokens == ids["input_ids"].shape[1]
         if output.finish_reason == "length":
@@ -96,7 +103,7 @@ def greedy_reference(engine: Engine, prompt: str, tokens: int) -> str:
     return str(engine.tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
-def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine) -> None:
+def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine, reference: Engine) -> None:
     """Continuous batching: new rows are prefilled into the running batch between steps; rows that
     finish leave it (and the cache drops them). Greedy outputs equal transformers' generate."""
     engine.eos = -1  # a random tiny model may pick EOS; decode every row to its length
@@ -120,7 +127,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine) -> None
     for key, prompt, tokens in [("long", "a", 90), ("short", "the old fox runs to the river", 3),
                                 ("middle", "two three", 40), ("late", "one", 30)]:
         assert finished[key].completion_tokens == tokens and finished[key].finish_reason == "length"
-        assert finished[key].text == greedy_reference(engine, prompt, tokens), key
+        assert finished[key].text == greedy_reference(reference, prompt, tokens), key
 
 
 def test_growing_cache_keeps_and_concatenates_rows() -> None:
@@ -144,9 +151,8 @@ def test_growing_cache_keeps_and_concatenates_rows() -> None:
     assert not layer.buffers[0][:, :, 101:].any()  # room not yet written is zero (read by lean attention)
 
 
-def test_lean_gpt2_matches_transformers_with_padding_and_cache(tiny_model: Path) -> None:
-    reference = Engine.load(str(tiny_model), dtype="fp32", lean=False)
-    lean = Engine.load(str(tiny_model), dtype="fp32")
+def test_lean_gpt2_matches_transformers_with_padding_and_cache(tiny_model: Path, reference: Engine) -> None:
+    lean = Engine.load(str(tiny_model), dtype="fp32", batch_hint=0)
     assert lean.lean is not None
     ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
     attention = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
@@ -161,11 +167,13 @@ def test_lean_gpt2_matches_transformers_with_padding_and_cache(tiny_model: Path)
         positions = positions[:, -1:] + 1
 
 
-@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="packing is used for bf16 on CPUs with fast bf16")
+@pytest.mark.parametrize("dtype", [
+    "fp32", pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has_fast_bf16(), reason="oneDNN packs bf16 "
+                                                           "on CPUs with AVX512 (with fast bf16) only"))])
 @pytest.mark.parametrize("lean", [True, False])
-def test_packed_linear_layers_match_the_plain_model(tiny_model: Path, lean: bool) -> None:
-    plain = Engine.load(str(tiny_model), dtype="bf16", batch_hint=0, lean=False)
-    packed = Engine.load(str(tiny_model), dtype="bf16", batch_hint=8, lean=lean)
+def test_packed_linear_layers_match_the_plain_model(tiny_model: Path, lean: bool, dtype: str) -> None:
+    plain = Engine.load(str(tiny_model), dtype=dtype, batch_hint=0, lean=False)
+    packed = Engine.load(str(tiny_model), dtype=dtype, batch_hint=8, lean=lean)
     assert plain.packed_layers == 0 and packed.packed_layers == 2 * 4 + 1  # 4 per block + output head
     ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
     attention = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
@@ -196,7 +204,7 @@ def test_rows_with_the_same_prompt_share_one_prefill_and_decode_as_if_alone(engi
     assert together[:3] == alone
 
 
-def test_log_probabilities_are_the_models_own_for_each_generated_token(engine: Engine) -> None:
+def test_log_probabilities_are_the_models_own_for_each_generated_token(engine: Engine, reference: Engine) -> None:
     """Checked against one plain forward pass of the model over the prompt and the tokens the row generated,
     in a batch with a row that asks for none, sampled at temperature 2 (they are the model's, before
     sampling)."""
@@ -216,7 +224,7 @@ def test_log_probabilities_are_the_models_own_for_each_generated_token(engine: E
     assert [t.token for t in output.logprobs] == [engine.tokenizer.decode([i]) for i in generated]
     ids = torch.tensor([engine.encode(prompt) + tuple(generated)])
     with torch.inference_mode():
-        expected = engine.model(ids).logits[0].float().log_softmax(dim=-1)
+        expected = reference.model(ids).logits[0].float().log_softmax(dim=-1)
     start = len(engine.encode(prompt)) - 1
     for k, (token, found) in enumerate(zip(generated, output.logprobs, strict=True)):
         position = expected[start + k]
@@ -268,7 +276,7 @@ def test_what_may_be_streamed_carries_the_log_probabilities_of_the_tokens_inside
     assert engine.streamable_texts(batch, lambda key: True) == {}
 
 
-def test_prompt_log_probabilities_are_those_of_a_plain_forward_pass(engine: Engine) -> None:
+def test_prompt_log_probabilities_are_those_of_a_plain_forward_pass(engine: Engine, reference: Engine) -> None:
     """Asked with `prompt_logprobs`, each prompt token after the first gets its log-probability given the
     ones before it and the most likely alternatives; rows sharing a prompt share the scores."""
     prompt = "the old fox jumps over"
@@ -280,8 +288,27 @@ def test_prompt_log_probabilities_are_those_of_a_plain_forward_pass(engine: Engi
     assert [t.token for t in found] == [engine.tokenizer.decode([i]) for i in ids]
     assert found[0].logprob is None and found[0].top == ()
     with torch.inference_mode():
-        expected = engine.model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+        expected = reference.model(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
     for k, scored in enumerate(found[1:]):
         assert scored.logprob == pytest.approx(float(expected[k, ids[k + 1]]), abs=1e-4)
         best = expected[k].topk(2)
         assert [t for t, _ in scored.top] == [engine.tokenizer.decode([i]) for i in best.indices.tolist()]
+
+
+def test_a_step_picks_the_tokens_before_the_model_runs_and_a_cancel_or_join_between_is_safe(engine: Engine) -> None:
+    """`choose` tells the new tokens (and the rows that finished) before `forward` runs the model on them:
+    a row cancelled in between is left out of that pass, and a join in between first runs it."""
+    greedy = Decoding(max_new_tokens=6, temperature=0)
+    alone = engine.generate([Item("the old fox", greedy), Item("two", greedy)])
+    batch = Batch()
+    engine.join(batch, [("a", Item("the old fox", greedy)), ("b", Item("two", greedy)),
+                        ("c", Item("one", greedy))])
+    engine.choose(batch)
+    assert batch.logits is None and batch.chosen is not None and all(len(r.generated) <= 1 for r in batch.rows)
+    engine.cancel(batch, {"c"})
+    assert [r.key for r in batch.rows] == ["a", "b"] and batch.chosen.shape[0] == 2
+    engine.join(batch, [("d", Item("two", greedy))])
+    outputs: dict[str, Output] = {}
+    while len(batch):
+        outputs.update(engine.step(batch))
+    assert outputs == {"a": alone[0], "b": alone[1], "d": alone[1]}

@@ -67,10 +67,10 @@ def test_a_failing_decode_step_answers_every_request_in_the_batch_and_dead_lette
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
     engine = Engine.load(str(tiny_model), dtype="fp32")
 
-    def broken_step(batch: Batch) -> list[Any]:
+    def broken_forward(batch: Batch) -> None:
         raise RuntimeError("simulated device failure")
 
-    engine.step = broken_step  # type: ignore[method-assign]  # the prefill works, decoding fails
+    engine.forward = broken_forward  # type: ignore[method-assign]  # the prefill works, decoding fails
     with running_worker(cluster, engine, tmp_path, "broken",
                         batching={"maxBatchSize": 4, "maxWaitMillis": 200}) as (worker, ask):
         async def together() -> list[dict[str, Any]]:
@@ -96,7 +96,7 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
     engine = Engine.load(str(tiny_model), dtype="fp32")
     engine.eos = -1  # a tiny model may pick EOS early; decode every row to its length
     order: list[str] = []
-    decode, arrived = engine.step, threading.Event()
+    decode, arrived = engine.choose, threading.Event()
     with running_worker(cluster, engine, tmp_path, "joins", limits={"maxNewTokens": 200},
                         batching={"maxBatchSize": 4, "maxWaitMillis": 0}) as (worker, ask):
         def step_once_the_short_one_arrived(batch: Batch) -> list[Any]:
@@ -109,7 +109,7 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
                     worker.channel.wait(0.01)
             return decode(batch)
 
-        engine.step = step_once_the_short_one_arrived  # type: ignore[method-assign]
+        engine.choose = step_once_the_short_one_arrived  # type: ignore[method-assign]
 
         async def answered(prompt: str, tokens: int) -> dict[str, Any]:
             reply = await ask(prompt, tokens)
@@ -130,10 +130,10 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
 
 
 def held_steps(engine: Engine, worker: Worker, may_step: Callable[[int], bool], give_up: float = 60) -> list[int]:
-    """Wraps the engine's decode step: step i waits, on the worker's own thread and still taking
-    deliveries and cancellations, until `may_step(i)` (or `give_up` seconds). Returns the rows decoded
-    per step, filled as the worker steps."""
-    decode, rows = engine.step, []
+    """Wraps the engine's decode step (its first half, picking the tokens): step i waits, on the worker's
+    own thread and still taking deliveries and cancellations, until `may_step(i)` (or `give_up` seconds).
+    Returns the rows decoded per step, filled as the worker steps."""
+    decode, rows = engine.choose, []
 
     def step(batch: Batch) -> list[Any]:
         until = time.monotonic() + give_up
@@ -142,7 +142,7 @@ def held_steps(engine: Engine, worker: Worker, may_step: Callable[[int], bool], 
         rows.append(len(batch))
         return decode(batch)
 
-    engine.step = step  # type: ignore[method-assign]
+    engine.choose = step  # type: ignore[method-assign]
     return rows
 
 
@@ -163,10 +163,10 @@ def test_batches_failing_in_a_row_fail_liveness_and_leave_the_queue_to_other_wor
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
     engine = Engine.load(str(tiny_model), dtype="fp32")
 
-    def broken_step(batch: Batch) -> list[Any]:
+    def broken_forward(batch: Batch) -> None:
         raise RuntimeError("simulated device failure")
 
-    engine.step = broken_step  # type: ignore[method-assign]
+    engine.forward = broken_forward  # type: ignore[method-assign]
     with running_worker(cluster, engine, tmp_path, "wedged",
                         batching={"maxBatchSize": 1, "maxWaitMillis": 0}) as (worker, ask):
         for _ in range(MAX_CONSECUTIVE_BATCH_FAILURES):  # one batch each

@@ -89,6 +89,8 @@ class Batch:
     attention: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
+    """Each row's token picked by `Engine.choose` and not yet run through the model (then logits is None)."""
 
     def __len__(self) -> int:
         return sum(1 for r in self.rows if r.finish is None)
@@ -163,6 +165,7 @@ class Engine:
         """Prefills the new rows' prompts and appends them to the batch, right-aligned with its rows."""
         if not entries:
             return
+        self.forward(batch)  # tokens picked but not yet run: the running rows need their logits first
         unknown = [item.prompt for _, item in entries if item.ids is None]
         encoded = iter(self.tokenizer(unknown, add_special_tokens=False)["input_ids"] if unknown else [])
         rows = [Row(key, item, list(item.ids if item.ids is not None else next(encoded)),
@@ -206,9 +209,18 @@ class Engine:
         batch.logits = torch.cat([batch.logits, logits])
         batch.rows = batch.rows + rows
 
-    @torch.inference_mode()
     def step(self, batch: Batch) -> list[tuple[Any, Output]]:
         """One token for every row; returns the rows that finished with it."""
+        finished = self.choose(batch)
+        self.forward(batch)
+        return finished
+
+    @torch.inference_mode()
+    def choose(self, batch: Batch) -> list[tuple[Any, Output]]:
+        """The first half of a step: picks every row's next token and returns the rows that finished with
+        it; `forward` then runs the model on the tokens picked. In between, the new text is known a whole
+        forward pass before the next step could tell it: a worker streams it and answers the finished
+        requests there."""
         if batch.logits is None:
             return []
         distributions = self._distributions(batch)  # before _select applies penalties to the logits
@@ -223,17 +235,22 @@ class Engine:
                 row.logprobs.append(self._token_logprob(token, *chosen[i], int(row.item.decoding.logprobs or 0)))
             if row.finish is not None:
                 finished.append((row.key, self._output(row)))
+        batch.logits, batch.chosen = None, tokens
         dead = len(batch.rows) - len(batch)
         if dead and 2 * dead >= len(batch.rows):
-            kept = self._compact(batch)
-            tokens = tokens if kept is None else tokens[kept]
-        if not len(batch):
-            return finished
+            self._compact(batch)
+        return finished
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> None:
+        """The second half of a step: the model on the tokens `choose` picked, giving the next logits."""
+        tokens, batch.chosen = batch.chosen, None
+        if tokens is None or not len(batch):
+            return
         assert batch.attention is not None and batch.positions is not None
         attention = torch.cat([batch.attention, batch.attention.new_ones((len(batch.rows), 1))], dim=1)
         batch.logits = self._forward(tokens[:, None], attention, batch.positions, batch.cache)
         batch.attention, batch.positions = attention, batch.positions + 1
-        return finished
 
     def streamable_texts(self, batch: Batch, wanted: Callable[[Any], bool]) -> dict[Any, Streamable]:
         """What each unfinished row whose key is `wanted` may send so far (see textstream): its text, and
@@ -340,7 +357,7 @@ class Engine:
     def _compact(self, batch: Batch) -> torch.Tensor | None:
         """Drops finished rows, and the leading columns that only they needed; returns the indices of
         the rows kept, or None when there was nothing to drop."""
-        if batch.attention is None or batch.positions is None or batch.logits is None:
+        if batch.attention is None or batch.positions is None:
             return None
         live = [i for i, r in enumerate(batch.rows) if r.finish is None]
         if len(live) == len(batch.rows):
@@ -348,13 +365,15 @@ class Engine:
         index = torch.tensor(live, dtype=torch.long, device=batch.attention.device)
         if not live:
             batch.rows, batch.cache = [], GrowingCache()
-            batch.attention = batch.positions = batch.logits = None
+            batch.attention = batch.positions = batch.logits = batch.chosen = None
             return index
         attention = batch.attention[index]
         start = int((attention.sum(dim=0) > 0).nonzero()[0])
         batch.cache.keep(index, start)
         batch.attention = attention[:, start:]
-        batch.positions, batch.logits = batch.positions[index], batch.logits[index]
+        batch.positions = batch.positions[index]
+        batch.logits = None if batch.logits is None else batch.logits[index]
+        batch.chosen = None if batch.chosen is None else batch.chosen[index]
         batch.rows = [batch.rows[i] for i in live]
         return index
 
