@@ -46,10 +46,13 @@ def _tj(generation: int = 1, **observed: Any) -> dict[str, Any]:
     return _object("TrainingJob", training.compute({}, obs, T0), generation)
 
 
+GATEWAY_UP = serving.ObservedDeployment("m-gateway", 1, 1, 1, 1)
+
+
 def _lm(generation: int = 1, **observed: Any) -> dict[str, Any]:
     obs = serving.ServingObservation(**{
         "generation": generation, "suspend": False, "min_replicas": 1, "queue_name": "kubelm.team-a.m.requests",
-        "endpoint": "http://m-gateway.team-a.svc:8080/v1",
+        "endpoint": "http://m-gateway.team-a.svc:8080/v1", "gateway": GATEWAY_UP,
         "model": serving.ModelInfo("hub:gpt2@main", "main", "source:hub:gpt2@main"), **observed})
     return _object("LanguageModel", serving.compute({}, obs, T0), generation)
 
@@ -151,6 +154,8 @@ CASES = [
     Case("lm-loading", lambda: _lm(workers=_workers(2, 0)), "Progressing",
          "Loading: waiting for a worker to load the model (0/2 ready)", "InProgress"),
     Case("lm-ready", lambda: _lm(workers=_workers(2, 2)), "Healthy", "2/2 workers ready", "Current"),
+    Case("lm-gateway-not-ready", lambda: _lm(workers=_workers(1, 1), gateway=None), "Progressing",
+         "GatewayNotReady: waiting for the gateway (0/1 ready); 1/1 workers ready", "InProgress"),
     Case("lm-scaled-to-zero", lambda: _lm(min_replicas=0, workers=_workers(0, 0)), "Healthy",
          "no backlog: no workers run until requests arrive", "Current"),
     Case("lm-degraded-while-scaling-up", lambda: _lm(workers=_workers(3, 1)), "Progressing",

@@ -91,7 +91,8 @@ def states(operator: OperatorProcess, api_client: client.ApiClient, custom: clie
     for name in ("broken", "trainer", "done"):
         _create(api, *tj, ns, name, SMALL)
     _create(api, *tj, ns, "waiting", {**SMALL, "baseModel": {"trainingJobRef": {"name": "trainer"}}})
-    _create(api, *lm, ns, "idle", {**SERVE, "autoscaling": {"minReplicas": 0, "scaleDownStabilizationSeconds": 0}})
+    _create(api, *lm, ns, "idle", {**SERVE, "gateway": {"enabled": False},  # Ready without a gateway pod to run
+                                   "autoscaling": {"minReplicas": 0, "scaleDownStabilizationSeconds": 0}})
     _create(api, *lm, ns, "gpu-model", {**SERVE, "resources": {"cpu": "10m", "memory": "32Mi", "gpus": 1},
                                         "autoscaling": {"minReplicas": 1, "maxReplicas": 1}})
     _create(api, *lm, ns, "clash", {**SERVE, "queue": {"maxLength": 10}})

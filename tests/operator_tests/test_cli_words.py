@@ -31,10 +31,13 @@ def _training(**kwargs: Any) -> dict[str, Any]:
     return training.compute({}, training.Observation(**{"generation": 1, "suspend": False, "workers": 1, **kwargs}), T0)
 
 
+GATEWAY_UP = serving.ObservedDeployment("chat-gateway", 1, 1, 1, 1)
+
+
 def _serving(**kwargs: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"generation": 1, "suspend": False, "min_replicas": 1,
                             "queue_name": "kubelm.ml.chat.requests",
-                            "endpoint": "http://chat-gateway.ml.svc:8080/v1",
+                            "endpoint": "http://chat-gateway.ml.svc:8080/v1", "gateway": GATEWAY_UP,
                             "model": serving.ModelInfo("hub:gpt2@main", "main", "sha256:" + "cd" * 32)}
     return serving.compute({}, serving.ServingObservation(**{**base, **kwargs}), T0)
 
@@ -91,6 +94,8 @@ RUNNING = {"phase": "Running", "step": 40, "totalSteps": 200, "loss": 3.25, "per
      ["Ready: 2/2 workers"]),
     (_lm(_serving(min_replicas=0, workers=serving.ObservedDeployment("chat-worker", 0))), True, "ScaledToZero",
      ["no requests wait"]),
+    (_lm(_serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1), gateway=None)),
+     False, "GatewayNotReady", ["gateway is not ready yet", "0/1 ready", "describe pod"]),
     (_lm(_serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1),
                   cache_problem=serving.cache_backend_problem(True, "memcached", False))),
      False, "MemcachedNotConfigured", ["KUBELM_MEMCACHED_URL", "spec.cache.responses.backend", "serves meanwhile"]),

@@ -100,11 +100,22 @@ def test_languagemodel_gets_queues_registry_workers_and_scales_with_the_backlog(
                         ("service", api.core.read_namespaced_service("gpt2-gateway", namespace))):
         assert child.metadata.owner_references[0].uid == lm["metadata"]["uid"], kind
 
-    # No backlog and minReplicas 0: the workers go to zero after the scale-down window.
+    # No backlog and minReplicas 0: the workers go to zero after the scale-down window. Ready waits for the
+    # gateway behind the endpoint: its pod made ready here as a kubelet would report it.
     eventually(lambda: _replicas(api, namespace, "gpt2-worker") == 0, timeout=120, what="scaled to zero")
+    eventually(lambda: _condition(_lm_status(api, namespace, name), "Ready").get("reason") == "GatewayNotReady",
+               timeout=120, what="not Ready while the gateway is not")
+    assert _lm_status(api, namespace, name)["phase"] == "Loading"
+    selector = "app.kubernetes.io/component=serving-gateway,kubelm.io/languagemodel=gpt2"
+    eventually(lambda: bool(api.core.list_namespaced_pod(namespace, label_selector=selector).items), timeout=120,
+               what="a gateway pod")
+    api.run_pod(namespace, api.core.list_namespaced_pod(namespace, label_selector=selector).items[0].metadata.name)
+    eventually(lambda: _lm_status(api, namespace, name).get("phase") == "Ready", timeout=120,
+               what="Ready once the gateway is")
     status = _lm_status(api, namespace, name)
     assert status["endpoint"] == f"http://gpt2-gateway.{namespace}.svc:8080/v1"
     assert _condition(status, "QueueReady")["status"] == "True"
+    assert _condition(status, "Ready")["reason"] == "ScaledToZero"
 
     _publish(cluster, queue, 7)
     eventually(lambda: _replicas(api, namespace, "gpt2-worker") == 4, timeout=120,

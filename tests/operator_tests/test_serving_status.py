@@ -9,11 +9,12 @@ from kubelm_operator.status.conditions import phase_transitions
 
 T0, T1 = "2026-11-30T10:00:00Z", "2026-11-30T10:01:00Z"
 MODEL = status.ModelInfo("hub:gpt2@main", "main", "source:hub:gpt2@main")
+GATEWAY_UP = status.ObservedDeployment("m-gateway", 1, 1, 1, 1)
 
 
 def _obs(**kwargs: Any) -> status.ServingObservation:
     base: dict[str, Any] = {"generation": 1, "suspend": False, "min_replicas": 1, "queue_name": "kubelm.ns.m.requests",
-                            "endpoint": "http://m-gateway.ns.svc:8080/v1", "model": MODEL}
+                            "endpoint": "http://m-gateway.ns.svc:8080/v1", "gateway": GATEWAY_UP, "model": MODEL}
     return status.ServingObservation(**{**base, **kwargs})
 
 
@@ -44,6 +45,17 @@ def test_loading_degraded_and_scaled_to_zero() -> None:
     assert status.compute({}, _obs(workers=_workers(3, 1)), T0)["phase"] == "Degraded"
     zero = status.compute({}, _obs(min_replicas=0, workers=_workers(0, 0)), T0)
     assert (zero["phase"], _conditions(zero)["Ready"]) == ("Ready", ("True", "ScaledToZero"))
+
+
+def test_a_model_with_a_gateway_is_ready_only_once_the_gateway_is() -> None:
+    for gateway in (None, status.ObservedDeployment("m-gateway", 2, 0, 0, 0)):
+        s = status.compute({}, _obs(workers=_workers(1, 1), gateway=gateway), T0)
+        assert (s["phase"], _conditions(s)["Ready"]) == ("Loading", ("False", "GatewayNotReady"))
+        assert _conditions(s)["Reconciling"][0] == "True" and _conditions(s)["Stalled"][0] == "False"
+    waiting = status.compute({}, _obs(min_replicas=0, workers=_workers(0, 0), gateway=None), T0)
+    assert waiting["conditions"][0]["message"].startswith("waiting for the gateway (0/1 ready); no backlog")
+    without = status.compute({}, _obs(endpoint=None, gateway=None, workers=_workers(1, 1)), T0)
+    assert without["phase"] == "Ready"  # no gateway asked for: the workers are the service
 
 
 def test_waiting_for_a_training_job_is_pending_not_stalled() -> None:

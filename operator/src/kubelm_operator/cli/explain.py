@@ -93,6 +93,8 @@ _SERVING = {
                         "the built-in engine.",
     "Loading": "A worker is loading the model ({m}); it becomes Ready when the first worker is.",
     "WorkersNotReady": "Some workers are not ready ({m}); `kubectl describe pod` on them shows why.",
+    "GatewayNotReady": "Its gateway is not ready yet ({m}); requests to the endpoint wait for it. If it stays so, "
+                       "`kubectl describe pod` on the gateway's pods shows why.",
     "ImagePullBackOff": "A worker's image cannot be pulled ({m}). Fix spec.image or the registry credentials.",
     "ErrImagePull": "A worker's image cannot be pulled ({m}). Fix spec.image or the registry credentials.",
     "CrashLoopBackOff": "A worker keeps crashing ({m}); `kubectl logs --previous` on it shows why.",

@@ -192,10 +192,12 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     if queue_figures is None and queue_problem is None:
         state.declared.pop(owner.uid, None)  # gone (deleted by hand, a broker reset): declared again next time
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
+    gateway = state.deployments.get((owner.namespace, names.gateway)) if spec.gateway.enabled else None
     obs = status.ServingObservation(
         generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
         build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
-        cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling)
+        cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling,
+        gateway[1] if gateway is not None else None)
     await _write_status(ctx, owner, body, old, obs)
 
 

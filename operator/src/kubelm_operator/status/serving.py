@@ -72,6 +72,8 @@ class ServingObservation:
     cache: dict[str, int] | None = None
     scaling: Sequence[dict[str, Any]] = field(default_factory=tuple)
     """New scaling decisions to append to the history: {time, from, to, reason}."""
+    gateway: ObservedDeployment | None = None
+    """The gateway Deployment as last seen, when the spec asks for a gateway (`endpoint` is set)."""
 
 
 def _part(type_: str, problem: Problem | None, ok_reason: str, ok_message: str, generation: int,
@@ -139,6 +141,10 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
         phase, reason, message = DEGRADED, "WorkersNotReady", f"{ready}/{desired} workers ready"
     else:
         phase, reason, message = READY_PHASE, "WorkersReady", f"{ready}/{desired} workers ready"
+    if phase == READY_PHASE and obs.endpoint and (obs.gateway is None or obs.gateway.ready == 0):
+        # Ready says requests to the endpoint are answered: not before the gateway behind it is.
+        wanted = obs.gateway.replicas if obs.gateway is not None and obs.gateway.replicas is not None else 1
+        phase, reason, message = LOADING, "GatewayNotReady", f"waiting for the gateway (0/{wanted} ready); {message}"
 
     status: dict[str, Any] = {"phase": phase, "observedGeneration": obs.generation,
                               "replicas": workers.available if workers else 0, "readyReplicas": ready,
