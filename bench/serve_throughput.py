@@ -163,6 +163,25 @@ def echo_worker(amqp_url: str, ready: Any) -> None:
         channel.wait(1)
 
 
+def first_token_totals(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the time-to-first-token histogram a worker or gateway exports (all labels)."""
+    _, body = http_get(metrics_url)
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        series = name.split("{")[0]
+        for part in totals:
+            if not line.startswith("#") and series.endswith(f"time_to_first_token_seconds_{part}"):
+                totals[part] += float(value)
+    return totals["sum"], totals["count"]
+
+
+def mean_since(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Milliseconds, the mean of the observations between two readings."""
+    count = after[1] - before[1]
+    return 1000 * (after[0] - before[0]) / count if count else float("nan")
+
+
 def tokens_per_second(run: Callable[[], int]) -> float:
     started = time.perf_counter()
     tokens = run()
@@ -380,6 +399,8 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
                 env=connection, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for("worker", lambda: http_get(f"http://127.0.0.1:{health_port}/readyz")[0] == 200, 300)
         wait_for("gateway", lambda: http_get(f"http://127.0.0.1:{gateway_port}/readyz")[0] == 200, 60)
+        endpoints = {"worker": f"http://127.0.0.1:{health_port}/metrics",
+                     "gateway": f"http://127.0.0.1:{gateway_port}/metrics"}
 
         joined: list[int] = []
         pool = ThreadPoolExecutor(max_workers=n)
@@ -423,8 +444,12 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
         pairs = [(tokens_per_second(functools.partial(concurrent, f"q{i}")),
                   tokens_per_second(functools.partial(in_process_run, i))) for i in range(5)]
         # Streaming against not streaming, paired, the same requests through the same gateway.
+        before = {where: first_token_totals(url) for where, url in endpoints.items()}
         streaming = [(tokens_per_second(functools.partial(concurrent_streams, f"s{i}")),
                       tokens_per_second(functools.partial(concurrent, f"n{i}"))) for i in range(3)]
+        # The same first tokens as the worker and the gateway saw them: where the client's wait goes.
+        first_token_means = {where: mean_since(before[where], first_token_totals(url))
+                             for where, url in endpoints.items()}
         latency = [timed({"prompt": f"latency {i}", "max_tokens": 1, "temperature": 0}) for i in range(30)]
         amqp = amqp_round_trips(connection["KUBELM_AMQP_URL"], "kubelm.default.bench.requests", 50)
         ready = multiprocessing.Event()
@@ -438,6 +463,7 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
         assert timed.last["kubelm"]["cached"]  # type: ignore[attr-defined]
         pool.shutdown()
         return {"pairs": pairs, "streaming": streaming, "first_tokens": first_tokens,
+                "first_token_means": first_token_means,
                 "latency": latency, "amqp": amqp, "floor": floor, "misses": misses, "hits": hits,
                 "joined": sorted(set(joined))}
     finally:
@@ -492,9 +518,11 @@ def main() -> None:
           "(goal <= 2x)")
     step_32 = min(r.seconds for r in local["steps_32"]) * 1000
     first = p50(queued["first_tokens"])
+    means = queued["first_token_means"]
     print(f"time to first text, {n} concurrent streamed, p50 {first:.0f} ms = {first / step_32:.1f} batch-{n} "
           f"decode steps ({step_32:.1f} ms fastest); goal: 2 steps + the broker's round trip = "
-          f"{2 * step_32 + floor:.0f} ms")
+          f"{2 * step_32 + floor:.0f} ms; means: at the worker (delivery to first token) {means['worker']:.0f} "
+          f"ms, at the gateway (request to first text) {means['gateway']:.0f} ms")
     print(f"single request, 1 new token: in-process batched {p50(local['latency']):.2f} ms, RabbitMQ "
           f"{p50([rtt for rtt, _ in queued['amqp']]):.2f} ms, HTTP gateway + RabbitMQ {p50(queued['latency']):.2f} ms")
     for rows in (1, 32):
