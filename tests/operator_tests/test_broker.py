@@ -61,6 +61,25 @@ def test_declares_the_contracts_queues_reports_figures_and_deletes(cluster: Clus
             stats = await broker.stats(namespace, model, max_age=0)
             assert stats is not None and (stats.ready, stats.unacked, stats.depth, stats.consumers) == (5, 0, 5, 0)
 
+            # A consumer holding two unacknowledged deliveries, as a worker does with its prefetch.
+            consumer = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+            consuming = consumer.channel()
+            consuming.basic_qos(prefetch_count=2)
+            consuming.basic_consume(name, lambda *_: None)
+            consumer.process_data_events(time_limit=0.5)
+
+            async def one_consumer() -> bool:
+                stats = await broker.stats(namespace, model, max_age=0)
+                return stats is not None and (stats.consumers, stats.unacked) == (1, 2)
+            for _ in range(200):
+                if await one_consumer():
+                    break
+                consumer.process_data_events(time_limit=0)
+                await asyncio.sleep(0.1)
+            stats = await broker.stats(namespace, model, max_age=0)
+            assert stats is not None and (stats.ready, stats.unacked, stats.consumers) == (3, 2, 1)
+            consumer.close()  # the two go back to the queue
+
             with pytest.raises(QueueConflict) as info:
                 await broker.declare(namespace, model, QueueSpec(type="quorum", max_length=10, delivery_limit=2,
                                                                  message_ttl_seconds=60))
