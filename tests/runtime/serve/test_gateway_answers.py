@@ -114,6 +114,19 @@ def test_the_queue_dead_letters_what_waited_past_its_ttl(launcher: Launcher) -> 
     assert reasons == ["expired"] and ready_messages(launcher.cluster, queue) == 0
 
 
+def _result(gateway_url: str, request_id: str) -> dict[str, Any]:
+    """An asynchronous request's result, once it has one (200)."""
+    results: list[dict[str, Any]] = []
+
+    def answered() -> bool:
+        code, result = get(f"{gateway_url}/v1/requests/{request_id}")
+        results.append(result)
+        return code == 200
+
+    eventually(answered, timeout=60, interval=0.1, what=f"the result of request {request_id}")
+    return results[-1]
+
+
 def test_asynchronous_requests_pending_failed_and_without_redis(launcher: Launcher, tmp_path: Path) -> None:
     queue = declare_queues(launcher, "tiny", QueueSpec())
     gateway = launcher.gateway(models=["tiny"])
@@ -127,15 +140,8 @@ def test_asynchronous_requests_pending_failed_and_without_redis(launcher: Launch
     launcher.worker("tiny", limits={"maxInputTokens": 2})
     status, failed = post(f"{gateway.url()}/v1/requests", {**body, "prompt": "one two three four five six"})
     assert status == 202
-    results: list[dict[str, Any]] = []
-
-    def finished() -> bool:
-        code, result = get(f"{gateway.url()}/v1/requests/{failed['id']}")
-        results.append(result)
-        return code == 200
-
-    eventually(finished, timeout=60, interval=0.1, what="the refused request's result")
-    assert results[-1]["status"] == "failed" and results[-1]["error"]["type"] == "prompt_too_long"
+    result = _result(gateway.url(), failed["id"])
+    assert result["status"] == "failed" and result["error"]["type"] == "prompt_too_long"
     redis = RedisServer(tmp_path / "redis")  # never started: connections refused
     without = launcher.gateway(models=["tiny"], redis_url=redis.url)
     status, error = post(f"{without.url()}/v1/requests", body)
@@ -149,16 +155,9 @@ def test_an_asynchronous_chat_is_rendered_by_the_worker_and_kept_as_a_chat_compl
             "temperature": 0}
     status, accepted = post(f"{gateway.url()}/v1/requests", body)
     assert status == 202 and accepted["status"] == "pending"
-    results: list[dict[str, Any]] = []
-
-    def done() -> bool:
-        code, result = get(f"{gateway.url()}/v1/requests/{accepted['id']}")
-        results.append(result)
-        return code == 200
-
-    eventually(done, timeout=60, interval=0.1, what="the chat's result")
-    completion = results[-1]["completion"]
-    assert results[-1]["status"] == "done" and completion["object"] == "chat.completion"
+    result = _result(gateway.url(), accepted["id"])
+    completion = result["completion"]
+    assert result["status"] == "done" and completion["object"] == "chat.completion"
     status, direct = post(f"{gateway.url()}/v1/chat/completions", body)
     assert status == 200 and completion["choices"][0]["message"] == direct["choices"][0]["message"]
     assert completion["usage"] == direct["usage"]
