@@ -66,6 +66,10 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
     assert marked_processes(root) == []
     assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)
     assert kubelm_dev(root, "status").returncode == 1
+    assert kubelm_dev(root, "down", "--purge").stdout == f"deleted {root.resolve()}\n" and not root.exists()
+    stranger = tmp_path / "not-a-cluster"
+    stranger.mkdir()
+    assert kubelm_dev(stranger, "down", "--purge").returncode == 0 and stranger.exists()  # no state: left alone
 
 
 def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from kubelm_contract import env as contract_env
 
 from . import hostnet
 from .layout import DEFAULT_DIR, IMAGES_SCRIPT, SCRIPTS_DIR, Layout, Ports, read_state
-from .nodeconfig import CONTAINERD_SOCKET, node_paths_of
+from .nodeconfig import CONTAINERD_SOCKET, STORE_DIR, node_paths_of
 from .probes import write_json
 from .supervisor import group_members, kill_group_members, kill_marked, marked_processes
 
@@ -154,6 +154,28 @@ def down(root: Path = DEFAULT_DIR, timeout: float = 60) -> None:
         hostnet.restore()
 
 
+def purge(root: Path = DEFAULT_DIR) -> list[Path]:
+    """Deletes what a stopped cluster keeps on disk: its state directory (etcd's data, certificates, logs)
+    and, when it ran the real node, the node's store (containerd's images and snapshots), so that the next
+    `up` starts from nothing. Returns what it deleted. A directory that holds no dev cluster's state is
+    left alone, whatever `--dir` said."""
+    root = root.resolve()
+    state = read_state(root)
+    if not state:
+        return []
+    if _supervisor_alive(state):
+        raise DevClusterError(f"the dev cluster in {root} is running: stop it first (kubelm-dev down)")
+    removed = []
+    layout = state.get("layout")
+    if isinstance(layout, dict) and Layout.from_json(layout).real_node and STORE_DIR.exists():
+        hostnet.unmount_under(STORE_DIR)
+        shutil.rmtree(STORE_DIR)
+        removed.append(STORE_DIR)
+    hostnet.unmount_under(root)
+    shutil.rmtree(root)
+    return [*removed, root]
+
+
 def status(root: Path = DEFAULT_DIR) -> tuple[bool, str]:
     state = read_state(root.resolve())
     if not state:
@@ -184,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="heartbeat: a Node object kept Ready that runs no pods (default); "
                                 "real: containerd + kubelet + kube-proxy + CoreDNS running kubelm's images "
                                 "(root, one per machine; builds them on first use)")
-    sub.add_parser("down", help="stop everything")
+    down_parser = sub.add_parser("down", help="stop everything")
+    down_parser.add_argument("--purge", action="store_true",
+                             help="then delete the cluster's state directory and, after a real node, its image "
+                                  f"store ({STORE_DIR}): the next up starts from nothing (and imports the images "
+                                  "again; the built images stay cached)")
     sub.add_parser("status", help="show components")
     sub.add_parser("env", help="print shell exports")
     args = parser.parse_args(argv)
@@ -200,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "down":
         down(args.dir)
+        try:
+            deleted = purge(args.dir) if args.purge else []
+        except DevClusterError as e:  # down could not stop it
+            print(e, file=sys.stderr)
+            return 1
+        for path in deleted:
+            print(f"deleted {path}")
         return 0
     if args.command == "status":
         ok, text = status(args.dir)
