@@ -150,3 +150,12 @@ def test_n_samples_per_prompt_take_consecutive_seeds_and_stay_within_the_row_lim
     reply = Reply(id="r", choices=(Choice("x", "stop", 5, 2),) * 6, n=3)
     assert json.loads(reply.to_json())["usage"] == {"prompt_tokens": 10, "completion_tokens": 12}
     assert Reply.from_json(reply.to_json()).n == 3
+
+
+def test_a_grouped_chunk_message_carries_each_requests_parts_by_correlation_id() -> None:
+    first = {0: protocol.ChunkPart(0, " the"), 1: protocol.ChunkPart(3, "x", 1, (protocol.TokenLogprob("x", -1.0),))}
+    second = {0: protocol.ChunkPart(5, " fox")}
+    raw = protocol.chunks_message({"a": first, "b": second})
+    assert protocol.parse_chunks_message(raw) == {"a": first, "b": second}
+    assert protocol.parse_chunk_message(protocol.chunk_message("a", first)) == first
+    assert protocol.parse_chunks_message(b"{}") == {} and protocol.parse_chunk_message(b"[") == {}

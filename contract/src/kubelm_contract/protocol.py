@@ -398,6 +398,9 @@ def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> st
 
 CHUNK_TYPE = "chunk"
 """The AMQP `type` property of a chunk message; the reply that ends a streamed request has none."""
+CHUNKS_TYPE = "chunks"
+"""The AMQP `type` of a message carrying the chunks of several streamed requests that share a reply address
+(one gateway connection's): one publish per address and step instead of one per request."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +418,18 @@ class ChunkPart:
 
 def chunk_message(request_id: str, parts: dict[int, ChunkPart]) -> bytes:
     """A chunk message: the new parts of the choices that have any, by choice index."""
+    return json.dumps({"v": VERSION, "id": request_id, "chunks": _chunks_json(parts)},
+                      separators=(",", ":")).encode()
+
+
+def chunks_message(parts: dict[str, dict[int, ChunkPart]]) -> bytes:
+    """A grouped chunk message: the parts of several requests, by correlation id."""
+    return json.dumps({"v": VERSION, "requests": [{"id": correlation_id, "chunks": _chunks_json(found)}
+                                                  for correlation_id, found in parts.items()]},
+                      separators=(",", ":")).encode()
+
+
+def _chunks_json(parts: dict[int, ChunkPart]) -> list[dict[str, Any]]:
     chunks = []
     for index, part in sorted(parts.items()):
         chunk: dict[str, Any] = {"index": index, "offset": part.offset, "text": part.text}
@@ -422,15 +437,26 @@ def chunk_message(request_id: str, parts: dict[int, ChunkPart]) -> bytes:
             chunk["token_offset"] = part.token_offset
             chunk["logprobs"] = [t.to_dict() for t in part.logprobs]
         chunks.append(chunk)
-    return json.dumps({"v": VERSION, "id": request_id, "chunks": chunks}, separators=(",", ":")).encode()
+    return chunks
+
+
+def _parts(chunks: Any) -> dict[int, ChunkPart]:
+    return {int(c["index"]): ChunkPart(int(c["offset"]), str(c["text"]), int(c.get("token_offset", 0)),
+                                       tuple(TokenLogprob.from_dict(t) for t in c.get("logprobs", ())))
+            for c in chunks}
 
 
 def parse_chunk_message(raw: bytes) -> dict[int, ChunkPart]:
     """The parts by choice index; empty for a body that is not a chunk message."""
     try:
-        data = json.loads(raw)
-        return {int(c["index"]): ChunkPart(int(c["offset"]), str(c["text"]), int(c.get("token_offset", 0)),
-                                           tuple(TokenLogprob.from_dict(t) for t in c.get("logprobs", ())))
-                for c in data["chunks"]}
+        return _parts(json.loads(raw)["chunks"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def parse_chunks_message(raw: bytes) -> dict[str, dict[int, ChunkPart]]:
+    """A grouped chunk message's parts by correlation id; empty for a body that is not one."""
+    try:
+        return {str(r["id"]): _parts(r["chunks"]) for r in json.loads(raw)["requests"]}
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}

@@ -25,6 +25,8 @@ import pika.exceptions
 from kubelm_contract import protocol, queues
 from kubelm_contract.queues import QueueSpec
 
+OnChunk = Callable[[dict[int, protocol.ChunkPart]], None]
+"""Gets the parts of a streamed reply as they arrive, by choice index."""
 log = logging.getLogger(__name__)
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -167,13 +169,15 @@ class WorkerChannel:
             correlation_id=correlation_id, content_type="application/json"))
 
     @_lost_as_broker_error()
-    def send_chunk(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+    def send_chunk(self, reply_to: str, body: bytes, correlation_id: str | None = None, grouped: bool = False) -> None:
         """Publishes part of a streamed reply without waiting for a confirm, on a channel of its own: chunks
-        are many and best effort, and the confirmed reply that ends the stream carries the whole text."""
+        are many and best effort, and the confirmed reply that ends the stream carries the whole text.
+        `grouped`: the body holds several requests' parts (protocol.chunks_message), not one request's."""
         if self._chunks is None:
             self._chunks = self.connection.channel()
+        kind = protocol.CHUNKS_TYPE if grouped else protocol.CHUNK_TYPE
         self._chunks.basic_publish("", reply_to, body, pika.BasicProperties(
-            correlation_id=correlation_id, type=protocol.CHUNK_TYPE, content_type="application/json"))
+            correlation_id=correlation_id, type=kind, content_type="application/json"))
 
     @_lost_as_broker_error()
     def ack(self, tag: int) -> None:
@@ -287,15 +291,23 @@ class RpcClient:
                 time.sleep(1)
 
     def _on_reply(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        if properties.type == protocol.CHUNK_TYPE:  # part of a streamed reply: the call goes on waiting
-            streaming = self._pending.get(properties.correlation_id or "")
-            if streaming is not None and streaming.on_chunk is not None:
-                streaming.chunk(body)
+        # Parts of streamed replies (the calls go on waiting), parsed here, off the callers' event loops.
+        if properties.type == protocol.CHUNKS_TYPE:
+            for correlation_id, parts in protocol.parse_chunks_message(body).items():
+                self._chunk(correlation_id, parts)
+            return
+        if properties.type == protocol.CHUNK_TYPE:
+            self._chunk(properties.correlation_id or "", protocol.parse_chunk_message(body))
             return
         waiter = self._pending.pop(properties.correlation_id or "", None)
         if waiter is None:
             return  # a duplicate (redelivered request) or an abandoned call
         waiter.settle(body, None)
+
+    def _chunk(self, correlation_id: str, parts: dict[int, protocol.ChunkPart]) -> None:
+        streaming = self._pending.get(correlation_id)
+        if streaming is not None and streaming.on_chunk is not None and parts:
+            streaming.chunk(parts)
 
     def _lost_replies(self, error: BaseException) -> None:
         """Fails the calls whose request went out on the connection just lost; one whose publish has not
@@ -357,7 +369,7 @@ class RpcClient:
                 await asyncio.sleep(0.05)
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+                   headers: dict[str, Any] | None = None, on_chunk: OnChunk | None = None) -> bytes:
         """The reply's body. `on_chunk` gets each chunk of a streamed reply (on the caller's loop) before it;
         a streamed call whose reply channel is lost fails instead of asking again (its text was under way)."""
         loop = asyncio.get_running_loop()
@@ -443,7 +455,7 @@ class RpcPool:
         return self.clients[self._turn]
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
-                   headers: dict[str, Any] | None = None, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+                   headers: dict[str, Any] | None = None, on_chunk: OnChunk | None = None) -> bytes:
         return await self._next().call(queue_name, body, correlation_id, timeout, headers, on_chunk)
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
@@ -464,15 +476,15 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[bytes]
     published_on: int = 0
-    on_chunk: Callable[[bytes], None] | None = None
+    on_chunk: OnChunk | None = None
 
     def settle(self, body: bytes | None, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(_settle, self.future, body, error)
 
-    def chunk(self, body: bytes) -> None:
+    def chunk(self, parts: dict[int, protocol.ChunkPart]) -> None:
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.on_chunk, body)  # type: ignore[arg-type]
+            self.loop.call_soon_threadsafe(self.on_chunk, parts)  # type: ignore[arg-type]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -48,9 +48,8 @@ class FakeDispatcher:
         request = json.loads(body)
         self.calls.append((queue_name, request, headers or {}))
         for chunk in self.chunks:
-            on_chunk(protocol.chunk_message(request["id"], {
-                index: part if isinstance(part, protocol.ChunkPart) else protocol.ChunkPart(*part)
-                for index, part in chunk.items()}))
+            on_chunk({index: part if isinstance(part, protocol.ChunkPart) else protocol.ChunkPart(*part)
+                      for index, part in chunk.items()})
             await asyncio.sleep(0)
         await self.release.wait()
         if isinstance(self.answer, BaseException):

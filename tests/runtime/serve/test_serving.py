@@ -102,6 +102,31 @@ def test_openai_client_streams_completions(launcher: Launcher) -> None:
     assert streamed == text[:at] and stop not in streamed
 
 
+def test_concurrent_streams_on_one_gateway_connection_share_chunk_messages(launcher: Launcher) -> None:
+    """Streams whose replies go to one address (a gateway with one publishing connection) get their text in
+    grouped chunk messages, one per step for all of them, each stream still whole and in pieces."""
+    queue = declare_queues(launcher, "tiny")
+    gateway = launcher.gateway(models=["tiny"], publishConnections=1)
+    client = openai.OpenAI(base_url=gateway.url("/v1"), api_key="unused")
+    prompts = ["the old fox"] * 4  # a prompt the tiny model answers with text (not lone bytes held back)
+
+    def stream(prompt: str) -> list[str]:
+        return [e.choices[0].text for e in client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=40, temperature=0, stream=True) if e.choices]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(stream, prompt) for prompt in prompts]
+        # Queued before a worker runs, so that they decode in one batch however fast they arrived.
+        eventually(lambda: ready_messages(launcher.cluster, queue) == 4, timeout=60, what="the streams queued")
+        worker = launcher.worker("tiny", cache={"responses": {"enabled": False}},
+                                 batching={"maxBatchSize": 4, "maxWaitMillis": 50})
+        streamed = [future.result(timeout=120) for future in futures]
+    for prompt, texts in zip(prompts, streamed, strict=True):
+        whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+        assert "".join(texts) == whole.choices[0].text and len([t for t in texts if t]) > 1
+    assert worker.metric("kubelm_stream_messages_total", '{kind="grouped"}') > 0
+
+
 def test_worker_reexecutes_itself_on_jemalloc(launcher: Launcher) -> None:
     worker = launcher.worker("tiny")
     maps = Path(f"/proc/{worker.process.pid}/maps").read_text()

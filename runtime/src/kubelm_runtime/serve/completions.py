@@ -40,7 +40,7 @@ class Dispatcher(Protocol):
 
     async def call(self, queue_name: str, body: bytes, correlation_id: str, timeout: float,
                    headers: dict[str, Any] | None = None,
-                   on_chunk: Callable[[bytes], None] | None = None) -> bytes: ...
+                   on_chunk: Callable[[dict[int, protocol.ChunkPart]], None] | None = None) -> bytes: ...
 
     async def send(self, queue_name: str, body: bytes, correlation_id: str, expiration_seconds: float,
                    headers: dict[str, Any] | None = None) -> None: ...
@@ -298,11 +298,11 @@ class CompletionService:
 
         started = time.perf_counter()
         async with self._through_the_queue(model):
-            chunks: asyncio.Queue[bytes] = asyncio.Queue()
+            chunks: asyncio.Queue[dict[int, protocol.ChunkPart]] = asyncio.Queue()
             call = asyncio.ensure_future(self.dispatcher.call(
                 entry["queue"], message.to_json(), message.id, self.config.request_timeout_seconds,
                 self._headers(cache_checked), on_chunk=chunks.put_nowait))
-            arrived: asyncio.Future[bytes] | None = None
+            arrived: asyncio.Future[dict[int, protocol.ChunkPart]] | None = None
             try:
                 while not (call.done() and chunks.empty()):  # chunks that came before the reply go first
                     if chunks.empty():
@@ -311,10 +311,10 @@ class CompletionService:
                         if not arrived.done():
                             arrived.cancel()
                             continue
-                        body_of_chunk = arrived.result()
+                        parts = arrived.result()
                     else:
-                        body_of_chunk = chunks.get_nowait()
-                    for index, part in protocol.parse_chunk_message(body_of_chunk).items():
+                        parts = chunks.get_nowait()
+                    for index, part in parts.items():
                         fresh = _fresh(sent.get(index, ""), part.offset, part.text)
                         tokens = _fresh_tokens(len(logged.get(index, ())), part)
                         if fresh or tokens:

@@ -42,6 +42,9 @@ class WorkerMetrics:
         self.tokens = Counter("kubelm_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("kubelm_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.cache = Counter("kubelm_response_cache", "Response cache lookups", ["result"], registry=r)
+        self.stream_messages = Counter("kubelm_stream_messages", "Chunk messages published for streamed requests: "
+                                       "one request's, or grouped (several sharing a reply address)", ["kind"],
+                                       registry=r)
         self.redelivered = Counter("kubelm_redelivered", "Requests the broker delivered again (after a worker "
                                    "died with them)", registry=r)
         # Every known series exported from the start: a dashboard (or a test) reading 0 reads a real 0.
@@ -51,6 +54,8 @@ class WorkerMetrics:
             self.errors.labels(kind)
         for result in ("hit", "miss"):
             self.cache.labels(result)
+        for kind in ("request", "grouped"):
+            self.stream_messages.labels(kind)
 
 
 class HealthState:

@@ -316,13 +316,15 @@ class Worker:
         self.failures = 0  # a decode step went through: the failures were not in a row
 
     def _stream(self) -> None:
-        """Sends the text streaming requests generated in this step: one chunk message per request, for
-        the rows with new text (finished requests get their reply, which holds it all)."""
+        """Sends the text streaming requests generated in this step, for the rows with new text (finished
+        requests get their reply, which holds it all): one message per reply address — a gateway connection
+        carries many requests —, a grouped one when several requests share it."""
         streaming = {key for key, flight in self.in_flight.items()
                      if flight.pending.request.stream and flight.pending.delivery.reply_to}
         if not streaming:
             return
         ready = self.engine.streamable_texts(self.batch, lambda row_key: row_key[0] in streaming)
+        by_address: dict[str, list[tuple[InFlight, dict[int, protocol.ChunkPart]]]] = {}
         for key in streaming:
             flight = self.in_flight[key]
             new: dict[int, protocol.ChunkPart] = {}
@@ -336,9 +338,18 @@ class Worker:
                     new[index] = protocol.ChunkPart(text_at, part.text[text_at:], tokens_at, logprobs)
                     flight.sent[index], flight.sent_tokens[index] = len(part.text), tokens_at + len(logprobs)
             if new:
-                delivery = flight.pending.delivery
-                self.channel.send_chunk(delivery.reply_to, delivery.correlation_id,  # type: ignore[arg-type]
-                                        protocol.chunk_message(flight.pending.request.id, new))
+                by_address.setdefault(str(flight.pending.delivery.reply_to), []).append((flight, new))
+        for address, found in by_address.items():
+            grouped = {str(f.pending.delivery.correlation_id): parts for f, parts in found
+                       if f.pending.delivery.correlation_id}
+            if len(grouped) > 1:
+                self.channel.send_chunk(address, protocol.chunks_message(grouped), grouped=True)
+                self.metrics.stream_messages.labels("grouped").inc()
+                found = [(f, parts) for f, parts in found if not f.pending.delivery.correlation_id]
+            for flight, parts in found:
+                self.channel.send_chunk(address, protocol.chunk_message(flight.pending.request.id, parts),
+                                        flight.pending.delivery.correlation_id)
+                self.metrics.stream_messages.labels("request").inc()
 
     def drop_expired(self) -> None:
         """A request past its deadline leaves the batch before the next step: its caller has stopped
