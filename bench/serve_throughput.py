@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubelm_contract import protocol, queues
 from kubelm_contract.protocol import Decoding
@@ -167,12 +168,12 @@ def first_token_totals(metrics_url: str) -> tuple[float, float]:
     """(sum, count) of the time-to-first-token histogram a worker or gateway exports (all labels)."""
     _, body = http_get(metrics_url)
     totals = {"sum": 0.0, "count": 0.0}
-    for line in body.decode().splitlines():
-        name, _, value = line.rpartition(" ")
-        series = name.split("{")[0]
-        for part in totals:
-            if not line.startswith("#") and series.endswith(f"time_to_first_token_seconds_{part}"):
-                totals[part] += float(value)
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name.endswith("time_to_first_token_seconds"):
+            for sample in family.samples:
+                part = sample.name.rsplit("_", 1)[1]
+                if part in totals:
+                    totals[part] += sample.value
     return totals["sum"], totals["count"]
 
 

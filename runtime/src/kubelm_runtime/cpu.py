@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _cpuinfo(given: str | None) -> str:
+    """The text given, or /proc/cpuinfo's; empty where it cannot be read."""
+    if given is not None:
+        return given
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The feature flags of /proc/cpuinfo (or of the text given); empty where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    return set(cpuinfo.split())
+    return set(_cpuinfo(cpuinfo).split())
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
@@ -22,12 +27,7 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
 
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The processor's name from /proc/cpuinfo ("unknown" where it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "unknown"
-    for line in cpuinfo.splitlines():
+    for line in _cpuinfo(cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name":
             return value.strip()
