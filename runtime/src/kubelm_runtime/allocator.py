@@ -8,6 +8,14 @@ negligible); under jemalloc it is ~12 µs, and a batch-1 decode step of a GPT-2
 be swapped before the process starts, so the runtime re-executes itself once with
 the library preloaded: the process keeps its PID, arguments and environment.
 
+jemalloc is also told to keep the pages it frees (`dirty_decay_ms:-1`) unless `MALLOC_CONF` is
+already set. With any finite decay, jemalloc 5.3 hands every freed block of about 8 MiB or more back
+to the kernel at once, so the next allocation of that size faults each page in again (~3 ms for
+9 MiB here). A worker allocates such blocks all the time once contexts grow: each layer's keys and
+values are copied to a fresh tensor when the cache grows, drops finished rows or takes new ones, and
+a prefill's activations are as large. Kept pages cost no time but hold the worker's resident memory
+at its high-water mark, which its memory limit must allow for anyway (docs/benchmarks.md).
+
 `KUBELM_MALLOC=system` keeps the system allocator. Training keeps it too: the training
 benchmark ran slower on jemalloc, and only on par with its page decay turned off.
 """
@@ -29,12 +37,15 @@ log = logging.getLogger(__name__)
 JEMALLOC = "jemalloc"
 SYSTEM = "system"
 CHOICES = (JEMALLOC, SYSTEM)
+JEMALLOC_SETTINGS = "dirty_decay_ms:-1"
+"""What the runtime sets in MALLOC_CONF for jemalloc when the variable is unset: keep freed pages."""
 
 
 def preload_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to re-execute with so that `library` is preloaded, or None when there is
     nothing to do: the system allocator was asked for, no library is installed, or it is already
-    listed (also what stops a second re-execution when the loader could not preload it)."""
+    listed (also what stops a second re-execution when the loader could not preload it). A
+    MALLOC_CONF already set is kept as it is."""
     choice = environ.get(env.MALLOC, JEMALLOC) or JEMALLOC
     if choice not in CHOICES:
         raise SettingsError(f"{env.MALLOC} must be one of {', '.join(CHOICES)}, not {choice!r}")
@@ -43,7 +54,7 @@ def preload_environment(environ: Mapping[str, str], library: str | None) -> dict
     preloaded = environ.get("LD_PRELOAD", "")
     if any(Path(entry).name == Path(library).name for entry in preloaded.replace(":", " ").split()):
         return None
-    return {**environ, "LD_PRELOAD": f"{library} {preloaded}".strip()}
+    return {"MALLOC_CONF": JEMALLOC_SETTINGS, **environ, "LD_PRELOAD": f"{library} {preloaded}".strip()}
 
 
 def find_jemalloc() -> str | None:
@@ -75,7 +86,9 @@ def reexec_with_jemalloc() -> None:
 def report(cpu: bool) -> None:
     """Logs the allocator in use, with the remedy when a CPU worker misses jemalloc."""
     allocator = in_use()
-    if allocator == JEMALLOC or not cpu or os.environ.get(env.MALLOC) == SYSTEM:
+    if allocator == JEMALLOC:
+        log.info("memory allocator: %s (MALLOC_CONF=%s)", allocator, os.environ.get("MALLOC_CONF") or "-")
+    elif not cpu or os.environ.get(env.MALLOC) == SYSTEM:
         log.info("memory allocator: %s", allocator)
     else:
         log.warning("memory allocator: %s (install jemalloc, e.g. the libjemalloc2 package, for faster CPU "
