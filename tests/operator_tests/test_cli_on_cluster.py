@@ -10,6 +10,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -26,6 +27,7 @@ from gitops_support import argocd_health, kstatus
 from kubelm_contract import queues
 from kubelm_contract.queues import QueueSpec
 from kubelm_devcluster.operator import service_account_kubeconfig
+from kubelm_devcluster.probes import http_get
 from kubelm_runtime.progress import ProgressReporter
 from support import ClusterEnv, eventually
 
@@ -265,3 +267,94 @@ def test_errors_are_one_line_with_their_exit_code(states: str, cluster: ClusterE
     denied = kubelm(str(nobody), "status", "-n", states)
     assert denied.returncode == 4 and denied.stderr.startswith("error: access denied to languagemodels"), denied.stderr
     assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
+
+
+def _host_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, which the API server will not proxy to."""
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    for line in shown.stdout.splitlines():
+        fields = line.split()
+        if "inet" in fields:
+            return fields[fields.index("inet") + 1].split("/")[0]
+    return None
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:
+        return False
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def test_generate_passes_the_gateways_api_key_through_the_api_servers_proxy(
+        operator: OperatorProcess, api_client: client.ApiClient, custom: client.CustomObjectsApi,
+        cluster: ClusterEnv, tmp_path: Path) -> None:
+    """The API server keeps a caller's Authorization header for itself: `kubelm generate` reads the key from
+    the Secret the model names and sends it in an `api-key` header, which the proxy passes on. A real gateway
+    process on this machine stands in for the gateway pod (a pod object marked ready at this machine's
+    address), so the request goes kubelm -> API server proxy -> gateway -> RabbitMQ. No worker runs: a request
+    the gateway let in times out (504) where a refused one gets its 401."""
+    address = _host_address()
+    if address is None:
+        pytest.skip("this machine has no address other than loopback for the API server to proxy to")
+    api = Api(api_client, custom)
+    ns = f"cli-key-{uuid.uuid4().hex[:6]}"
+    api.core.create_namespace({"metadata": {"name": ns}})
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        api.core.create_namespaced_secret(ns, {"metadata": {"name": "clients"}, "stringData": {"token": "s3cret"}})
+        _create(api, "languagemodels", "LanguageModel", ns, "guarded",
+                {**SERVE, "gateway": {"authSecretRef": {"name": "clients"}}, "autoscaling": {"minReplicas": 0}})
+
+        def registered() -> bool:
+            conditions = {c["type"]: c["status"]
+                          for c in _status(api, "languagemodels", ns, "guarded").get("conditions", [])}
+            return conditions.get("QueueReady") == conditions.get("CacheReady") == "True"
+        eventually(registered, timeout=120, what="the model's queue declared and registry entry written")
+        endpoint = _status(api, "languagemodels", ns, "guarded")["endpoint"]
+        service = api.core.read_namespaced_service(endpoint.split("//")[1].split(".")[0], ns)
+
+        port = _free_port(address)
+        key_file = tmp_path / "key"
+        key_file.write_text("s3cret\n")
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump({"namespace": ns, "models": ["guarded"], "host": address, "port": port,
+                                          "authTokenFile": str(key_file), "requestTimeoutSeconds": 1}))
+        with open(tmp_path / "gateway.log", "wb") as log:
+            gateway = subprocess.Popen([sys.executable, "-m", "kubelm_runtime", "gateway", "--config", str(config)],
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "KUBELM_AMQP_URL": cluster.amqp_url,
+                                            "KUBELM_REDIS_URL": cluster.redis_url})
+        eventually(lambda: http_ok(f"http://{address}:{port}/readyz"), timeout=90, interval=0.1, what="gateway ready")
+
+        api.core.create_namespaced_pod(ns, {
+            "metadata": {"name": "stand-in", "labels": service.spec.selector},
+            "spec": {"containers": [{"name": "gateway", "image": "kubelm/runtime:test",
+                                     "ports": [{"name": "http", "containerPort": port}]}]}})
+        api.core.patch_namespaced_pod_status("stand-in", ns, {"status": {
+            "phase": "Running", "podIP": address, "podIPs": [{"ip": address}],
+            "conditions": [{"type": "Ready", "status": "True"}]}})
+
+        def routed() -> bool:
+            endpoints = api.core.read_namespaced_endpoints(service.metadata.name, ns)
+            return any(a.ip == address for s in endpoints.subsets or [] for a in s.addresses or [])
+        eventually(routed, timeout=60, what="the stand-in pod behind the gateway Service")
+
+        ask = ("generate", "guarded", "hello", "-n", ns, "--max-tokens", "2", "--temperature", "0")
+        let_in = kubelm(cluster.kubeconfig, *ask)
+        assert let_in.returncode == 7 and "no reply within 1s" in let_in.stderr, let_in.stderr
+        refused = kubelm(cluster.kubeconfig, *ask, "--api-key", "wrong")
+        assert refused.returncode == 4 and "missing or wrong API key" in refused.stderr, refused.stderr
+    finally:
+        if gateway is not None:
+            gateway.kill()
+            gateway.wait()
+        for pod in api.core.list_namespaced_pod(ns).items:
+            api.core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+        api.core.delete_namespace(ns)

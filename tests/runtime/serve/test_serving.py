@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +21,7 @@ import httpx_sse
 import openai
 import pika
 import pytest
+import yaml
 
 from kubelm_contract import keys, protocol, queues
 from kubelm_devcluster.standalone import MemcachedServer, RedisServer
@@ -32,6 +36,7 @@ from .conftest import (
     connections,
     dead_letters,
     declare_queues,
+    free_port,
     get,
     post,
     rabbit_queue,
@@ -343,9 +348,12 @@ def test_gateway_timeout_auth_and_limits(launcher: Launcher, tmp_path: Path) -> 
     assert post(url, body)[0] == 401
     status, error = post(url, body, {"Authorization": "Bearer wrong"})
     assert status == 401 and error["error"]["type"] == "authentication_error"
+    status, error = post(url, body, {"api-key": "wrong"})
+    assert status == 401 and "'api-key' header" in error["error"]["message"]
     auth = {"Authorization": "Bearer s3cret"}
-    status, error = post(url, body, auth)
-    assert status == 504 and "no reply within 1s" in error["error"]["message"]
+    for accepted in (auth, {"api-key": "s3cret"}):  # OpenAI's form, and Azure OpenAI's
+        status, error = post(url, body, accepted)
+        assert status == 504 and "no reply within 1s" in error["error"]["message"]
     assert post(url, {**body, "prompt": "y" * 5000}, auth)[0] == 413
     assert _chunked_without_end(gateway, auth, 3000) == 413
     # Streamed, with nobody to answer: no text came, so the timeout is still an HTTP error, not an event.
@@ -353,6 +361,19 @@ def test_gateway_timeout_auth_and_limits(launcher: Launcher, tmp_path: Path) -> 
     assert status == 504 and "no reply within 1s" in error["error"]["message"]
     status, error = post(url, {**body, "temperature": -1}, auth)
     assert status == 400 and "temperature" in error["error"]["message"]
+
+
+def test_an_empty_api_key_file_stops_the_gateway_with_a_configuration_error(tmp_path: Path,
+                                                                           cluster: ClusterEnv) -> None:
+    """An empty key would let anyone in who sends an empty one: refused at start-up, exit code 2."""
+    token = tmp_path / "token"
+    token.write_text("\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"namespace": "empty-key", "port": free_port(), "authTokenFile": str(token)}))
+    done = subprocess.run([sys.executable, "-m", "kubelm_runtime", "gateway", "--config", str(config)],
+                          env={**os.environ, "KUBELM_AMQP_URL": cluster.amqp_url}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and f"authTokenFile {token} is empty" in done.stderr
 
 
 def _chunked_without_end(gateway: Process, headers: dict[str, str], size: int) -> int:

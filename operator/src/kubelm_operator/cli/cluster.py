@@ -8,6 +8,7 @@ the documented exit code.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -64,11 +65,12 @@ class Cluster:
 
     # Every call goes through here, so every error is translated the same way.
     def _call(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,
-              what: str, stream: bool = False, timeout: float | None = TIMEOUT) -> Any:
+              what: str, stream: bool = False, timeout: float | None = TIMEOUT,
+              extra_headers: dict[str, str] | None = None) -> Any:
         url = self.server + path
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        headers = {"Accept": "application/json", "Content-Type": "application/json", **(extra_headers or {})}
         self.api.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
         try:
             response = self.api.rest_client.request(method, url, headers=headers, body=body,
@@ -90,7 +92,9 @@ class Cluster:
             body = json.loads(e.body or "{}")
         except ValueError:
             body = {}
-        message = body.get("message") or e.reason or ""
+        # A Kubernetes Status, or an error the proxied service sent in OpenAI's shape.
+        relayed = body.get("error") if isinstance(body.get("error"), dict) else {}
+        message = body.get("message") or relayed.get("message") or e.reason or ""
         if e.status in (401, 403):
             return CliError(f"access denied to {what}: {message}", FORBIDDEN)
         if e.status == 404 and not (body.get("details") or {}).get("name"):
@@ -141,11 +145,22 @@ class Cluster:
         finally:
             response.release_conn()
 
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded."""
+        what = f"Secret {namespace}/{name}"
+        found = self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}", what=what)
+        encoded = (found.get("data") or {}).get(key)
+        if encoded is None:
+            raise CliError(f"{what} has no key {key!r}", NOT_FOUND)
+        return base64.b64decode(encoded).decode().strip()
+
     def post_to_service(self, namespace: str, service: str, port: int, path: str, body: dict[str, Any],
-                        timeout: float) -> dict[str, Any]:
-        """POST through the API server's service proxy: works from anywhere the kubeconfig works."""
+                        timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """POST through the API server's service proxy: works from anywhere the kubeconfig works. The proxy
+        passes other headers on, but not Authorization, which authenticates the caller to the API server."""
         return dict(self._call("POST", f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy{path}",
-                               body=body, timeout=timeout, what=f"service {namespace}/{service}"))
+                               body=body, timeout=timeout, what=f"service {namespace}/{service}",
+                               extra_headers=headers))
 
 
 def _root(error: BaseException) -> str:

@@ -176,13 +176,16 @@ def explain_command(state: State, target: str, namespace: str | None) -> int:
 @click.option("--via", type=click.Choice(["auto", "gateway", "queue"]), default="auto", show_default=True,
               help="auto: the gateway when the model has one, else the queue.")
 @click.option("--amqp-url", envvar="KUBELM_AMQP_URL", help="RabbitMQ URL for --via queue (default: $KUBELM_AMQP_URL).")
+@click.option("--api-key", envvar="KUBELM_API_KEY",
+              help="The gateway's API key (default: $KUBELM_API_KEY, else read from the model's "
+                   "spec.gateway.authSecretRef Secret when it has one).")
 @click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True, help="Seconds to wait.")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
 @_errors
 def generate(state: State, name: str, prompt: str, namespace: str | None, max_tokens: int | None,
-             temperature: float | None, seed: int | None, via: str, amqp_url: str | None, timeout: float,
-             output: str) -> int:
+             temperature: float | None, seed: int | None, via: str, amqp_url: str | None, api_key: str | None,
+             timeout: float, output: str) -> int:
     """Complete PROMPT with LanguageModel NAME, through its gateway or straight through its queue."""
     cluster = state.cluster
     namespace = namespace or cluster.namespace
@@ -192,8 +195,9 @@ def generate(state: State, name: str, prompt: str, namespace: str | None, max_to
         raise CliError(f"LanguageModel {namespace}/{name} has no gateway (spec.gateway.enabled is false): "
                        "use --via queue", REQUEST_FAILED)
     if via == "gateway" or (via == "auto" and endpoint):
+        key = api_key or _gateway_key(cluster, model)
         answer = _through_gateway(cluster, namespace, name, str(endpoint), prompt, max_tokens, temperature, seed,
-                                  timeout)
+                                  timeout, key)
         text = answer["choices"][0]["text"]
     else:
         answer, text = _through_queue(model, amqp_url, prompt, max_tokens, temperature, seed, timeout)
@@ -204,16 +208,32 @@ def generate(state: State, name: str, prompt: str, namespace: str | None, max_to
     return 0
 
 
+def _gateway_key(cluster: Cluster, model: dict[str, Any]) -> str | None:
+    """The API key of a gateway that wants one, from the Secret its LanguageModel names."""
+    reference = parse_languagemodel(model.get("spec") or {}).gateway.auth_secret_ref
+    if reference is None:
+        return None
+    meta = model["metadata"]
+    try:
+        return cluster.secret_value(meta["namespace"], reference.name, reference.key)
+    except CliError as e:
+        raise CliError(f"the gateway of LanguageModel {meta['namespace']}/{meta['name']} wants an API key, and "
+                       f"reading it failed ({e}): pass --api-key or set KUBELM_API_KEY", e.exit_code) from e
+
+
 def _through_gateway(cluster: Cluster, namespace: str, name: str, endpoint: str, prompt: str, max_tokens: int | None,
-                     temperature: float | None, seed: int | None, timeout: float) -> dict[str, Any]:
+                     temperature: float | None, seed: int | None, timeout: float,
+                     api_key: str | None) -> dict[str, Any]:
     url = urlsplit(endpoint)
     service = (url.hostname or "").split(".")[0]
     body: dict[str, Any] = {"model": name, "prompt": prompt}
     for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if value is not None:
             body[key] = value
+    # Azure OpenAI's header: the API server's proxy keeps Authorization for itself.
+    headers = {"api-key": api_key} if api_key else None
     return cluster.post_to_service(namespace, service, url.port or 80, f"{url.path.rstrip('/')}/completions", body,
-                                   timeout)
+                                   timeout, headers)
 
 
 def _through_queue(model: dict[str, Any], amqp_url: str | None, prompt: str, max_tokens: int | None,

@@ -6,7 +6,7 @@ waits for the reply on direct reply-to; GET /v1/models lists the registry;
 POST /v1/requests and GET /v1/requests/{id} are the asynchronous variant, whose
 results the worker stores in Redis so they outlive a gateway restart.
 
-This module is HTTP only: the bearer token and body-size guard, thin routes, and the
+This module is HTTP only: the API key and body-size guard, thin routes, and the
 process. What a request means lives in `completions` (the serving layer) and
 `openai_api` (the API's shapes).
 """
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubelm_contract import env
+from kubelm_contract.settings import SettingsError
 
 from ..broker import RpcPool
 from . import openai_api
@@ -56,7 +57,7 @@ async def discard_body(receive: Any, declared: int) -> None:
 
 
 class Guard:
-    """Bearer token and body size checks, per-route counts and the access log for /v1/, as plain ASGI
+    """API key and body size checks, per-route counts and the access log for /v1/, as plain ASGI
     middleware (the decorator form wraps every request in an extra task and stream, which costs a cache
     hit ~0.2 ms)."""
 
@@ -64,6 +65,14 @@ class Guard:
                  log_access: bool = True):
         self.app, self.token, self.max_body_bytes, self.metrics = app, token, max_body_bytes, metrics
         self.log_access = log_access
+
+    def _authenticated(self, headers: dict[str, str]) -> bool:
+        """The key as OpenAI's clients send it, or in Azure OpenAI's `api-key` header: the one form that
+        passes the Kubernetes API server's service proxy, which keeps the Authorization header for itself."""
+        assert self.token is not None
+        bearer = hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.token}".encode())
+        key = headers.get("api-key", "")
+        return bearer or (key != "" and hmac.compare_digest(key.encode(), self.token.encode()))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -74,9 +83,9 @@ class Guard:
         route = path if not path.startswith("/v1/requests/") else "/v1/requests/{id}"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal = None
-        if self.token is not None and not hmac.compare_digest(
-                headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
-            refusal = ApiError(401, "missing or wrong bearer token", "authentication_error", "invalid_api_key")
+        if self.token is not None and not self._authenticated(headers):
+            refusal = ApiError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY' or in an "
+                               "'api-key' header", "authentication_error", "invalid_api_key")
         length = headers.get("content-length", "")
         declared = int(length) if length.isdigit() else 0
         if refusal is None and declared > self.max_body_bytes:
@@ -201,12 +210,15 @@ def run(config: GatewayConfig, amqp_url: str, redis_url: str | None) -> None:
     import uvicorn
 
     token = Path(config.auth_token_file).read_text().strip() if config.auth_token_file else None
+    if token == "":
+        raise SettingsError(f"authTokenFile {config.auth_token_file} is empty: put the API key clients must send "
+                            "in it, or unset authTokenFile")
     rpc = RpcPool(amqp_url, config.publish_connections, name=f"kubelm-gateway {config.namespace}")
     rpc.start()
     store = RedisGatewayStore(redis_url, os.environ.get(env.MEMCACHED_URL))
     app = create_app(CompletionService(config, rpc, store), lambda: rpc.connected, token)
-    log.info("gateway for namespace %s listening on http://%s:%d (%d publish connections, Redis %s, bearer "
-             "token %s, access log %s)", config.namespace, config.host, config.port, config.publish_connections,
+    log.info("gateway for namespace %s listening on http://%s:%d (%d publish connections, Redis %s, API "
+             "key %s, access log %s)", config.namespace, config.host, config.port, config.publish_connections,
              "configured" if redis_url else "not configured", "required" if token else "not required",
              "on" if config.access_log else "off")
     try:
