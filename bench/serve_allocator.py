@@ -45,7 +45,7 @@ def child(model_dir: str, requests: int, prompt_tokens: int, repeats: int) -> di
     engine = Engine.load(model_dir, dtype="auto")
     gc.collect()
     gc.freeze()  # as the worker does after loading
-    engine.eos = -1  # a random model may pick EOS: every row runs to its own length
+    engine.end_tokens = frozenset()  # a random model may pick EOS: every row runs to its own length
     vocabulary = engine.tokenizer.vocab_size
 
     def items(tag: int) -> list[Item]:

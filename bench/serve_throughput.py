@@ -312,7 +312,7 @@ def decode_steps(engine: Engine, rows: int, probe: Callable[[], tuple[float, flo
     """Runs of `steps` decode steps of `rows` rows (16-token prompts, prefill and warm-up excluded),
     alternating with the machine's probes so that each run is compared with what the machine could do
     in the same minute of a shared host; two untimed steps after each probe let the caches refill."""
-    eos, engine.eos = engine.eos, -1  # a random model may pick EOS: keep every row decoding
+    ends, engine.end_tokens = engine.end_tokens, frozenset()  # a random model may pick EOS: keep every row decoding
     try:
         batch = Batch()
         budget = (chunks + 1) * (steps + 2) + 1
@@ -333,7 +333,7 @@ def decode_steps(engine: Engine, rows: int, probe: Callable[[], tuple[float, flo
             runs.append(StepRun((time.perf_counter() - started) / steps, rows, columns, bandwidth, peak))
         return runs
     finally:
-        engine.eos = eos
+        engine.end_tokens = ends
 
 
 @dataclass(frozen=True)

@@ -151,5 +151,8 @@ build "$redis_tag" manifests/dev/images/redis.Dockerfile
 build "$rabbitmq_tag" manifests/dev/images/rabbitmq.Dockerfile
 build "$runtime_tag" Dockerfile.runtime
 "${docker[@]}" image prune -f >/dev/null
+# BuildKit keeps the layers of every build it made. Keep the most recently used 10 GB: the runtime's
+# dependency layer (~6 GB) survives a change to our sources, older builds' layers go.
+"${docker[@]}" builder prune --force --keep-storage 10GB >/dev/null
 log "images ready in $(( $(date +%s) - started ))s"
 echo "${tags[*]}"

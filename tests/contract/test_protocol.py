@@ -62,6 +62,10 @@ def test_a_chat_request_carries_its_conversation_until_the_worker_renders_it() -
     ({"id": "a", "prompt": "x", "v": 2}, protocol.INVALID_REQUEST, "version"),
     ({"id": "a", "prompt": "x", "deadline": "soon"}, protocol.INVALID_REQUEST, "deadline"),
     ({"id": "a", "prompt": "x" * 1_000_001}, protocol.PROMPT_TOO_LONG, "longer than"),
+    # JSON escapes a lone surrogate, which no tokenizer, cache key or reply can encode.
+    ({"id": "a", "prompt": "a\ud800b"}, protocol.INVALID_REQUEST, "valid Unicode"),
+    ({"id": "a", "messages": [{"role": "user", "content": "\udfff"}]}, protocol.INVALID_REQUEST, "valid Unicode"),
+    ({"id": "a", "prompt": "x", "params": {"stop": ["\ud83d"]}}, protocol.INVALID_REQUEST, "valid Unicode"),
 ])
 def test_invalid_requests(body: object, kind: str, message: str) -> None:
     with pytest.raises(ProtocolError) as info:

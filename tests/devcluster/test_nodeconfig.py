@@ -109,3 +109,17 @@ def test_image_references_are_compared_as_containerd_names_them(ref: str, expect
     assert nodeconfig.normalized(ref) == expected
     assert nodeconfig.repository(expected) == expected.rsplit(":", 1)[0]
     assert nodeconfig.repository("localhost:5000/x") == "localhost:5000/x"
+
+
+def test_image_id_references_no_name_shares_a_target_with_are_the_unnamed_ones() -> None:
+    kind = "application/vnd.docker.distribution.manifest.v2+json"
+    listing = "\n".join([
+        "REF TYPE DIGEST SIZE PLATFORMS LABELS",
+        f"docker.io/kubelm/runtime:dev-new {kind} sha256:new 5.8 GiB linux/amd64 io.cri-containerd.image=managed",
+        f"docker.io/kubelm/runtime:0.1.0 {kind} sha256:new 5.8 GiB linux/amd64 io.cri-containerd.image=managed",
+        f"sha256:id-of-new {kind} sha256:new 5.8 GiB linux/amd64 io.cri-containerd.image=managed",
+        f"sha256:id-of-old {kind} sha256:old 5.8 GiB linux/amd64 io.cri-containerd.image=managed",
+        f"sha256:id-of-older {kind} sha256:older 5.8 GiB linux/amd64 io.cri-containerd.image=managed",
+        ""])
+    assert nodeconfig.unnamed_images(listing) == ["sha256:id-of-old", "sha256:id-of-older"]
+    assert nodeconfig.unnamed_images("REF TYPE DIGEST SIZE PLATFORMS LABELS\n") == []

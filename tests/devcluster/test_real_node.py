@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kubelm_devcluster import cli, hostnet, nodeconfig
-from kubelm_devcluster.layout import BRIDGE, NODE_NAME
+from kubelm_devcluster.layout import BRIDGE, NODE_NAME, Layout
 from kubelm_devcluster.supervisor import marked_processes
 from node_support import RESTRICTED, RealNode, answers, apply, deployment, python_pod, wait_succeeded
 from support import ClusterEnv, eventually
@@ -37,6 +37,14 @@ def test_the_node_is_ready_on_containerd_2(real_node: RealNode) -> None:
     ready = next(c for c in info["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True", ready
     assert not info["spec"].get("taints"), info["spec"]
+    # The image store keeps what the node runs: no image-ID reference of an older build holds its layers.
+    layout = Layout.from_json(json.loads((real_node.root / "state.json").read_text())["layout"])
+    assert layout.node_bin_dir is not None
+    listing = subprocess.run([str(layout.node_bin_dir / "ctr"), "--address", str(nodeconfig.CONTAINERD_SOCKET),
+                              "--namespace", nodeconfig.CONTAINERD_NAMESPACE, "images", "ls"],
+                             capture_output=True, text=True, check=True).stdout
+    assert nodeconfig.normalized(real_node.image("kubelm/runtime")) in listing
+    assert nodeconfig.unnamed_images(listing) == []
 
 
 def test_the_runtime_image_runs_under_the_restricted_security_context(real_node: RealNode, node_namespace: str) -> None:

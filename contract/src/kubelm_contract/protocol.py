@@ -327,6 +327,11 @@ def parse_request(raw: bytes, defaults: Decoding, limits: Limits) -> Request:
         raise ProtocolError(INVALID_REQUEST, f"body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ProtocolError(INVALID_REQUEST, "body must be a JSON object")
+    try:  # JSON may escape a lone surrogate, which no tokenizer, cache key or reply can encode
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ProtocolError(INVALID_REQUEST, "text must be valid Unicode (a lone surrogate escape such as \\ud800 "
+                                             "is not)") from e
     unknown = sorted(set(data) - {"v", "id", "prompts", "prompt", "messages", "params", "deadline", "model", "n",
                                   "stream"})
     if unknown:

@@ -70,6 +70,15 @@ def repository(ref: str) -> str:
     return name if name and "/" not in tag else ref
 
 
+def unnamed_images(listing: str) -> list[str]:
+    """From `ctr images ls`, the image-ID references (`sha256:<id>`) that no named reference shares a
+    target with. containerd's CRI adds such a reference for every image it sees; once the names of an
+    older build are removed, it alone keeps that build's layers on disk."""
+    rows = [line.split() for line in listing.splitlines()[1:] if line.strip()]
+    named = {row[2] for row in rows if not row[0].startswith("sha256:")}
+    return [row[0] for row in rows if row[0].startswith("sha256:") and row[2] not in named]
+
+
 def node_paths(layout: Layout) -> NodePaths:
     return node_paths_of(layout.root)
 

@@ -176,7 +176,8 @@ class Supervisor:
 
     def _import_images(self) -> None:
         """Imports each image the node's store lacks, straight from the image build (no archive on
-        disk), and drops older builds of the same image."""
+        disk), and drops older builds of the same image, their image-ID references included (the
+        runtime image is ~6 GiB: a few left behind fill a disk)."""
         present = set(self._ctr("images", "ls", "--quiet").stdout.split())
         for ref in self.layout.images:
             if nodeconfig.normalized(ref) in present:
@@ -185,6 +186,7 @@ class Supervisor:
             stale = [p for p in present if nodeconfig.repository(p) == repository]
             if stale:
                 self._ctr("images", "rm", *stale)
+            self._drop_unnamed_images()
             print(f"importing {ref}", flush=True)
             save = subprocess.Popen(["bash", str(IMAGES_SCRIPT), "save", ref], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
@@ -196,6 +198,11 @@ class Supervisor:
             if saved != 0 or imported.returncode != 0:
                 reason = save.stderr.read().decode(errors="replace") if save.stderr else ""
                 raise RuntimeError(f"importing {ref}: {reason.strip()} {imported.stderr.strip()}")
+
+    def _drop_unnamed_images(self) -> None:
+        unnamed = nodeconfig.unnamed_images(self._ctr("images", "ls").stdout)
+        if unnamed:  # --sync: the space is free before the next import needs it
+            self._ctr("images", "rm", "--sync", *unnamed)
 
     def _remove_pods(self) -> None:
         """The kubelet is stopped: remove every pod sandbox so no container, mount or veth outlives the node."""

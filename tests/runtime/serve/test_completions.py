@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -236,8 +237,11 @@ def test_asynchronous_requests_pending_done_failed_and_without_redis() -> None:
     accepted = asyncio.run(completions.submit(request()))
     key = keys.result(accepted["id"])
     assert store.results[key] == {"status": "pending", "model": "tiny"}
-    _, _, headers = dispatcher.sent[0]
+    _, sent, headers = dispatcher.sent[0]
     assert headers[queues.RESULT_KEY_HEADER] == key and headers[queues.RESULT_TTL_HEADER] == 120
+    # Nobody waits on the connection: the request may wait and run until its result would expire, not
+    # only for the synchronous timeout (60 s here).
+    assert time.time() + 110 < sent["deadline"] <= time.time() + 120
     assert asyncio.run(completions.result(accepted["id"])) == (202, {"id": accepted["id"], "status": "pending"})
 
     choice = {"text": " done", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
@@ -535,6 +539,10 @@ def test_either_api_body_is_told_apart_by_its_messages() -> None:
     assert "prompt: Field required" in refused_now(lambda: parse_any_request(b'{"model": "m"}')).message
     assert "valid JSON" in refused_now(lambda: parse_any_request(b"{")).message
     assert "JSON object" in refused_now(lambda: parse_any_request(b"[]")).message
+    # A lone surrogate escape: refused here, as the synchronous routes refuse it, before it is queued.
+    for body in (b'{"model": "m", "prompt": "a\\ud800b"}',
+                 b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}'):
+        assert refused_now(lambda body=body: parse_any_request(body)).status == 400  # type: ignore[misc]
 
 
 def refused_now(call: Any) -> ApiError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from kubelm_contract.protocol import Decoding
 from kubelm_runtime.cpu import cpu_has_fast_bf16
-from kubelm_runtime.serve.engine import Batch, Engine, Item, Output
+from kubelm_runtime.serve.engine import Batch, Engine, Item, Output, end_tokens
 from kubelm_runtime.serve.kvcache import GrowingCache, GrowingLayer, room_for
 
 
@@ -63,12 +64,12 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine: Engine) -> None:
     assert alone == in_batch
     # The seed decides the sample: of a few other seeds, some give another text (a tiny model may
     # agree with one of them by chance, not with all).
-    engine.eos = -1  # every row samples all 10 tokens
+    ends, engine.end_tokens = engine.end_tokens, frozenset()  # every row samples all 10 tokens
     try:
         texts = {engine.generate([Item("the", Decoding(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9,
                                                         seed=seed))])[0].text for seed in (1234, 99, 7, 2024)}
     finally:
-        engine.eos = engine.tokenizer.eos_token_id
+        engine.end_tokens = ends
     assert len(texts) > 1
 
 
@@ -79,6 +80,23 @@ def test_stop_sequences_cut_the_text(engine: Engine) -> None:
     stopped = engine.generate([Item("the", Decoding(max_new_tokens=12, temperature=0, stop=(stop,)))])[0]
     assert stopped.finish_reason == "stop" and stop not in stopped.text
     assert free.text.startswith(stopped.text)
+
+
+def test_a_stop_string_longer_than_32_tokens_is_seen_when_it_ends(engine: Engine) -> None:
+    """The check between tokens decodes only a row's last tokens: enough of them for the longest stop."""
+    text = "the quick brown fox jumps over the lazy dog and " * 6
+    tokens = list(engine.encode(text))
+    assert len(tokens) > 40
+    assert engine._hit_stop(tokens, (text[1:],)) and not engine._hit_stop(tokens[:-1], (text[1:],))
+
+
+def test_the_models_own_end_tokens_end_a_row_too() -> None:
+    """Chat models often end a turn with a token of their generation config, not the tokenizer's EOS."""
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9])), tokenizer) == {2, 7, 9}
+    assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5)), tokenizer) == {2, 5}
+    assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tokenizer) == {2}
+    assert end_tokens(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == frozenset()
 
 
 def test_repetition_penalty_changes_greedy_output(engine: Engine) -> None:
@@ -106,7 +124,7 @@ def greedy_reference(engine: Engine, prompt: str, tokens: int) -> str:
 def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine, reference: Engine) -> None:
     """Continuous batching: new rows are prefilled into the running batch between steps; rows that
     finish leave it (and the cache drops them). Greedy outputs equal transformers' generate."""
-    engine.eos = -1  # a random tiny model may pick EOS; decode every row to its length
+    ends, engine.end_tokens = engine.end_tokens, frozenset()  # a random tiny model may pick EOS; decode every row
     try:
         batch = Batch()
         engine.join(batch, [("long", Item("a", Decoding(max_new_tokens=90, temperature=0)))])
@@ -122,7 +140,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(engine: Engine, referen
             if not len(batch):
                 break
     finally:
-        engine.eos = engine.tokenizer.eos_token_id
+        engine.end_tokens = ends
     assert set(finished) == {"long", "short", "middle", "late"} and not batch.rows
     for key, prompt, tokens in [("long", "a", 90), ("short", "the old fox runs to the river", 3),
                                 ("middle", "two three", 40), ("late", "one", 30)]:

@@ -351,7 +351,8 @@ def test_gateway_timeout_auth_and_limits(launcher: Launcher, tmp_path: Path) -> 
     status, error = post(url, body, {"api-key": "wrong"})
     assert status == 401 and "'api-key' header" in error["error"]["message"]
     auth = {"Authorization": "Bearer s3cret"}
-    for accepted in (auth, {"api-key": "s3cret"}):  # OpenAI's form, and Azure OpenAI's
+    # OpenAI's form (the scheme's case does not matter), and Azure OpenAI's.
+    for accepted in (auth, {"Authorization": "bearer s3cret"}, {"api-key": "s3cret"}):
         status, error = post(url, body, accepted)
         assert status == 504 and "no reply within 1s" in error["error"]["message"]
     assert post(url, {**body, "prompt": "y" * 5000}, auth)[0] == 413

@@ -94,7 +94,7 @@ def test_a_request_arriving_mid_batch_joins_it_and_is_answered_first(
     """Continuous batching in the worker: a short request sent while a long one decodes joins the
     running batch at the next step (no wait for the batch to end) and is answered when it is done."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
-    engine.eos = -1  # a tiny model may pick EOS early; decode every row to its length
+    engine.end_tokens = frozenset()  # a tiny model may pick EOS early; decode every row to its length
     order: list[str] = []
     decode, arrived = engine.choose, threading.Event()
     with running_worker(cluster, engine, tmp_path, "joins", limits={"maxNewTokens": 200},
@@ -263,7 +263,7 @@ def test_a_request_past_its_deadline_leaves_the_batch_at_the_next_step(
     """Its caller has stopped waiting: the row is taken out before the next step (not decoded to its
     200 tokens), the request is answered and dead-lettered as expired, and the batch goes on without it."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
-    engine.eos = -1  # decode to the length unless stopped
+    engine.end_tokens = frozenset()  # decode to the length unless stopped
     with running_worker(cluster, engine, tmp_path, "late", limits={"maxNewTokens": 200},
                         generation={"maxNewTokens": 8},
                         batching={"maxBatchSize": 4, "maxWaitMillis": 0}) as (worker, _):
@@ -293,7 +293,7 @@ def test_a_request_whose_caller_goes_away_leaves_the_batch_at_the_next_step(
     cancellation arrived, only the other's row is decoded. The cancelled request is acknowledged, not
     answered, not dead-lettered; the other is answered in full."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
-    engine.eos = -1  # decode to the length unless stopped
+    engine.end_tokens = frozenset()  # decode to the length unless stopped
     leaving = threading.Event()
     with running_worker(cluster, engine, tmp_path, "leaves", limits={"maxNewTokens": 100},
                         generation={"maxNewTokens": 8},
@@ -361,7 +361,7 @@ def test_a_request_cancelled_before_it_is_delivered_is_skipped(
 def test_latency_is_reported_as_time_to_first_token_between_tokens_and_in_all(
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path) -> None:
     engine = Engine.load(str(tiny_model), dtype="fp32")
-    engine.eos = -1  # every row decodes its 5 tokens
+    engine.end_tokens = frozenset()  # every row decodes its 5 tokens
     with running_worker(cluster, engine, tmp_path, "timed") as (worker, ask):
         reply = asyncio.run(ask("the old fox", 5))
         sample = worker.metrics.registry.get_sample_value

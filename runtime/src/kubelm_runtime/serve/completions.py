@@ -170,8 +170,10 @@ class CompletionService:
         self._routes[model] = (now, entry)
         return entry
 
-    def build(self, body: Asked, entry: dict[str, Any], request_id: str) -> protocol.Request:
-        """The protocol request for `body`, refused here when the worker would refuse it."""
+    def build(self, body: Asked, entry: dict[str, Any], request_id: str,
+              deadline_seconds: float | None = None) -> protocol.Request:
+        """The protocol request for `body`, refused here when the worker would refuse it; its deadline is
+        `deadline_seconds` from now, by default the time a synchronous caller waits."""
         prompt_logprobs = isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None
         if prompt_logprobs and body.stream:
             raise openai_api.invalid("echo with logprobs is not streamed; ask for it without stream",
@@ -192,7 +194,7 @@ class CompletionService:
             {"prompts": [body.prompt] if isinstance(body.prompt, str) else body.prompt}  # type: ignore[union-attr]
         # Only what the client set travels; parsing with the worker's registered defaults gives the
         # decoding the worker will use, and refuses here what the worker would refuse.
-        deadline = time.time() + self.config.request_timeout_seconds
+        deadline = time.time() + (self.config.request_timeout_seconds if deadline_seconds is None else deadline_seconds)
         raw = json.dumps({"v": protocol.VERSION, "id": request_id, **asked, "params": params,
                           "deadline": deadline, "model": body.model, "n": body.n, "stream": body.stream}).encode()
         try:
@@ -200,9 +202,10 @@ class CompletionService:
         except ProtocolError as e:
             raise openai_api.invalid(str(e), e.kind) from e
 
-    async def _prepare(self, body: Asked) -> tuple[dict[str, Any], protocol.Request]:
+    async def _prepare(self, body: Asked, deadline_seconds: float | None = None) -> tuple[dict[str, Any],
+                                                                                         protocol.Request]:
         entry = await self.route(body.model)
-        return entry, self.build(body, entry, new_request_id())
+        return entry, self.build(body, entry, new_request_id(), deadline_seconds)
 
     async def cached(self, entry: dict[str, Any], message: protocol.Request) -> tuple[protocol.Reply | None, bool]:
         """(the reply from the response cache, whether the cache was really consulted): a hit needs no trip
@@ -372,9 +375,10 @@ class CompletionService:
         in Redis."""
         if body.stream:
             raise openai_api.invalid("an asynchronous request is not streamed; leave stream out")
-        entry, message = await self._prepare(body)
-        result_key = keys.result(message.id)
+        # Nobody waits on the connection: the request may wait and run as long as its result is kept.
         ttl = self.config.result_ttl_seconds
+        entry, message = await self._prepare(body, deadline_seconds=ttl)
+        result_key = keys.result(message.id)
         if not await self.store.put_result(result_key, {"status": "pending", "model": body.model}, ttl):
             raise openai_api.unavailable("asynchronous requests need Redis, which is unavailable")
         try:

@@ -116,6 +116,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.eos = tokenizer.eos_token_id
+        self.end_tokens = end_tokens(model, tokenizer)
+        """A row ends when it picks one of these (empty: rows run to their length, as benchmarks want)."""
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
@@ -231,7 +233,7 @@ class Engine:
             if row.finish is not None:
                 continue
             self._advance(row, token)
-            if row.logprobs is not None and token != self.eos:
+            if row.logprobs is not None and token not in self.end_tokens:
                 row.logprobs.append(self._token_logprob(token, *chosen[i], int(row.item.decoding.logprobs or 0)))
             if row.finish is not None:
                 finished.append((row.key, self._output(row)))
@@ -292,7 +294,7 @@ class Engine:
     def _advance(self, row: Row, token: int) -> None:
         if row.first_token_at is None:
             row.first_token_at = time.monotonic()
-        if token == self.eos:
+        if token in self.end_tokens:
             row.finish = "stop"
             return
         row.generated.append(token)
@@ -385,7 +387,9 @@ class Engine:
         return generator
 
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
-        tail = self.tokenizer.decode(tokens[-32:], skip_special_tokens=True)
+        # A token holds at least one byte of text: a stop string of N bytes lies within the last N + 1 tokens.
+        window = max(32, max(len(s.encode()) for s in stops) + 1)
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
         return any(s in tail for s in stops)
 
     @staticmethod
@@ -459,6 +463,15 @@ class _Distributions:
         else:
             alternatives = [[] for _ in self.rows]
         return {row: (lp, top) for row, lp, top in zip(self.rows, chosen, alternatives, strict=True)}
+
+
+def end_tokens(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a row: the tokenizer's EOS and those of the model's generation config, which
+    chat models use for the end of a turn (one id or a list), as transformers' `generate` stops on."""
+    found = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found.update(configured if isinstance(configured, list | tuple) else [configured])
+    return frozenset(t for t in found if isinstance(t, int))
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -36,6 +36,9 @@ from .settings import GatewayConfig
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("kubelm_runtime.serve.access")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/requests", "/v1/models")
+"""The API's paths, as the per-route metric names them; any other path counts as "other" (a label per
+path a client makes up would grow the metric without bound)."""
 DISCARD_LIMIT = 64 * 1024 * 1024
 """The most of a refused body read and dropped so that its client can read the refusal."""
 
@@ -50,10 +53,12 @@ async def discard_body(receive: Any, declared: int) -> None:
     and never see the refusal. Bodies over DISCARD_LIMIT are not read: those clients may see a reset."""
     if declared > DISCARD_LIMIT:
         return
-    while True:
+    read = 0
+    while read <= DISCARD_LIMIT:  # a chunked body declares no length: count what comes
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body"):
             return
+        read += len(message.get("body", b""))
 
 
 class Guard:
@@ -70,9 +75,12 @@ class Guard:
         """The key as OpenAI's clients send it, or in Azure OpenAI's `api-key` header: the one form that
         passes the Kubernetes API server's service proxy, which keeps the Authorization header for itself."""
         assert self.token is not None
-        bearer = hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.token}".encode())
+        token = self.token.encode()
+        # Header values arrive as bytes, kept here as latin-1 text: latin-1 gives those bytes back.
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
         key = headers.get("api-key", "")
-        return bearer or (key != "" and hmac.compare_digest(key.encode(), self.token.encode()))
+        return any(given != "" and hmac.compare_digest(given.strip().encode("latin-1"), token)
+                   for given in (credentials if scheme.lower() == "bearer" else "", key))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -80,7 +88,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        route = path if not path.startswith("/v1/requests/") else "/v1/requests/{id}"
+        route = "/v1/requests/{id}" if path.startswith("/v1/requests/") else path if path in ROUTES else "other"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal = None
         if self.token is not None and not self._authenticated(headers):

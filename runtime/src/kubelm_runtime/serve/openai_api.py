@@ -166,7 +166,9 @@ def parse_any_request(raw: bytes) -> CompletionRequest | ChatCompletionRequest:
     model: type[CompletionRequest] | type[ChatCompletionRequest] = (
         ChatCompletionRequest if "messages" in data else CompletionRequest)
     try:
-        return model.model_validate(data)
+        # From the raw text, as the synchronous routes validate: the JSON parser refuses what no UTF-8
+        # text holds (a lone surrogate escape), which `json.loads` lets through.
+        return model.model_validate_json(raw)
     except ValidationError as e:
         raise invalid(_problems(e)) from e
 

@@ -78,6 +78,15 @@ class InFlight:
         return {(key, index) for index in range(len(self.outputs))}
 
 
+def _positive_int(value: Any, default: int) -> int:
+    """A header's whole number of seconds, or `default` when a publisher sent none or nonsense."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return default
+    return number if number > 0 else default
+
+
 def _reply_key(delivery: Delivery) -> str:
     return f"{delivery.correlation_id}|{delivery.reply_to}"
 
@@ -175,6 +184,11 @@ class Worker:
         except ProtocolError as e:
             self._refuse(delivery, request_id, e.kind, str(e))
             return
+        except Exception as e:  # a request this code did not foresee fails alone, answered, not the worker
+            log.exception("request %s could not be read", request_id)
+            self._refuse(delivery, request_id, protocol.INTERNAL,
+                         f"the worker could not read the request: {type(e).__name__}: {e}")
+            return
         if request.id in self.cancelled:
             log.info("request %s was cancelled by its caller before it was delivered: skipped", request.id)
             self._drop_cancelled(delivery)
@@ -259,7 +273,7 @@ class Worker:
             key = key.decode()
         if not (isinstance(key, str) and key.startswith(keys.PREFIX)):
             return True
-        ttl = int(delivery.headers.get(queues.RESULT_TTL_HEADER, 3600))
+        ttl = _positive_int(delivery.headers.get(queues.RESULT_TTL_HEADER), 3600)
         document = protocol.result_document(reply, chat)
 
         def put(store: RedisStore) -> bool:
@@ -302,7 +316,10 @@ class Worker:
             self._fail_batch(e)
             return
         for (key, index), output in finished:
-            flight = self.in_flight[key]
+            # Answering one request may let the connection deliver a cancel that takes out another.
+            flight = self.in_flight.get(key)
+            if flight is None:
+                continue
             flight.outputs[index] = output
             if all(o is not None for o in flight.outputs):
                 del self.in_flight[key]
@@ -326,7 +343,9 @@ class Worker:
         ready = self.engine.streamable_texts(self.batch, lambda row_key: row_key[0] in streaming)
         by_address: dict[str, list[tuple[InFlight, dict[int, protocol.ChunkPart]]]] = {}
         for key in streaming:
-            flight = self.in_flight[key]
+            flight = self.in_flight.get(key)
+            if flight is None:
+                continue
             new: dict[int, protocol.ChunkPart] = {}
             for index, output in enumerate(flight.outputs):
                 part = Streamable(output.text, output.logprobs) if output is not None else ready.get((key, index))
