@@ -501,6 +501,28 @@ def test_echo_puts_each_prompt_before_its_completions() -> None:
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "one fine"
 
 
+def test_a_streamed_echo_waits_for_text_so_that_a_refusal_stays_an_http_error() -> None:
+    """The first event starts the HTTP answer: were the prompt sent before the queue refused the request,
+    the client would get a 200 with an error event instead of the 503 its retry logic knows."""
+    async def first_event() -> Any:
+        completions, dispatcher, _ = make()
+
+        async def refused(*args: Any, **kwargs: Any) -> bytes:
+            raise QueueFull("full")
+        dispatcher.call = refused  # type: ignore[method-assign]
+        return await anext(completions.stream(request(prompt="one", echo=True, stream=True)))
+
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(first_event())
+    assert caught.value.status == 503
+
+
+def test_an_asynchronous_request_is_refused_echo_which_its_result_would_not_keep() -> None:
+    completions, dispatcher, _ = make()
+    error = refused(completions.submit(request(echo=True)))
+    assert error.status == 400 and "echo" in error.message and not dispatcher.sent
+
+
 def test_echo_with_logprobs_asks_the_worker_for_the_prompts_and_puts_them_first() -> None:
     completions, dispatcher, _ = make()
     prompt_part = (protocol.TokenLogprob("one", None), protocol.TokenLogprob(" two", -3.0, ((" two", -3.0),)))

@@ -275,10 +275,14 @@ class CompletionService:
         created, model = int(time.time()), body.model
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         hit, cache_checked = await self.cached(entry, message)
-        if isinstance(body, CompletionRequest) and body.echo:  # the prompts first, as OpenAI streams them
-            for index in range(len(message.prompts) * message.n):
-                yield shape.chunk(message.id, model, created, index, message.prompts[index // message.n], first=True)
+        # The prompts first, as OpenAI streams them, but only once text follows: the first event starts the
+        # HTTP answer, and a refusal before it (429, 503, a prompt too long) must stay an HTTP error.
+        echo = [shape.chunk(message.id, model, created, index, message.prompts[index // message.n], first=True)
+                for index in range(len(message.prompts) * message.n)] \
+            if isinstance(body, CompletionRequest) and body.echo else []
         if hit is not None:
+            for echoed in echo:
+                yield echoed
             for index, choice in enumerate(hit.choices):
                 yield shape.chunk(message.id, model, created, index, choice.text, choice.finish_reason, first=True)
             if include_usage:
@@ -323,6 +327,9 @@ class CompletionService:
                         if fresh or tokens:
                             if not sent:
                                 self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
+                            for echoed in echo:
+                                yield echoed
+                            echo = []
                             yield event(index, fresh, tokens)
                 raw = call.result()
             finally:
@@ -332,6 +339,8 @@ class CompletionService:
                     call.cancel()
                     self._cancel_at_workers(entry["queue"], message.id)
         reply = self._reply(raw, model, started)
+        for echoed in echo:
+            yield echoed
         for index, choice in enumerate(reply.choices):
             streamed = sent.get(index, "")
             rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""
@@ -375,6 +384,8 @@ class CompletionService:
         in Redis."""
         if body.stream:
             raise openai_api.invalid("an asynchronous request is not streamed; leave stream out")
+        if isinstance(body, CompletionRequest) and body.echo:
+            raise openai_api.invalid("echo is not kept with asynchronous results; ask /v1/completions for it")
         # Nobody waits on the connection: the request may wait and run as long as its result is kept.
         ttl = self.config.result_ttl_seconds
         entry, message = await self._prepare(body, deadline_seconds=ttl)

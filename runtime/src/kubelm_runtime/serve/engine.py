@@ -260,7 +260,7 @@ class Engine:
         found = {}
         for row in batch.rows:
             if row.finish is None and wanted(row.key):
-                text = streamable(self.tokenizer.decode(row.generated, skip_special_tokens=True),
+                text = streamable(self._text(row.generated),
                                   row.item.decoding.stop)
                 found[row.key] = Streamable(text, None if row.logprobs is None else self._covered(row, text))
         return found
@@ -270,7 +270,7 @@ class Engine:
         be streamed only grows)."""
         assert row.logprobs is not None
         while (row.covered < len(row.logprobs) and len(
-                self.tokenizer.decode(row.generated[:row.covered + 1], skip_special_tokens=True)) <= len(text)):
+                self._text(row.generated[:row.covered + 1])) <= len(text)):
             row.covered += 1
         return tuple(row.logprobs[:row.covered])
 
@@ -306,7 +306,7 @@ class Engine:
             row.finish = "length"
 
     def _output(self, row: Row) -> Output:
-        text = self._cut_at_stop(self.tokenizer.decode(row.generated, skip_special_tokens=True),
+        text = self._cut_at_stop(self._text(row.generated),
                                  row.item.decoding.stop)
         return Output(text, row.finish or "length", len(row.prompt_ids), len(row.generated), row.first_token_at,
                       time.monotonic(), self._token_logprobs(row, text), row.prompt_logprobs)
@@ -348,7 +348,7 @@ class Engine:
         if row.logprobs is None:
             return None
         kept = len(row.logprobs)
-        while kept and len(self.tokenizer.decode(row.generated[:kept], skip_special_tokens=True)) > len(text):
+        while kept and len(self._text(row.generated[:kept])) > len(text):
             kept -= 1
         return tuple(row.logprobs[:kept])
 
@@ -386,10 +386,17 @@ class Engine:
         generator.manual_seed(decoding.seed)
         return generator
 
+    def _text(self, tokens: list[int]) -> str:
+        """A row's text, never with the clean-up of spaces (" ." to "."), which looks at what comes next:
+        text decoded so far must stay the start of the text decoded later, or a stream would have sent
+        what the final text does not hold. (transformers skips it for BPE tokenizers; WordPiece ones
+        would apply it when their configuration asks.)"""
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
     def _hit_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
         # A token holds at least one byte of text: a stop string of N bytes lies within the last N + 1 tokens.
         window = max(32, max(len(s.encode()) for s in stops) + 1)
-        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        tail = self._text(tokens[-window:])
         return any(s in tail for s in stops)
 
     @staticmethod
