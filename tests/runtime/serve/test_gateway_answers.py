@@ -172,7 +172,11 @@ def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
     assert http_get(worker.url("/livez")) == (200, b"ok\n") and http_get(worker.url("/healthz"))[0] == 200
     assert http_get(gateway.url("/healthz"))[0] == 200
     for made_up in ("/v1/nope", "/v1/nope/again"):  # counted under one label, however many a client invents
-        assert get(gateway.url(made_up))[0] == 404
+        status, error = get(gateway.url(made_up))
+        assert status == 404 and error["error"] == {"message": f"Invalid URL (GET {made_up})",
+                                                    "type": "invalid_request_error", "param": None, "code": None}
+    status, error = get(gateway.url("/v1/completions"))  # a POST route
+    assert status == 405 and error["error"]["message"] == "Method Not Allowed (GET /v1/completions)"
     for name in ("kubelm_queue_wait_seconds_count", "kubelm_batch_wait_seconds_count",
                  "kubelm_generation_seconds_count", "kubelm_generated_tokens_total", "kubelm_prompt_tokens_total",
                  "kubelm_time_to_first_token_seconds_count", "kubelm_request_duration_seconds_count"):
@@ -185,6 +189,7 @@ def test_health_endpoints_and_metrics_over_http(launcher: Launcher) -> None:
     exported = text.decode()
     assert 'kubelm_gateway_requests_total{route="/v1/completions",status="200"} 2.0' in exported
     assert 'kubelm_gateway_requests_total{route="other",status="404"} 2.0' in exported and "/v1/nope" not in exported
+    assert 'kubelm_gateway_requests_total{route="/v1/completions",status="405"} 1.0' in exported
     assert 'kubelm_gateway_latency_seconds_count{model="tiny"} 1.0' in exported
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubelm_contract import env
 from kubelm_contract.settings import SettingsError
@@ -163,6 +164,15 @@ def create_app(service: CompletionService, rpc_connected: Callable[[], bool], to
     @app.exception_handler(ApiError)
     async def refused(_request: Request, error: ApiError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def unrouted(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """No such path or method: in OpenAI's error shape too, as its API answers, not FastAPI's."""
+        where = f"{request.method} {request.url.path}"
+        message = f"Invalid URL ({where})" if error.status_code == 404 else f"{error.detail} ({where})"
+        response = error_response(ApiError(error.status_code, message, "invalid_request_error"))
+        response.headers.update(error.headers or {})  # a 405's Allow
+        return response
 
     async def parsed(request: Request) -> CompletionRequest:
         return openai_api.parse_completion_request(await read_body(request, config.max_body_bytes))
