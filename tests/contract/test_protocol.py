@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -59,6 +61,9 @@ def test_a_chat_request_carries_its_conversation_until_the_worker_renders_it() -
     ({"id": "a", "prompt": "x", "params": {"top_p": 0}}, protocol.INVALID_REQUEST, "top_p"),
     ({"id": "a", "prompt": "x", "params": {"stop": ["", "x"]}}, protocol.INVALID_REQUEST, "stop"),
     ({"id": "a", "prompt": "x", "params": {"seed": True}}, protocol.INVALID_REQUEST, "seed"),
+    ({"id": "a", "prompt": "x", "params": {"presence_penalty": 2.5}}, protocol.INVALID_REQUEST, "presence_penalty"),
+    ({"id": "a", "prompt": "x", "params": {"frequency_penalty": "1"}}, protocol.INVALID_REQUEST,
+     "frequency_penalty"),
     ({"id": "a", "prompt": "x", "v": 2}, protocol.INVALID_REQUEST, "version"),
     ({"id": "a", "prompt": "x", "deadline": "soon"}, protocol.INVALID_REQUEST, "deadline"),
     ({"id": "a", "prompt": "x" * 1_000_001}, protocol.PROMPT_TOO_LONG, "longer than"),
@@ -163,3 +168,20 @@ def test_a_grouped_chunk_message_carries_each_requests_parts_by_correlation_id()
     assert protocol.parse_chunks_message(raw) == {"a": first, "b": second}
     assert protocol.parse_chunk_message(protocol.chunk_message("a", first)) == first
     assert protocol.parse_chunks_message(b"{}") == {} and protocol.parse_chunk_message(b"[") == {}
+
+
+def test_openai_penalties_travel_and_key_cache_entries_only_when_set() -> None:
+    plain = protocol.Request(id="r", prompts=("p",), decoding=Decoding(temperature=0))
+    assert b"penalty" not in plain.to_json().replace(b"repetition_penalty", b"")
+    penalised = protocol.Request(id="r", prompts=("p",),
+                                 decoding=Decoding(max_new_tokens=16, temperature=0, presence_penalty=-1.0,
+                                                   frequency_penalty=0.5))
+    assert parse(json.loads(penalised.to_json())).decoding == penalised.decoding
+    # At their defaults the key is the one computed before the fields existed: cached entries still hit.
+    before = json.dumps({k: v for k, v in {**asdict(Decoding(temperature=0)), "stop": []}.items()
+                         if k not in ("logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty")},
+                        sort_keys=True)
+    assert protocol.cache_key_material("d", "p", Decoding(temperature=0)) == hashlib.sha256(
+        f"d\0p\0{before}".encode()).hexdigest()
+    assert protocol.cache_key_material("d", "p", penalised.decoding) != protocol.cache_key_material(
+        "d", "p", Decoding(temperature=0))

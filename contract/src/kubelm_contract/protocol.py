@@ -66,6 +66,10 @@ class Decoding:
     prompt_logprobs: bool = False
     """Also the prompt's tokens with theirs (the completions API's `echo` with `logprobs`): one more
     forward pass over the prompt. Needs `logprobs`."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    """OpenAI's penalties (-2 to 2): subtracted from the logit of every token the row generated so far,
+    once (presence) and once per time it came (frequency)."""
 
     @property
     def deterministic(self) -> bool:
@@ -95,7 +99,7 @@ class Request:
     def to_json(self) -> bytes:
         params = {**asdict(self.decoding), "stop": list(self.decoding.stop)}
         # Left out at their defaults: a worker older than these parameters still takes the request.
-        for optional, default in (("logprobs", None), ("prompt_logprobs", False)):
+        for optional, default in OPTIONAL_PARAMS:
             if params[optional] == default:
                 del params[optional]
         body: dict[str, Any] = {"v": VERSION, "id": self.id, "params": params}
@@ -278,7 +282,11 @@ def _integer(params: dict[str, Any], key: str, default: int | None, low: int, hi
 
 
 PARAMS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "logprobs",
-          "prompt_logprobs"}
+          "prompt_logprobs", "presence_penalty", "frequency_penalty"}
+OPTIONAL_PARAMS = (("logprobs", None), ("prompt_logprobs", False), ("presence_penalty", 0.0),
+                   ("frequency_penalty", 0.0))
+"""Parameters that travel, and key cache entries, only when set: at their defaults a request and its
+cache key are those of before they existed (an older worker still takes it; cached entries still hit)."""
 
 
 def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
@@ -316,6 +324,8 @@ def parse_decoding(params: Any, defaults: Decoding, limits: Limits) -> Decoding:
         # Asked per request only: a model's defaults never turn log-probabilities on.
         logprobs=_integer(params, "logprobs", None, 0, MAX_TOP_LOGPROBS),
         prompt_logprobs=prompt_logprobs,
+        presence_penalty=_number(params, "presence_penalty", defaults.presence_penalty, -2.0, 2.0),
+        frequency_penalty=_number(params, "frequency_penalty", defaults.frequency_penalty, -2.0, 2.0),
     )
 
 
@@ -395,7 +405,8 @@ def cache_key_material(model_digest: str, prompt: str, decoding: Decoding) -> st
     normalised = prompt.replace("\r\n", "\n")
     # Requests with log-probabilities are never cached, so they do not key entries either (and keys stay
     # those of before the field existed).
-    keyed = {k: v for k, v in asdict(decoding).items() if k not in ("logprobs", "prompt_logprobs")}
+    keyed = {k: v for k, v in asdict(decoding).items()
+             if k not in ("logprobs", "prompt_logprobs") and (k, v) not in OPTIONAL_PARAMS}
     params = json.dumps({**keyed, "stop": list(decoding.stop)}, sort_keys=True)
     return hashlib.sha256(f"{model_digest}\0{normalised}\0{params}".encode()).hexdigest()
 

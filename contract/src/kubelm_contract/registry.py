@@ -25,9 +25,9 @@ def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, 
     entry: dict[str, Any] = {
         "queue": queue, "namespace": namespace, "digest": digest, "source": source,
         "maxNewTokens": limits.max_new_tokens, "maxInputTokens": limits.max_input_tokens,
-        # Log-probabilities are asked per request, never a model's default.
+        # Log-probabilities and OpenAI's penalties are asked per request, never a model's default.
         "defaults": {**{k: v for k, v in dataclasses.asdict(defaults).items()
-                        if k not in ("logprobs", "prompt_logprobs")},
+                        if k not in ("logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty")},
                      "stop": list(defaults.stop)},
         "responseCache": response_cache,
     }

@@ -329,6 +329,18 @@ def test_an_unknown_field_is_refused_by_name_and_a_malformed_body_says_what_is_w
     assert "model: Field required" in missing.value.message and "temperature" in missing.value.message
 
 
+def test_openais_penalties_reach_the_worker_and_out_of_range_ones_are_refused() -> None:
+    completions, dispatcher, _ = make()
+    asyncio.run(completions.complete(request(presence_penalty=0.5, frequency_penalty=-1)))
+    params = dispatcher.calls[-1][1]["params"]
+    assert (params["presence_penalty"], params["frequency_penalty"]) == (0.5, -1)
+    asyncio.run(completions.complete(request()))
+    assert "presence_penalty" not in dispatcher.calls[-1][1]["params"]  # not asked: left off the wire
+    with pytest.raises(ApiError) as caught:
+        parse_completion_request(b'{"model": "tiny", "prompt": "x", "frequency_penalty": 2.5}')
+    assert caught.value.status == 400 and "frequency_penalty" in caught.value.message
+
+
 def events_of(completions: CompletionService, body: CompletionRequest | ChatCompletionRequest) -> list[dict[str, Any]]:
     async def collect() -> list[dict[str, Any]]:
         return [event async for event in completions.stream(body)]

@@ -12,7 +12,7 @@ import torch
 
 from kubelm_contract.protocol import Decoding
 from kubelm_runtime.cpu import cpu_has_fast_bf16
-from kubelm_runtime.serve.engine import Batch, Engine, Item, Output, end_tokens
+from kubelm_runtime.serve.engine import Batch, Engine, Item, Output, Row, end_tokens
 from kubelm_runtime.serve.kvcache import GrowingCache, GrowingLayer, room_for
 
 
@@ -97,6 +97,25 @@ def test_the_models_own_end_tokens_end_a_row_too() -> None:
     assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5)), tokenizer) == {2, 5}
     assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tokenizer) == {2}
     assert end_tokens(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == frozenset()
+
+
+def test_presence_and_frequency_penalties_lower_the_generated_tokens_logits_as_openai_defines(
+        engine: Engine) -> None:
+    """logit - frequency * count - presence, for each token the row generated (the prompt's do not count)."""
+    logits = torch.zeros(2, 6)
+    decoding = Decoding(temperature=0, presence_penalty=0.5, frequency_penalty=1.5)
+    rows = [Row("penalised", Item("x", decoding), prompt_ids=[4], generator=None, generated=[1, 1, 2]),
+            Row("plain", Item("x", Decoding(temperature=0)), prompt_ids=[4], generator=None, generated=[1, 1, 2])]
+    chosen = engine._select(Batch(rows=rows, logits=logits))
+    assert logits[0].tolist() == [0.0, -3.5, -2.0, 0.0, 0.0, 0.0] and logits[1].tolist() == [0.0] * 6
+    assert chosen.tolist() == [0, 0]
+
+
+def test_a_frequency_penalty_changes_greedy_output(engine: Engine) -> None:
+    plain = engine.generate([Item("the the the", Decoding(max_new_tokens=12, temperature=0))])[0]
+    penalised = engine.generate([Item("the the the", Decoding(max_new_tokens=12, temperature=0,
+                                                              frequency_penalty=2.0))])[0]
+    assert plain.text != penalised.text
 
 
 def test_repetition_penalty_changes_greedy_output(engine: Engine) -> None:

@@ -186,6 +186,7 @@ class CompletionService:
             "max_new_tokens": body.new_tokens, "temperature": body.temperature, "top_p": body.top_p,
             "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "stop": body.stop,
             "seed": body.seed, "logprobs": body.top_logprobs, "prompt_logprobs": prompt_logprobs or None,
+            "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
         }.items() if v is not None}
         # A chat request travels as its conversation: only the worker has the tokenizer and its template.
         conversation = body.conversation()

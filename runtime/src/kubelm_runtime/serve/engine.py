@@ -405,15 +405,24 @@ class Engine:
         return text[:min(cuts)] if cuts else text
 
     def _select(self, batch: Batch) -> torch.Tensor:
-        """Next token per row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+        """Next token per row: repetition, presence and frequency penalties, then greedy or temperature /
+        top-k / top-p sampling."""
         assert batch.logits is not None
         logits, rows = batch.logits, batch.rows
         for i, row in enumerate(rows):
-            penalty = row.item.decoding.repetition_penalty
-            if penalty != 1.0 and row.finish is None:
+            decoding = row.item.decoding
+            if row.finish is not None:
+                continue
+            penalty = decoding.repetition_penalty
+            if penalty != 1.0:
                 seen = torch.tensor(row.prompt_ids + row.generated, dtype=torch.long, device=logits.device).unique()
                 values = logits[i, seen]
                 logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+            if (decoding.presence_penalty or decoding.frequency_penalty) and row.generated:
+                # OpenAI's: on the text generated so far, not the prompt.
+                made, counts = torch.tensor(row.generated, dtype=torch.long, device=logits.device).unique(
+                    return_counts=True)
+                logits[i, made] -= decoding.frequency_penalty * counts.to(logits.dtype) + decoding.presence_penalty
         chosen = logits.argmax(dim=-1)
         sampling = [i for i, r in enumerate(rows) if r.finish is None and r.item.decoding.temperature > 0]
         if not sampling:
