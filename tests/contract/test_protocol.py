@@ -185,3 +185,11 @@ def test_openai_penalties_travel_and_key_cache_entries_only_when_set() -> None:
         f"d\0p\0{before}".encode()).hexdigest()
     assert protocol.cache_key_material("d", "p", penalised.decoding) != protocol.cache_key_material(
         "d", "p", Decoding(temperature=0))
+
+
+def test_a_chunk_carries_a_finish_reason_only_when_its_choice_ended() -> None:
+    parts = {0: protocol.ChunkPart(0, "a"), 1: protocol.ChunkPart(2, "b", finish_reason="stop")}
+    raw = protocol.chunk_message("r", parts)
+    assert protocol.parse_chunk_message(raw) == parts
+    assert json.loads(raw)["chunks"][0] == {"index": 0, "offset": 0, "text": "a"}  # as before the field
+    assert protocol.parse_chunks_message(protocol.chunks_message({"r": parts})) == {"r": parts}

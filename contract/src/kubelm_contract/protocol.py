@@ -430,6 +430,9 @@ class ChunkPart:
     """Tokens with log-probabilities sent before `logprobs`."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """Of the tokens whose text is now wholly sent, when the request asked for log-probabilities."""
+    finish_reason: str | None = None
+    """Set on a choice's last chunk, sent when that choice ends while others of the request go on (the
+    reply ends the rest)."""
 
 
 def chunk_message(request_id: str, parts: dict[int, ChunkPart]) -> bytes:
@@ -452,13 +455,16 @@ def _chunks_json(parts: dict[int, ChunkPart]) -> list[dict[str, Any]]:
         if part.logprobs:
             chunk["token_offset"] = part.token_offset
             chunk["logprobs"] = [t.to_dict() for t in part.logprobs]
+        if part.finish_reason is not None:
+            chunk["finish_reason"] = part.finish_reason
         chunks.append(chunk)
     return chunks
 
 
 def _parts(chunks: Any) -> dict[int, ChunkPart]:
     return {int(c["index"]): ChunkPart(int(c["offset"]), str(c["text"]), int(c.get("token_offset", 0)),
-                                       tuple(TokenLogprob.from_dict(t) for t in c.get("logprobs", ())))
+                                       tuple(TokenLogprob.from_dict(t) for t in c.get("logprobs", ())),
+                                       None if c.get("finish_reason") is None else str(c["finish_reason"]))
             for c in chunks}
 
 

@@ -368,6 +368,19 @@ def test_a_stream_relays_chunks_as_they_come_and_the_reply_finishes_each_choice(
     assert all(e["object"] == "text_completion" for e in events)
 
 
+def test_a_choice_that_ends_first_streams_its_finish_reason_when_it_ends() -> None:
+    """n = 2: choice 1 ends while choice 0 goes on; its end is relayed at once (as OpenAI streams it), once,
+    and the reply finishes only choice 0."""
+    completions, dispatcher, _ = make()
+    dispatcher.chunks = [{0: (0, " fi"), 1: protocol.ChunkPart(0, " fine", finish_reason="length")},
+                         {1: protocol.ChunkPart(0, " fine", finish_reason="length")},  # delivered twice
+                         {0: (3, "n")}]
+    events = events_of(completions, request(n=2, stream=True))
+    texts = [(e["choices"][0]["index"], e["choices"][0]["text"], e["choices"][0]["finish_reason"])
+             for e in events if e["choices"]]
+    assert texts == [(0, " fi", None), (1, " fine", "length"), (0, "n", None), (0, "e", "length")]
+
+
 def test_a_stream_with_logprobs_relays_each_tokens_once_and_the_reply_brings_the_rest() -> None:
     completions, dispatcher, _ = make()
     fi, n, e = (protocol.TokenLogprob(t, lp, ((t, lp),)) for t, lp in ((" fi", -0.5), ("n", -1.0), ("e", -2.0)))

@@ -105,6 +105,23 @@ def test_openai_client_streams_completions(launcher: Launcher) -> None:
     stopped = client.completions.create(**sampled, stop=[stop], stream=True)  # type: ignore[call-overload]
     streamed = "".join(e.choices[0].text for e in stopped if e.choices)
     assert streamed == text[:at] and stop not in streamed
+    # n = 2, the first choice stopped early: its finish reason streams when it ends, while the second goes
+    # on, as OpenAI streams each choice's end; each choice ends once.
+    both = {**sampled, "n": 2}  # seeded: the choices take seeds 2 and 3, each reproducible
+    whole_both = client.completions.create(**both).choices  # type: ignore[call-overload]
+    first, second = whole_both[0].text, whole_both[1].text
+    at = next(k for k in range(2, len(first) // 2) if first.find(first[k:k + 3]) == k
+              and first[k:k + 3] not in second and "\ufffd" not in first[k:k + 3])
+    ends = [(i, e.choices[0].index, e.choices[0].finish_reason, e.choices[0].text)
+            for i, e in enumerate(client.completions.create(**both, stop=[first[at:at + 3]],  # type: ignore[call-overload]
+                                                            stream=True))
+            if e.choices]
+    finished = [(index, reason) for _, index, reason, _ in ends if reason]
+    assert sorted(finished) == [(0, "stop"), (1, whole_both[1].finish_reason)]
+    first_end = next(i for i, index, reason, _ in ends if index == 0 and reason)
+    # Choice 1 still streamed text after it (without the early end, choice 0's came with the reply, and
+    # only choice 1's final event could follow).
+    assert any(i > first_end and text and not reason for i, index, reason, text in ends if index == 1), ends
 
 
 def test_concurrent_streams_on_one_gateway_connection_share_chunk_messages(launcher: Launcher) -> None:

@@ -290,6 +290,8 @@ class CompletionService:
                 yield shape.usage(hit, model, created)
             return
         sent: dict[int, str] = {}
+        ended: set[int] = set()
+        """Choices whose end was streamed before the reply (a request's rows finish at different steps)."""
         logged: dict[int, tuple[protocol.TokenLogprob, ...]] = {}
         """Per choice, the tokens whose log-probabilities were streamed (when asked for)."""
         asked_logprobs = message.decoding.logprobs is not None
@@ -323,15 +325,19 @@ class CompletionService:
                     else:
                         parts = chunks.get_nowait()
                     for index, part in parts.items():
+                        if index in ended:  # a chunk delivered twice
+                            continue
                         fresh = _fresh(sent.get(index, ""), part.offset, part.text)
                         tokens = _fresh_tokens(len(logged.get(index, ())), part)
-                        if fresh or tokens:
+                        if fresh or tokens or part.finish_reason:
                             if not sent:
                                 self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
                             for echoed in echo:
                                 yield echoed
                             echo = []
-                            yield event(index, fresh, tokens)
+                            yield event(index, fresh, tokens, part.finish_reason)
+                            if part.finish_reason:
+                                ended.add(index)
                 raw = call.result()
             finally:
                 if arrived is not None:
@@ -343,6 +349,8 @@ class CompletionService:
         for echoed in echo:
             yield echoed
         for index, choice in enumerate(reply.choices):
+            if index in ended:
+                continue
             streamed = sent.get(index, "")
             rest = choice.text[len(streamed):] if choice.text.startswith(streamed) else ""
             yield event(index, rest, (choice.logprobs or ())[len(logged.get(index, ())):], choice.finish_reason)

@@ -68,10 +68,13 @@ class InFlight:
     """Characters of each row's text already streamed."""
     sent_tokens: list[int] = field(init=False)
     """Tokens of each row whose log-probabilities were streamed."""
+    ended: set[int] = field(init=False)
+    """Rows whose end was streamed (their finish reason) while others of the request went on."""
 
     def __post_init__(self) -> None:
         self.sent = [0] * len(self.outputs)
         self.sent_tokens = [0] * len(self.outputs)
+        self.ended = set()
 
     def rows(self, key: int) -> set[tuple[int, int]]:
         """The engine's keys of this request's rows, `key` being the request's in the running batch."""
@@ -353,9 +356,14 @@ class Worker:
                     continue
                 text_at, tokens_at = flight.sent[index], flight.sent_tokens[index]
                 logprobs = part.logprobs[tokens_at:] if part.logprobs is not None else ()
-                if len(part.text) > text_at or logprobs:
-                    new[index] = protocol.ChunkPart(text_at, part.text[text_at:], tokens_at, logprobs)
+                # A row that finished before its request's other rows: its end goes out now, as OpenAI
+                # streams each choice's finish reason when that choice ends.
+                ending = output.finish_reason if output is not None and index not in flight.ended else None
+                if len(part.text) > text_at or logprobs or ending:
+                    new[index] = protocol.ChunkPart(text_at, part.text[text_at:], tokens_at, logprobs, ending)
                     flight.sent[index], flight.sent_tokens[index] = len(part.text), tokens_at + len(logprobs)
+                    if ending:
+                        flight.ended.add(index)
             if new:
                 by_address.setdefault(str(flight.pending.delivery.reply_to), []).append((flight, new))
         for address, found in by_address.items():
