@@ -361,6 +361,7 @@ def test_a_stream_relays_chunks_as_they_come_and_the_reply_finishes_each_choice(
     assert texts == [(0, " fi", None), (1, " ne", None), (0, "n", None), (0, "e", "length"), (1, "", "length")]
     assert "".join(t for i, t, _ in texts if i == 0) == " fine"
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    assert all(e["usage"] is None for e in events[:-1])  # as OpenAI's: the field, null, until the last
     assert {e["id"] for e in events} == {f"cmpl-{dispatcher.calls[0][1]['id']}"}
     sample = completions.metrics.registry.get_sample_value
     assert sample("kubelm_gateway_time_to_first_token_seconds_count", {"model": "tiny"}) == 1
@@ -379,6 +380,7 @@ def test_a_choice_that_ends_first_streams_its_finish_reason_when_it_ends() -> No
     texts = [(e["choices"][0]["index"], e["choices"][0]["text"], e["choices"][0]["finish_reason"])
              for e in events if e["choices"]]
     assert texts == [(0, " fi", None), (1, " fine", "length"), (0, "n", None), (0, "e", "length")]
+    assert not any("usage" in e for e in events)  # not asked for
 
 
 def test_a_stream_with_logprobs_relays_each_tokens_once_and_the_reply_brings_the_rest() -> None:

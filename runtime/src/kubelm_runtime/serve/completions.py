@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -268,9 +268,17 @@ class CompletionService:
 
     async def stream(self, body: Asked) -> AsyncIterator[dict[str, Any]]:
         """The completion as OpenAI's stream events: text per choice as the worker generates it, each
-        choice's finish reason, and the usage when asked for. A refusal before the first event is an
-        ApiError like `complete`'s; the caller going away (the iteration cancelled) cancels the request
-        at the workers."""
+        choice's finish reason, and the usage when asked for (then every other event has `"usage": null`,
+        as OpenAI's do). A refusal before the first event is an ApiError like `complete`'s; the caller going
+        away (the iteration closed or cancelled) cancels the request at the workers."""
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        async with contextlib.aclosing(self._events(body)) as events:  # closing this closes them at once
+            async for event in events:
+                if include_usage:
+                    event.setdefault("usage", None)
+                yield event
+
+    async def _events(self, body: Asked) -> AsyncGenerator[dict[str, Any], None]:
         shape = _shape(body)
         entry, message = await self._prepare(body)
         created, model = int(time.time()), body.model
