@@ -79,6 +79,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.available = True
+        self.down: set[str] = set()
+        """Response-cache backends unreachable while Redis is up (memcached)."""
         self.entries: dict[str, dict[str, Any]] = {}
         self.responses: dict[str, Choice] = {}
         self.results: dict[str, dict[str, Any]] = {}
@@ -95,6 +97,9 @@ class MemoryStore:
                              backend: str = "redis") -> tuple[Choice, ...] | None:
         found = [self.responses.get(keys.response(model_id, m)) for m in material]
         return tuple(found) if self.available and all(found) else None  # type: ignore[arg-type]
+
+    def looks_up(self, backend: str) -> bool:
+        return self.available and backend not in self.down
 
     async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool:
         if self.available:
@@ -155,6 +160,11 @@ def test_a_cache_hit_is_answered_without_the_queue_and_a_miss_tells_the_worker_i
     assert len(dispatcher.calls) == 1
     store.available = False  # a miss that did not consult Redis: the worker must look itself
     asyncio.run(completions.complete(request(temperature=0, max_tokens=5)))
+    assert dispatcher.calls[-1][2][queues.CACHE_CHECKED_HEADER] == 0
+    # Entries in Memcached, which is down while Redis is up: that miss was not a lookup either.
+    store.available, store.down = True, {"memcached"}
+    entry["responseCacheBackend"] = "memcached"
+    asyncio.run(completions.complete(request(temperature=0, max_tokens=6)))
     assert dispatcher.calls[-1][2][queues.CACHE_CHECKED_HEADER] == 0
 
 

@@ -61,6 +61,10 @@ class GatewayStore(Protocol):
     async def cached_choices(self, model_id: str, material: list[str],
                              backend: str = "redis") -> tuple[Choice, ...] | None: ...
 
+    def looks_up(self, backend: str) -> bool:
+        """Whether the last lookups in the response cache's `backend` really reached it (a miss then
+        means: not cached, and the worker need not look again)."""
+
     async def put_result(self, key: str, document: dict[str, Any], ttl_seconds: int) -> bool: ...
 
     async def result(self, key: str) -> dict[str, Any] | None: ...
@@ -87,6 +91,11 @@ class RedisGatewayStore:
         entry: dict[str, Any] | None = await self.redis.call(
             lambda store: store.hget_json(keys.MODEL_REGISTRY, model_id), None)
         return entry
+
+    def looks_up(self, backend: str) -> bool:
+        if backend == "memcached":
+            return self.memcached is not None and self.memcached.available
+        return self.redis.available
 
     async def cached_choices(self, model_id: str, material: list[str],
                              backend: str = "redis") -> tuple[Choice, ...] | None:
@@ -216,10 +225,11 @@ class CompletionService:
         material = response_cache.materials(entry["digest"], message)
         if not material:
             return None, False
+        backend = str(entry.get("responseCacheBackend", "redis"))
         choices = await self.store.cached_choices(keys.model_id(self.config.namespace, str(message.model)),
-                                                  material, str(entry.get("responseCacheBackend", "redis")))
+                                                  material, backend)
         if choices is None:
-            return None, self.store.available
+            return None, self.store.looks_up(backend)
         return protocol.Reply(id=message.id, choices=choices, cached=True, model=message.model, n=message.n), True
 
     # -- the API --------------------------------------------------------------------------------
