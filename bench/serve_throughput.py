@@ -25,7 +25,7 @@ generated tokens, since a random model may stop early at EOS.
 4. Response cache: p50 of a cache hit at the gateway against a miss, over one
    kept-alive HTTP connection as API clients use.
 
-    python bench/serve_throughput.py [--requests 32] [--tokens 32]
+    python bench/serve_throughput.py [--requests 32] [--tokens 32] [--max-wait-ms 20] [--max-prefill-tokens N]
 """
 
 from __future__ import annotations
@@ -164,12 +164,12 @@ def echo_worker(amqp_url: str, ready: Any) -> None:
         channel.wait(1)
 
 
-def first_token_totals(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of the time-to-first-token histogram a worker or gateway exports (all labels)."""
+def histogram_totals(metrics_url: str, name: str = "time_to_first_token_seconds") -> tuple[float, float]:
+    """(sum, count) of a histogram a worker or gateway exports whose name ends with `name` (all labels)."""
     _, body = http_get(metrics_url)
     totals = {"sum": 0.0, "count": 0.0}
     for family in text_string_to_metric_families(body.decode()):
-        if family.name.endswith("time_to_first_token_seconds"):
+        if family.name.endswith(name):
             for sample in family.samples:
                 part = sample.name.rsplit("_", 1)[1]
                 if part in totals:
@@ -378,7 +378,7 @@ def summary(runs: list[StepRun], weight_bytes: int, params: int, dtype: torch.dt
 
 
 def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
-               in_process_run: Callable[[int], int]) -> dict:
+               in_process_run: Callable[[int], int], max_prefill_tokens: int = 0) -> dict:
     """A dev cluster's RabbitMQ and Redis, a worker and a gateway as processes, driven over HTTP. Each
     throughput run is paired with a run of the in-process engine right after it (same load)."""
     cluster = devcluster.up(tmp / "cluster")
@@ -389,7 +389,8 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
         configs = {
             "serve": {"name": "bench", "model": {"uri": str(model_dir)}, "cacheDir": str(tmp / "cache"),
                       "healthPort": health_port, "limits": {"maxNewTokens": 256},
-                      "batching": {"maxBatchSize": n, "maxWaitMillis": int(max_wait * 1000)}},
+                      "batching": {"maxBatchSize": n, "maxWaitMillis": int(max_wait * 1000),
+                                   "maxPrefillTokens": max_prefill_tokens}},
             "gateway": {"port": gateway_port, "host": "127.0.0.1", "requestTimeoutSeconds": 600,
                         "accessLog": False},
         }
@@ -445,12 +446,15 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
         pairs = [(tokens_per_second(functools.partial(concurrent, f"q{i}")),
                   tokens_per_second(functools.partial(in_process_run, i))) for i in range(5)]
         # Streaming against not streaming, paired, the same requests through the same gateway.
-        before = {where: first_token_totals(url) for where, url in endpoints.items()}
+        before = {where: histogram_totals(url) for where, url in endpoints.items()}
+        waited = histogram_totals(endpoints["worker"], "queue_wait_seconds")
         streaming = [(tokens_per_second(functools.partial(concurrent_streams, f"s{i}")),
                       tokens_per_second(functools.partial(concurrent, f"n{i}"))) for i in range(3)]
         # The same first tokens as the worker and the gateway saw them: where the client's wait goes.
-        first_token_means = {where: mean_since(before[where], first_token_totals(url))
+        first_token_means = {where: mean_since(before[where], histogram_totals(url))
                              for where, url in endpoints.items()}
+        # From the gateway's publish to the worker taking the request up (the two share one clock).
+        first_token_means["queue"] = mean_since(waited, histogram_totals(endpoints["worker"], "queue_wait_seconds"))
         latency = [timed({"prompt": f"latency {i}", "max_tokens": 1, "temperature": 0}) for i in range(30)]
         amqp = amqp_round_trips(connection["KUBELM_AMQP_URL"], "kubelm.default.bench.requests", 50)
         ready = multiprocessing.Event()
@@ -480,6 +484,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=int, default=20)
+    parser.add_argument("--max-prefill-tokens", type=int, default=0, help="the worker's batching.maxPrefillTokens")
     args = parser.parse_args()
     n, tokens, max_wait = args.requests, args.tokens, args.max_wait_ms / 1000
 
@@ -488,14 +493,15 @@ def main() -> None:
         model_dir = build(tmp / "model", [REPO / "examples/tiny-corpus/train.txt"], SHAPE)
         hf_tps = hf_sequential(model_dir, n, tokens)
         local = in_process(model_dir, n, tokens, max_wait)
-        queued = queue_path(model_dir, n, tokens, max_wait, tmp, local["run"])
+        queued = queue_path(model_dir, n, tokens, max_wait, tmp, local["run"], args.max_prefill_tokens)
 
     dtype, weights, params = local["dtype"], local["weight_bytes"], local["params"]
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()} kernels; "
           f"oneDNN packed product: bf16 {onednn_path(torch.bfloat16)}, fp32 {onednn_path(torch.float32)}")
     print(f"model: GPT-2 124M shapes, vocabulary 2048, {params / 1e6:.0f}M parameters; serving {dtype} "
           f"({local['packed']} products packed for oneDNN); {n} requests x {tokens} new tokens; batching wait "
-          f"{args.max_wait_ms} ms; {torch.get_num_threads()} threads; {allocator.in_use()} malloc")
+          f"{args.max_wait_ms} ms; prefill budget {args.max_prefill_tokens or 'none'}; "
+          f"{torch.get_num_threads()} threads; {allocator.in_use()} malloc")
     print(f"transformers generate, one at a time (fp32)    {hf_tps:8.0f} tokens/s   1.00x")
     queue_tps, local_tps = (max(q for q, _ in queued["pairs"]), max(i for _, i in queued["pairs"]))
     ratios = sorted(q / i for q, i in queued["pairs"])
@@ -522,8 +528,9 @@ def main() -> None:
     means = queued["first_token_means"]
     print(f"time to first text, {n} concurrent streamed, p50 {first:.0f} ms = {first / step_32:.1f} batch-{n} "
           f"decode steps ({step_32:.1f} ms fastest); goal: 2 steps + the broker's round trip = "
-          f"{2 * step_32 + floor:.0f} ms; means: at the worker (delivery to first token) {means['worker']:.0f} "
-          f"ms, at the gateway (request to first text) {means['gateway']:.0f} ms")
+          f"{2 * step_32 + floor:.0f} ms; means: at the gateway (request to first text) {means['gateway']:.0f} ms, "
+          f"of which waiting in the queue (publish to the worker taking it up) {means['queue']:.0f} ms and at the "
+          f"worker (taken up to first token) {means['worker']:.0f} ms")
     print(f"single request, 1 new token: in-process batched {p50(local['latency']):.2f} ms, RabbitMQ "
           f"{p50([rtt for rtt, _ in queued['amqp']]):.2f} ms, HTTP gateway + RabbitMQ {p50(queued['latency']):.2f} ms")
     for rows in (1, 32):

@@ -53,3 +53,15 @@ def test_removed_items_leave_the_wait_and_an_empty_batcher_waits_anew() -> None:
     assert batcher.time_left(10.5) == pytest.approx(0.5)  # the oldest still waits from when it came
     assert batcher.remove(lambda item: True) == ["a", "c"]
     assert batcher.time_left(11.0) is None and not batcher.ready(99.0)
+
+
+def test_a_token_budget_takes_the_oldest_that_fit_and_always_one() -> None:
+    batcher: Batcher[int] = Batcher(max_batch_size=8, max_wait=0)
+    for tokens in (60, 50, 30, 200, 10):
+        batcher.add(tokens, now=0)
+    assert batcher.take(1.0, budget=128, cost=lambda tokens: tokens) == [60, 50]  # 140 with the third
+    assert batcher.take(2.0, budget=128, cost=lambda tokens: tokens) == [30]  # oldest first, no skipping
+    assert batcher.take(3.0, budget=128, cost=lambda tokens: tokens) == [200]  # alone over the budget: taken
+    assert batcher.take(4.0, limit=0, budget=128, cost=lambda tokens: tokens) == []  # no room: none
+    batcher.add(40, now=4.0)
+    assert batcher.take(5.0, budget=0, cost=lambda tokens: tokens) == [10, 40]  # 0: no budget

@@ -376,3 +376,31 @@ def test_latency_is_reported_as_time_to_first_token_between_tokens_and_in_all(
         assert sample("kubelm_generated_tokens_total") == 5
         assert sample("kubelm_prompt_tokens_total") == reply["choices"][0]["prompt_tokens"] == len(
             engine.encode("the old fox"))
+
+
+@pytest.mark.parametrize(("prompts_per_budget", "groups"), [(0, [3]), (1, [1, 1, 1]), (2, [2, 1])])
+def test_a_prefill_token_budget_admits_simultaneous_requests_in_groups(
+        cluster: ClusterEnv, tiny_model: Path, tmp_path: Path, prompts_per_budget: int, groups: list[int]) -> None:
+    """Three requests of equal prompt length waiting together: without a budget (0) one prefill takes them
+    all; with a budget of one or two prompts' tokens, that many go first and the rest join at the next
+    steps — all answered."""
+    engine = Engine.load(str(tiny_model), dtype="fp32")
+    prompts = ["the old fox", "the fox runs", "the old cat"]
+    lengths = {len(engine.encode(p)) for p in prompts}
+    assert len(lengths) == 1, lengths  # equal: the groups do not depend on the order they arrive in
+    joined: list[int] = []
+    join = engine.join
+
+    def counted(batch: Batch, entries: list[Any]) -> None:
+        joined.append(len(entries))
+        join(batch, entries)
+
+    engine.join = counted  # type: ignore[method-assign]
+    budget = prompts_per_budget * lengths.pop()
+    with running_worker(cluster, engine, tmp_path, "budget", batching={
+            "maxBatchSize": 8, "maxWaitMillis": 1000, "maxPrefillTokens": budget}) as (_, ask):
+        async def together() -> list[dict[str, Any]]:  # within the 1 s wait: they wait together
+            return list(await asyncio.gather(*(ask(p, 3) for p in prompts)))
+
+        replies = asyncio.run(together())
+    assert all(r["ok"] for r in replies) and [g for g in joined if g] == groups

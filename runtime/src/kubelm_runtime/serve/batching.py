@@ -49,9 +49,19 @@ class Batcher(Generic[T]):
             return 0.0
         return max(0.0, self.max_wait - (now - self._oldest))
 
-    def take(self, now: float, limit: int | None = None) -> list[T]:
-        """Up to max_batch_size (or `limit`) items, oldest first; leftovers start a new wait from `now`."""
+    def take(self, now: float, limit: int | None = None, budget: int = 0,
+             cost: Callable[[T], int] | None = None) -> list[T]:
+        """Up to max_batch_size (or `limit`) items, oldest first, and with a `budget` (> 0) only as many as
+        fit in it by `cost` — always at least one; leftovers start a new wait from `now`."""
         size = self.max_batch_size if limit is None else max(0, min(limit, self.max_batch_size))
+        if budget > 0 and cost is not None and size > 0:
+            spent, fits = 0, 0
+            for item in self._items[:size]:
+                spent += cost(item)
+                if fits and spent > budget:
+                    break
+                fits += 1
+            size = fits
         batch, self._items = self._items[:size], self._items[size:]
         self._oldest = now if self._items else None
         return batch

@@ -291,7 +291,9 @@ class Worker:
         room = self.config.batching.max_batch_size - len(self.in_flight)
         if room <= 0 or not len(self.batcher):
             return
-        admitted = self.batcher.take(now, limit=room)
+        # A prompt shared by a request's n rows is prefilled once: it costs its tokens once.
+        admitted = self.batcher.take(now, limit=room, budget=self.config.batching.max_prefill_tokens,
+                                     cost=lambda pending: sum(len(ids) for ids in pending.prompt_ids))
         started_wall = time.time()
         entries = []
         for pending in admitted:
