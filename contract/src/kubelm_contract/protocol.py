@@ -141,15 +141,36 @@ class TokenLogprob:
     logprob: float | None
     """None only for a prompt's first token, which nothing before it predicts."""
     top: tuple[tuple[str, float], ...] = ()
+    token_bytes: tuple[int, ...] | None = None
+    """The token's raw bytes, when the worker knows them: a token holding part of a character shows
+    U+FFFD as its text. None (a worker from before the field): the text's UTF-8."""
+    top_bytes: tuple[tuple[int, ...], ...] | None = None
+    """The same for each of `top`."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+        found: dict[str, Any] = {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+        if self.token_bytes is not None:
+            found["bytes"] = list(self.token_bytes)
+        if self.top_bytes is not None:
+            found["top_bytes"] = [list(b) for b in self.top_bytes]
+        return found
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenLogprob:
         logprob = data["logprob"]
+        raw, top_raw = data.get("bytes"), data.get("top_bytes")
         return cls(str(data["token"]), None if logprob is None else float(logprob),
-                   tuple((str(t), float(lp)) for t, lp in data.get("top", ())))
+                   tuple((str(t), float(lp)) for t, lp in data.get("top", ())),
+                   None if raw is None else tuple(int(b) for b in raw),
+                   None if top_raw is None else tuple(tuple(int(b) for b in t) for t in top_raw))
+
+    def raw(self) -> tuple[int, ...]:
+        return self.token_bytes if self.token_bytes is not None else tuple(self.token.encode())
+
+    def top_raw(self) -> list[tuple[int, ...]]:
+        if self.top_bytes is not None and len(self.top_bytes) == len(self.top):
+            return list(self.top_bytes)
+        return [tuple(text.encode()) for text, _ in self.top]
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,10 @@ def test_log_probabilities_are_the_models_own_for_each_generated_token(engine: E
     assert alone is not None and [t.token for t in alone] == [t.token for t in output.logprobs]
     assert [t.logprob for t in alone] == pytest.approx([t.logprob for t in output.logprobs], abs=1e-4)
     assert [t.token for t in output.logprobs] == [engine.tokenizer.decode([i]) for i in generated]
+    # Each token's own bytes (its text may be U+FFFD, part of a character): together, the row's text.
+    joined = b"".join(bytes(t.raw()) for t in output.logprobs)
+    assert joined.decode(errors="replace") == engine.tokenizer.decode(generated)
+    assert all(len(t.top_raw()) == len(t.top) for t in output.logprobs)
     ids = torch.tensor([engine.encode(prompt) + tuple(generated)])
     with torch.inference_mode():
         expected = reference.model(ids).logits[0].float().log_softmax(dim=-1)

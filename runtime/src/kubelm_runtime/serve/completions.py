@@ -321,8 +321,7 @@ class CompletionService:
             first = index not in sent
             sent[index] = sent.get(index, "") + text
             return shape.chunk(message.id, model, created, index, text, finish_reason, first=first,
-                               logprobs=tokens if asked_logprobs else None,
-                               text_offset=sum(len(t.token) for t in before))
+                               logprobs=tokens if asked_logprobs else None, before=before)
 
         started = time.perf_counter()
         async with self._through_the_queue(model):

@@ -23,7 +23,7 @@ import torch
 from kubelm_contract.protocol import Decoding, TokenLogprob
 
 from ..cpu import cpu_has_fast_bf16
-from . import gpt2, packing
+from . import gpt2, packing, token_bytes
 from .kvcache import GrowingCache
 from .textstream import streamable
 
@@ -117,6 +117,7 @@ class Engine:
         self.device = device
         self.eos = tokenizer.eos_token_id
         self.end_tokens = end_tokens(model, tokenizer)
+        self.token_bytes = token_bytes.reader(tokenizer)
         """A row ends when it picks one of these (empty: rows run to their length, as benchmarks want)."""
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -316,7 +317,7 @@ class Engine:
         prompt, every position's logits kept); the first token has none."""
         if not ids:
             return ()
-        first = TokenLogprob(self.tokenizer.decode([ids[0]]), None)
+        first = TokenLogprob(self.tokenizer.decode([ids[0]]), None, token_bytes=tuple(self.token_bytes(ids[0])))
         if len(ids) == 1:
             return (first,)
         input_ids = torch.tensor([ids], device=self.device)
@@ -354,7 +355,8 @@ class Engine:
 
     def _token_logprob(self, token: int, logprob: float, top: list[tuple[int, float]], wanted: int) -> TokenLogprob:
         return TokenLogprob(self.tokenizer.decode([token]), logprob,
-                            tuple((self.tokenizer.decode([t]), lp) for t, lp in top[:wanted]))
+                            tuple((self.tokenizer.decode([t]), lp) for t, lp in top[:wanted]),
+                            tuple(self.token_bytes(token)), tuple(tuple(self.token_bytes(t)) for t, _ in top[:wanted]))
 
     def _compact(self, batch: Batch) -> torch.Tensor | None:
         """Drops finished rows, and the leading columns that only they needed; returns the indices of

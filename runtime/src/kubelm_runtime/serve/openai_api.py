@@ -180,29 +180,34 @@ def reply_error(kind: str, message: str) -> ApiError:
                     kind)
 
 
-def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None, start: int = 0) -> dict[str, Any] | None:
-    """The completions API's form: parallel lists, offsets counted in characters of the text (from `start`,
-    the characters of the tokens before these)."""
+def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None,
+                        before: tuple[protocol.TokenLogprob, ...] = ()) -> dict[str, Any] | None:
+    """The completions API's form: parallel lists, each token's offset counted in characters of the text
+    (after the tokens `before` these, streamed earlier): the characters wholly before its first byte, so
+    the tokens that share a character start at it."""
     if tokens is None:
         return None
-    offsets, at = [], start
+    read = bytearray(b"".join(bytes(t.raw()) for t in before))
+    offsets = []
     for t in tokens:
-        offsets.append(at)
-        at += len(t.token)
+        offsets.append(len(read.decode("utf-8", errors="ignore")))
+        read += bytes(t.raw())
     # A prompt's first token (echo) has no log-probability and no alternatives: null in both lists.
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens], "text_offset": offsets}
 
 
-def _with_bytes(token: str, logprob: float | None) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+def _with_bytes(token: str, logprob: float | None, raw: tuple[int, ...]) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
 
 def chat_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None) -> dict[str, Any] | None:
-    """The chat API's form: one entry per token, its alternatives inside."""
+    """The chat API's form: one entry per token with its bytes, its alternatives inside."""
     if tokens is None:
         return None
-    return {"content": [{**_with_bytes(t.token, t.logprob), "top_logprobs": [_with_bytes(*top) for top in t.top]}
+    return {"content": [{**_with_bytes(t.token, t.logprob, t.raw()),
+                         "top_logprobs": [_with_bytes(text, lp, raw)
+                                          for (text, lp), raw in zip(t.top, t.top_raw(), strict=True)]}
                         for t in tokens], "refusal": None}
 
 
@@ -219,11 +224,12 @@ def completion(reply: protocol.Reply, model: str, created: int) -> dict[str, Any
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
                      finish_reason: str | None = None, first: bool = False,
-                     logprobs: tuple[protocol.TokenLogprob, ...] | None = None, text_offset: int = 0) -> dict[str, Any]:
+                     logprobs: tuple[protocol.TokenLogprob, ...] | None = None,
+                     before: tuple[protocol.TokenLogprob, ...] = ()) -> dict[str, Any]:
     """One streamed event: new text of one choice (with its tokens' log-probabilities when asked for, the
-    offsets counted from `text_offset`), and its finish reason on the last."""
+    offsets counted after the tokens streamed `before`), and its finish reason on the last."""
     return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": completion_logprobs(logprobs, text_offset),
+            "choices": [{"text": text, "index": index, "logprobs": completion_logprobs(logprobs, before),
                          "finish_reason": finish_reason}],
             "system_fingerprint": None}
 
@@ -253,7 +259,8 @@ def chat_completion(reply: protocol.Reply, model: str, created: int) -> dict[str
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, text: str,
                finish_reason: str | None = None, first: bool = False,
-               logprobs: tuple[protocol.TokenLogprob, ...] | None = None, text_offset: int = 0) -> dict[str, Any]:
+               logprobs: tuple[protocol.TokenLogprob, ...] | None = None,
+               before: tuple[protocol.TokenLogprob, ...] = ()) -> dict[str, Any]:
     """A choice's first event says the role; the last carries the finish reason."""
     delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
     return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
