@@ -390,7 +390,7 @@ def queue_path(model_dir: Path, n: int, tokens: int, max_wait: float, tmp: Path,
             "serve": {"name": "bench", "model": {"uri": str(model_dir)}, "cacheDir": str(tmp / "cache"),
                       "healthPort": health_port, "limits": {"maxNewTokens": 256},
                       "batching": {"maxBatchSize": n, "maxWaitMillis": int(max_wait * 1000),
-                                   "maxPrefillTokens": max_prefill_tokens}},
+                                   **({"maxPrefillTokens": max_prefill_tokens} if max_prefill_tokens else {})}},
             "gateway": {"port": gateway_port, "host": "127.0.0.1", "requestTimeoutSeconds": 600,
                         "accessLog": False},
         }

@@ -74,7 +74,7 @@ def test_cpu_sample_gives_this_worker_deployment() -> None:
                                          "kubelm.io/languagemodel": "gpt2"}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "ba9caffabbc979ac"}},
+                "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "efcb260377b44220"}},
                 "spec": {
                     "automountServiceAccountToken": False, "enableServiceLinks": False,
                     "securityContext": POD_SECURITY, "terminationGracePeriodSeconds": 120,

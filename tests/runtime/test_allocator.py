@@ -50,8 +50,8 @@ def test_unknown_choice_is_a_configuration_error() -> None:
 
 def test_jemalloc_keeps_large_freed_blocks_for_reuse_as_configured(tmp_path: Path) -> None:
     """A 9 MiB block freed and allocated again 20 times: with the runtime's settings its pages stay
-    mapped; jemalloc 5.3's own decay returns them at each free, and each allocation faults all ~2300
-    pages back in (docs/benchmarks.md)."""
+    mapped, so only the first allocation faults its ~2300 pages in (with jemalloc 5.3's own settings
+    every one does: docs/benchmarks.md)."""
     library = allocator.find_jemalloc()
     if library is None:
         pytest.skip("jemalloc is not installed (devcluster/scripts/setup.sh installs it)")

@@ -45,12 +45,15 @@ class LimitsSpec:
 class Batching:
     max_batch_size: int = 16
     max_wait_millis: int = 10
-    max_prefill_tokens: int = 0
-    """Prompt tokens prefilled together at most; requests beyond join at the next steps (0: no limit)."""
+    max_prefill_tokens: int | None = None
+    """Prompt tokens prefilled together at most; requests beyond join at the next steps. None: no limit
+    (and no field in a worker's configuration, which a runtime from before it would refuse)."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_wait_millis < 0 or self.max_prefill_tokens < 0:
-            raise SettingsError("batching.maxBatchSize must be >= 1, maxWaitMillis and maxPrefillTokens >= 0")
+        if self.max_batch_size < 1 or self.max_wait_millis < 0:
+            raise SettingsError("batching.maxBatchSize must be >= 1 and maxWaitMillis >= 0")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise SettingsError("batching.maxPrefillTokens must be >= 1 (leave it out for no limit)")
 
 
 @dataclass(frozen=True)

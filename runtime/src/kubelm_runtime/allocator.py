@@ -8,8 +8,10 @@ negligible); under jemalloc it is ~12 µs, and a batch-1 decode step of a GPT-2
 be swapped before the process starts, so the runtime re-executes itself once with
 the library preloaded: the process keeps its PID, arguments and environment.
 
-jemalloc is also told to keep the pages it frees (`dirty_decay_ms:-1`) unless `MALLOC_CONF` is
-already set. With any finite decay, jemalloc 5.3 hands every freed block of about 8 MiB or more back
+When it re-executes, the runtime also tells jemalloc to keep the pages it frees (`dirty_decay_ms:-1`)
+unless `MALLOC_CONF` is already set (a process started with jemalloc already preloaded keeps what it
+was given). With any finite decay (10 s to 10^9 s, with or without background threads or the
+oversize arena; all measured), jemalloc 5.3 hands every freed block of about 8 MiB or more back
 to the kernel at once, so the next allocation of that size faults each page in again (~3 ms for
 9 MiB here). A worker allocates such blocks all the time once contexts grow: each layer's keys and
 values are copied to a fresh tensor when the cache grows, drops finished rows or takes new ones, and

@@ -391,6 +391,13 @@ def test_a_choice_that_ends_first_streams_its_finish_reason_when_it_ends() -> No
              for e in events if e["choices"]]
     assert texts == [(0, " fi", None), (1, " fine", "length"), (0, "n", None), (0, "e", "length")]
     assert not any("usage" in e for e in events)  # not asked for
+    # A chunk of choice 1 lost before its last one: that end is not streamed, the reply brings the rest.
+    dispatcher.chunks = [{0: (0, " fi"), 1: (0, " f")},
+                         {1: protocol.ChunkPart(4, "e", finish_reason="length")}]  # " f" + "in" went missing
+    events = events_of(completions, request(n=2, stream=True))
+    texts = [(e["choices"][0]["index"], e["choices"][0]["text"], e["choices"][0]["finish_reason"])
+             for e in events if e["choices"]]
+    assert texts == [(0, " fi", None), (1, " f", None), (0, "ne", "length"), (1, "ine", "length")]
 
 
 def test_a_stream_with_logprobs_relays_each_tokens_once_and_the_reply_brings_the_rest() -> None:

@@ -381,7 +381,7 @@ def test_latency_is_reported_as_time_to_first_token_between_tokens_and_in_all(
 @pytest.mark.parametrize(("prompts_per_budget", "groups"), [(0, [3]), (1, [1, 1, 1]), (2, [2, 1])])
 def test_a_prefill_token_budget_admits_simultaneous_requests_in_groups(
         cluster: ClusterEnv, tiny_model: Path, tmp_path: Path, prompts_per_budget: int, groups: list[int]) -> None:
-    """Three requests of equal prompt length waiting together: without a budget (0) one prefill takes them
+    """Three requests of equal prompt length waiting together: without a budget one prefill takes them
     all; with a budget of one or two prompts' tokens, that many go first and the rest join at the next
     steps — all answered."""
     engine = Engine.load(str(tiny_model), dtype="fp32")
@@ -389,18 +389,27 @@ def test_a_prefill_token_budget_admits_simultaneous_requests_in_groups(
     lengths = {len(engine.encode(p)) for p in prompts}
     assert len(lengths) == 1, lengths  # equal: the groups do not depend on the order they arrive in
     joined: list[int] = []
-    join = engine.join
+    calls: list[str] = []
+    join, choose = engine.join, engine.choose
 
     def counted(batch: Batch, entries: list[Any]) -> None:
-        joined.append(len(entries))
+        if entries:
+            joined.append(len(entries))
+            calls.append("join")
         join(batch, entries)
 
-    engine.join = counted  # type: ignore[method-assign]
-    budget = prompts_per_budget * lengths.pop()
+    def chose(batch: Batch) -> Any:
+        calls.append("choose")
+        return choose(batch)
+
+    engine.join, engine.choose = counted, chose  # type: ignore[method-assign]
+    budget = {"maxPrefillTokens": prompts_per_budget * lengths.pop()} if prompts_per_budget else {}
     with running_worker(cluster, engine, tmp_path, "budget", batching={
-            "maxBatchSize": 8, "maxWaitMillis": 1000, "maxPrefillTokens": budget}) as (_, ask):
+            "maxBatchSize": 8, "maxWaitMillis": 1000, **budget}) as (_, ask):
         async def together() -> list[dict[str, Any]]:  # within the 1 s wait: they wait together
             return list(await asyncio.gather(*(ask(p, 3) for p in prompts)))
 
         replies = asyncio.run(together())
-    assert all(r["ok"] for r in replies) and [g for g in joined if g] == groups
+    assert all(r["ok"] for r in replies) and joined == groups
+    # The first group's first tokens are picked before the next group is prefilled.
+    assert calls[:2] == ["join", "choose"], calls

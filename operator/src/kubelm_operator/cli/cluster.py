@@ -97,6 +97,8 @@ class Cluster:
         message = body.get("message") or relayed.get("message") or e.reason or ""
         if e.status in (401, 403):
             return CliError(f"access denied to {what}: {message}", FORBIDDEN)
+        if e.status == 404 and relayed:  # the proxied service's own 404 (an unknown model, say)
+            return CliError(f"{what}: {message}", NOT_FOUND)
         if e.status == 404 and not (body.get("details") or {}).get("name"):
             return CliError(f"the kubelm API ({GROUP}/{VERSION}) is not installed in this cluster: install it with "
                             "`kubectl apply --server-side -k manifests/install` or the Helm chart", NOT_INSTALLED)

@@ -210,12 +210,13 @@ def generate(state: State, name: str, prompt: str, namespace: str | None, max_to
 
 def _gateway_key(cluster: Cluster, model: dict[str, Any]) -> str | None:
     """The API key of a gateway that wants one, from the Secret its LanguageModel names."""
-    reference = parse_languagemodel(model.get("spec") or {}).gateway.auth_secret_ref
-    if reference is None:
+    # Read as it is, not through the spec's parser, which would refuse fields of a newer API version.
+    reference = ((model.get("spec") or {}).get("gateway") or {}).get("authSecretRef")
+    if not isinstance(reference, dict) or not reference.get("name"):
         return None
     meta = model["metadata"]
     try:
-        return cluster.secret_value(meta["namespace"], reference.name, reference.key)
+        return cluster.secret_value(meta["namespace"], str(reference["name"]), str(reference.get("key") or "token"))
     except CliError as e:
         raise CliError(f"the gateway of LanguageModel {meta['namespace']}/{meta['name']} wants an API key, and "
                        f"reading it failed ({e}): pass --api-key or set KUBELM_API_KEY", e.exit_code) from e

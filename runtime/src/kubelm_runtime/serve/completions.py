@@ -276,7 +276,7 @@ class CompletionService:
         reply = _echoed(body, message, self._reply(raw, body.model, started))
         return shape.whole(reply, body.model, int(time.time()))
 
-    async def stream(self, body: Asked) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: Asked) -> AsyncGenerator[dict[str, Any], None]:
         """The completion as OpenAI's stream events: text per choice as the worker generates it, each
         choice's finish reason, and the usage when asked for (then every other event has `"usage": null`,
         as OpenAI's do). A refusal before the first event is an ApiError like `complete`'s; the caller going
@@ -346,14 +346,19 @@ class CompletionService:
                             continue
                         fresh = _fresh(sent.get(index, ""), part.offset, part.text)
                         tokens = _fresh_tokens(len(logged.get(index, ())), part)
-                        if fresh or tokens or part.finish_reason:
+                        # An end counts only when nothing of the choice went missing before it (chunks are
+                        # not confirmed); after a gap the reply brings the rest and the end.
+                        whole = (part.offset <= len(sent.get(index, ""))
+                                 and part.token_offset <= len(logged.get(index, ())))
+                        finish = part.finish_reason if whole else None
+                        if fresh or tokens or finish:
                             if not sent:
                                 self.metrics.first_token.labels(model).observe(time.perf_counter() - started)
                             for echoed in echo:
                                 yield echoed
                             echo = []
-                            yield event(index, fresh, tokens, part.finish_reason)
-                            if part.finish_reason:
+                            yield event(index, fresh, tokens, finish)
+                            if finish:
                                 ended.add(index)
                 raw = call.result()
             finally:

@@ -13,11 +13,12 @@ process. What a request means lives in `completions` (the serving layer) and
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +136,19 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def server_sent_events(first: dict[str, Any] | None,
-                             events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+                             events: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[bytes]:
     """OpenAI's stream framing: `data: {json}` per event, an error as an event of its own once the
-    stream has begun, then `data: [DONE]`."""
-    try:
-        if first is not None:
-            yield openai_api.server_sent_event(first)
-        async for event in events:
-            yield openai_api.server_sent_event(event)
-    except ApiError as e:
-        yield openai_api.server_sent_event(e.body())
-    yield openai_api.server_sent_event("[DONE]")
+    stream has begun, then `data: [DONE]`. Closed early (the client went away while an event was being
+    sent), it closes the events at once, which cancels the request at the workers."""
+    async with contextlib.aclosing(events):
+        try:
+            if first is not None:
+                yield openai_api.server_sent_event(first)
+            async for event in events:
+                yield openai_api.server_sent_event(event)
+        except ApiError as e:
+            yield openai_api.server_sent_event(e.body())
+        yield openai_api.server_sent_event("[DONE]")
 
 
 async def disconnected(request: Request) -> None:
@@ -180,7 +183,7 @@ def create_app(service: CompletionService, rpc_connected: Callable[[], bool], to
     async def answer(request: Request, body: CompletionRequest | ChatCompletionRequest) -> Response:
         if not body.stream:
             return JSONResponse(await service.complete(body, lambda: disconnected(request)))
-        events = aiter(service.stream(body))
+        events = service.stream(body)
         first = await anext(events, None)  # a refusal before any text is still an HTTP error
         return StreamingResponse(server_sent_events(first, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

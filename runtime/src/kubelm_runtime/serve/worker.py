@@ -292,7 +292,7 @@ class Worker:
         if room <= 0 or not len(self.batcher):
             return
         # A prompt shared by a request's n rows is prefilled once: it costs its tokens once.
-        admitted = self.batcher.take(now, limit=room, budget=self.config.batching.max_prefill_tokens,
+        admitted = self.batcher.take(now, limit=room, budget=self.config.batching.max_prefill_tokens or 0,
                                      cost=lambda pending: sum(len(ids) for ids in pending.prompt_ids))
         started_wall = time.time()
         entries = []
@@ -509,6 +509,8 @@ class Worker:
             return True
         if self.batcher.ready(now) or (self.draining and len(self.batcher)):
             self.admit(now)
+            if self.in_flight:  # their first tokens now, before anything else is admitted and prefilled
+                self.step()
             return True
         if self.draining:
             self.channel.wait(0)  # dispatch anything that arrived before the cancel completed
