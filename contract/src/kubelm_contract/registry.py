@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .protocol import Decoding, Limits
+from .protocol import OPTIONAL_PARAMS, Decoding, Limits
 
 
 def describe_hub(repository: str, revision: str) -> str:
@@ -27,7 +27,7 @@ def model_entry(*, queue: str, namespace: str, digest: str | None, source: str, 
         "maxNewTokens": limits.max_new_tokens, "maxInputTokens": limits.max_input_tokens,
         # Log-probabilities and OpenAI's penalties are asked per request, never a model's default.
         "defaults": {**{k: v for k, v in dataclasses.asdict(defaults).items()
-                        if k not in ("logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty")},
+                        if k not in {name for name, _ in OPTIONAL_PARAMS}},
                      "stop": list(defaults.stop)},
         "responseCache": response_cache,
     }

@@ -5,6 +5,7 @@ Pure: no HTTP framework, broker or Redis, so every shape is testable on its own.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,11 +188,13 @@ def completion_logprobs(tokens: tuple[protocol.TokenLogprob, ...] | None,
     the tokens that share a character start at it."""
     if tokens is None:
         return None
-    read = bytearray(b"".join(bytes(t.raw()) for t in before))
+    # An incremental decoder holds a character's first bytes back until its last one comes.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    at = sum(len(decoder.decode(bytes(t.raw()))) for t in before)
     offsets = []
     for t in tokens:
-        offsets.append(len(read.decode("utf-8", errors="ignore")))
-        read += bytes(t.raw())
+        offsets.append(at)
+        at += len(decoder.decode(bytes(t.raw())))
     # A prompt's first token (echo) has no log-probability and no alternatives: null in both lists.
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens], "text_offset": offsets}
