@@ -96,14 +96,18 @@ def render(helm: Callable[..., subprocess.CompletedProcess[str]]) -> Callable[..
     return run
 
 
-@pytest.fixture(scope="module")
-def kustomized() -> Objects:
+def _kustomize(overlay: str) -> Objects:
     from kubelm_devcluster import cli
 
     kubectl = cli.binaries_dir() / "kubectl"
-    result = subprocess.run([str(kubectl), "kustomize", str(REPO / "manifests" / "install")],
+    result = subprocess.run([str(kubectl), "kustomize", str(REPO / "manifests" / overlay)],
                             capture_output=True, text=True, check=True, timeout=120)
     return parse(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def kustomized() -> Objects:
+    return _kustomize("install")
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +263,18 @@ def test_scheduling(render: Callable[..., Objects], defaults: Objects) -> None:
     assert_same(rendered, _expect(defaults, edit))
 
 
+def test_high_availability_is_the_kustomize_ha_install(render: Callable[..., Objects]) -> None:
+    assert_same(render("--set", "highAvailability.enabled=true"), _kustomize("install-ha"))
+
+
+def test_high_availability_replicas(render: Callable[..., Objects], defaults: Objects) -> None:
+    expected = render("--set", "highAvailability.enabled=true")
+    _deployment(expected)["spec"]["replicas"] = 3
+    assert_same(render("--set", "highAvailability.enabled=true", "--set", "highAvailability.replicas=3"), expected)
+    # Replicas alone change nothing: one replica without the Lease stays the only safe single mode.
+    assert_same(render("--set", "highAvailability.replicas=3"), defaults)
+
+
 def test_create_namespace_off(render: Callable[..., Objects], defaults: Objects) -> None:
     def edit(o: Objects) -> None:
         del o[("v1", "Namespace", "", NAMESPACE)]
@@ -288,6 +304,8 @@ def test_release_namespace_is_used_throughout(render: Callable[..., Objects], de
     (("--set", "watchNamespace=a"), "additional properties 'watchNamespace' not allowed"),
     (("--set", "connections.redisUrl=localhost:6379"), "at '/connections/redisUrl'"),
     (("--set", "createNamespace=maybe"), "at '/createNamespace': got string, want boolean"),
+    (("--set", "highAvailability.enabled=true", "--set", "highAvailability.replicas=1"),
+     "at '/highAvailability/replicas': minimum: got 1, want 2"),
 ])
 def test_bad_values_are_refused(helm: Callable[..., subprocess.CompletedProcess[str]],
                                 args: tuple[str, ...], message: str) -> None:
@@ -311,8 +329,9 @@ def test_kubernetes_too_old_is_refused(helm: Callable[..., subprocess.CompletedP
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("args", [(), ("--set", "connections.existingSecret=mine", "--set-json",
-                                       'watchNamespaces=["team-*","b"]', "--set", "logFormat=text")],
-                         ids=["defaults", "own-secret"])
+                                       'watchNamespaces=["team-*","b"]', "--set", "logFormat=text"),
+                                  ("--set", "highAvailability.enabled=true")],
+                         ids=["defaults", "own-secret", "high-availability"])
 def test_the_apiserver_accepts_the_render(helm: Callable[..., subprocess.CompletedProcess[str]],
                                           cluster: ClusterEnv, namespace: str, args: tuple[str, ...]) -> None:
     """A server-side dry run: admission and the real schemas of every kind, CRDs included. The

@@ -61,6 +61,7 @@ def operator(cluster: ClusterEnv, installed: None,
     kubeconfig = service_account_kubeconfig(_kubectl(cluster), Path(cluster.kubeconfig), directory / "kubeconfig")
     process = OperatorProcess(kubeconfig, cluster.redis_url, directory, env={
         "KUBELM_PROGRESS_INTERVAL_SECONDS": "1", "KUBELM_AUTOSCALE_INTERVAL_SECONDS": "1",
+        "KUBELM_RESYNC_INTERVAL_SECONDS": "20",
         "KUBELM_RUNTIME_IMAGE": "kubelm/runtime:test", "KUBELM_AMQP_URL": cluster.amqp_url,
         "KUBELM_RABBITMQ_API_URL": cluster.rabbitmq_api_url})
     process.start()

@@ -53,7 +53,7 @@ def test_gpu_sample_gives_this_indexed_job() -> None:
                 {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
             "template": {
-                "metadata": {"labels": LABELS, "annotations": {"kubelm.io/config-digest": "d9faf74ae0cefac3"}},
+                "metadata": {"labels": LABELS, "annotations": {"kubelm.io/config-digest": "19ee805f7b681455"}},
                 "spec": {
                     "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
@@ -114,7 +114,8 @@ def test_gpu_sample_gives_this_configuration_secret_and_service() -> None:
     assert config_map["metadata"] == {"name": "gpt2-chat-gpu-train", **meta}
     assert yaml.safe_load(config_map["data"]["train.json"]) == {
         "jobId": "team-a/gpt2-chat-gpu",
-        "outputDir": "/mnt/kubelm/volumes/gpt2-chat-checkpoints/kubelm/team-a/gpt2-chat-gpu",
+        "incarnation": "uid-1",
+        "outputDir": "/mnt/kubelm/volumes/gpt2-chat-checkpoints/kubelm/team-a/gpt2-chat-gpu/uid-1",
         "baseModel": {"hub": {"id": "openai-community/gpt2-medium", "revision": "main"}},
         "dataset": {"train": "pvc://datasets/chat/train.jsonl", "validation": "pvc://datasets/chat/valid.jsonl",
                     "format": "jsonl", "textField": "content"},
@@ -156,6 +157,18 @@ def test_ephemeral_storage_without_redis() -> None:
     assert {"name": "output", "mountPath": "/var/lib/kubelm/job"} in container["volumeMounts"]
     config = yaml.safe_load(children["ConfigMap"]["data"]["train.json"])
     assert config["outputDir"] == "/var/lib/kubelm/job" and config["device"] == "cpu"
+    assert config["incarnation"] == "uid-1"
+
+
+def test_a_job_created_again_under_its_name_gets_its_own_output_directory() -> None:
+    """Same name, same claim, new uid: a fresh folder, so the old object's checkpoints are never resumed."""
+    spec = parse_trainingjob({"baseModel": {"uri": "/m"}, "dataset": {"train": "/d"},
+                              "storage": {"type": "pvc", "claimName": "shared"}})
+    configs = [build.training_config(Owner("TrainingJob", "team-a", "tuned", uid), spec, None, 10)
+               for uid in ("uid-1", "uid-2")]
+    assert [(c["jobId"], c["incarnation"], c["outputDir"]) for c in configs] == [
+        ("team-a/tuned", "uid-1", "/mnt/kubelm/volumes/shared/kubelm/team-a/tuned/uid-1"),
+        ("team-a/tuned", "uid-2", "/mnt/kubelm/volumes/shared/kubelm/team-a/tuned/uid-2")]
 
 
 def test_training_job_ref_becomes_the_artifact() -> None:
@@ -188,5 +201,6 @@ def test_runtime_reads_the_rendered_configuration(sample: Any, tmp_path: Path) -
     assert config.checkpointing == spec.checkpointing
     assert (config.publish.artifact_cache, config.publish.name) == (spec.publish.artifact_cache, spec.publish.name)
     assert config.job_id == "team-a/gpt2-chat-gpu"
+    assert config.incarnation == "uid-1"
     assert config.base_model.hub == spec.base_model.hub
     assert config.device == ("cuda" if spec.resources.gpus else "cpu")

@@ -28,7 +28,23 @@ def test_every_setting_is_read() -> None:
         watch_client_timeout_seconds=90, request_timeout_seconds=5.0, peering="kubelm")
 
 
+def test_leader_election_settings() -> None:
+    config = from_environ({"KUBELM_LEADER_ELECTION": "True", "KUBELM_LEASE_NAME": "ops",
+                           "KUBELM_LEASE_DURATION_SECONDS": "9", "KUBELM_LEASE_RENEW_SECONDS": "1.5",
+                           "POD_NAME": "kubelm-operator-5f-x", "POD_NAMESPACE": "kubelm-system"})
+    assert config == OperatorConfig(leader_election=True, lease_name="ops", lease_duration_seconds=9,
+                                    lease_renew_seconds=1.5, pod_name="kubelm-operator-5f-x",
+                                    lease_namespace="kubelm-system")
+    assert from_environ({"KUBELM_LEADER_ELECTION": "false"}) == OperatorConfig()
+
+
 @pytest.mark.parametrize(("environ", "message"), [
+    ({"KUBELM_LEADER_ELECTION": "yes"}, "KUBELM_LEADER_ELECTION='yes': expected true or false"),
+    ({"KUBELM_LEADER_ELECTION": "true", "KUBELM_PEERING": "kubelm"},
+     "KUBELM_PEERING and KUBELM_LEADER_ELECTION=true exclude each other"),
+    ({"KUBELM_LEASE_DURATION_SECONDS": "5"},
+     "KUBELM_LEASE_RENEW_SECONDS=2 must be at most a third of KUBELM_LEASE_DURATION_SECONDS=5"),
+    ({"KUBELM_LEASE_RENEW_SECONDS": "0"}, "KUBELM_LEASE_RENEW_SECONDS must be more than 0"),
     ({"KUBELM_LOG_FORMAT": "xml"}, "KUBELM_LOG_FORMAT='xml': expected text or json"),
     ({"KUBELM_METRICS_PORT": "eighty"}, "KUBELM_METRICS_PORT='eighty' is not a number"),
     ({"KUBELM_PROGRESS_INTERVAL_SECONDS": "-1"}, "must not be negative"),
@@ -46,6 +62,17 @@ def test_operator_refuses_to_start_on_a_bad_setting(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("KUBELM_HEALTH_PORT", "not-a-port")
     assert main() == 2
     assert "kubelm-operator: KUBELM_HEALTH_PORT='not-a-port' is not a number" in capsys.readouterr().err
+
+
+def test_leader_election_outside_a_pod_needs_the_namespace(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from kubelm_operator import main
+
+    monkeypatch.setattr(main, "SERVICE_ACCOUNT_NAMESPACE", main.Path("/nonexistent/namespace"))
+    monkeypatch.setenv("KUBELM_LEADER_ELECTION", "true")
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    assert main.main() == 2
+    assert "KUBELM_LEADER_ELECTION=true needs the operator's namespace: set POD_NAMESPACE" in capsys.readouterr().err
 
 
 def test_kopf_run_module_registers_the_same_handlers_on_kopfs_registry() -> None:

@@ -72,6 +72,7 @@ def test_cpu_sample_gives_this_worker_deployment() -> None:
             "selector": {"matchLabels": {"app.kubernetes.io/instance": "gpt2",
                                          "app.kubernetes.io/component": "serving-worker",
                                          "kubelm.io/languagemodel": "gpt2"}},
+            "replicas": 1,
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": worker_labels, "annotations": {"kubelm.io/config-digest": "efcb260377b44220"}},
@@ -125,15 +126,47 @@ def test_gateway_with_a_bearer_token_and_its_service() -> None:
     assert build.endpoint(OWNER) == "http://gpt2-gateway.team-a.svc:8080/v1"
 
 
-@pytest.mark.parametrize(("autoscaling", "suspend", "replicas"), [
-    ({"engine": "builtin"}, False, None), ({"engine": "keda"}, False, None),
-    ({"engine": "none", "minReplicas": 3}, False, 3), ({"engine": "none", "minReplicas": 3}, True, 0),
+@pytest.mark.parametrize(("autoscaling", "suspend", "current", "replicas"), [
+    # A new builtin Deployment starts at minReplicas (not the API's default of 1: a GPU pod for nothing)...
+    ({"engine": "builtin", "minReplicas": 0}, False, None, 0), ({"engine": "builtin"}, False, None, 1),
+    # ...and later keeps what the autoscaler decided, so an apply never undoes a scaling.
+    ({"engine": "builtin", "minReplicas": 0}, False, 3, 3),
+    ({"engine": "keda"}, False, None, None), ({"engine": "keda"}, False, 2, None),
+    ({"engine": "none", "minReplicas": 3}, False, 1, 3), ({"engine": "none", "minReplicas": 3}, True, None, 0),
 ])
-def test_replicas_are_set_only_when_nothing_else_scales(autoscaling: dict[str, Any], suspend: bool,
-                                                         replicas: int | None) -> None:
-    worker = _children({"model": {"hub": {"id": "gpt2"}}, "autoscaling": autoscaling,
-                        "suspend": suspend})["Deployment/gpt2-worker"]
+def test_replicas_as_the_scaler_of_the_engine_has_them(autoscaling: dict[str, Any], suspend: bool,
+                                                        current: int | None, replicas: int | None) -> None:
+    objects = build.children(OWNER, parse_languagemodel({"model": {"hub": {"id": "gpt2"}}, "autoscaling": autoscaling,
+                                                         "suspend": suspend}),
+                             image=IMAGE, model_source=HUB, amqp_url="amqp://rabbitmq", redis_url=None,
+                             worker_replicas=current)
+    worker = next(o for o in objects if o["metadata"]["name"] == "gpt2-worker" and o["kind"] == "Deployment")
     assert worker["spec"].get("replicas") == replicas
+
+
+def test_suspend_scales_the_gateway_to_zero_and_pauses_keda() -> None:
+    children = _children({"model": {"hub": {"id": "gpt2"}}, "suspend": True, "gateway": {"replicas": 2},
+                          "autoscaling": {"engine": "keda", "minReplicas": 1, "maxReplicas": 4}})
+    assert children["Deployment/gpt2-gateway"]["spec"]["replicas"] == 0
+    scaled = children["ScaledObject/gpt2-worker"]
+    # KEDA refuses a maximum of 0: its own pause annotation holds the workers at zero instead.
+    assert scaled["metadata"]["annotations"] == {"autoscaling.keda.sh/paused-replicas": "0"}
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 4)
+    running = _children({"model": {"hub": {"id": "gpt2"}}, "autoscaling": {"engine": "keda"}})
+    assert "annotations" not in running["ScaledObject/gpt2-worker"]["metadata"]
+
+
+def test_gpu_workers_roll_one_pod_down_first() -> None:
+    gpu = _children({"model": {"hub": {"id": "gpt2"}}, "resources": {"gpus": 1}})["Deployment/gpt2-worker"]
+    assert gpu["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 1}
+
+
+def test_every_child_a_spec_may_omit_is_a_prune_candidate() -> None:
+    """What a spec renders or not (gateway, KEDA) is listed, and nothing that is always rendered."""
+    candidates = {f"{kind}/{name}" for _, kind, name in build.owned_kinds(OWNER)}
+    everything = set(_children({"model": {"hub": {"id": "gpt2"}}, "autoscaling": {"engine": "keda"}}))
+    minimal = set(_children({"model": {"hub": {"id": "gpt2"}}, "gateway": {"enabled": False}}))
+    assert candidates == everything - minimal
 
 
 @pytest.mark.parametrize(("backend", "url", "passed"), [("memcached", "memcached://cache:11211", True),

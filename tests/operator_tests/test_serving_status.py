@@ -138,3 +138,49 @@ def test_a_cache_asked_of_memcached_without_one_degrades_and_says_so() -> None:
     problem = status.cache_backend_problem(True, "memcached", False)
     s = status.compute({}, _obs(workers=_workers(1, 1), cache_problem=problem), T0)
     assert s["phase"] == "Degraded" and _conditions(s)["CacheReady"] == ("False", "MemcachedNotConfigured")
+
+
+def _rolling(**kwargs: Any) -> status.ObservedDeployment:
+    base: dict[str, Any] = {"name": "m-worker", "replicas": 1, "ready": 1, "updated": 1, "available": 1,
+                            "current": 1, "observed_generation": 3, "applied_generation": 3}
+    return status.ObservedDeployment(**{**base, **kwargs})
+
+
+def test_ready_only_once_the_new_revision_serves() -> None:
+    """Old pods answering with old weights while the status shows the new source is not Ready."""
+    # The controller has not acted on the operator's latest apply yet: its figures are the old revision's.
+    lagging = status.compute({}, _obs(workers=_rolling(observed_generation=2)), T0)
+    # A new pod is up beside the old one (maxSurge): two pods, one of them updated.
+    surging = status.compute({}, _obs(workers=_rolling(current=2, ready=2, updated=1, available=2)), T0)
+    for s in (lagging, surging):
+        assert (s["phase"], _conditions(s)["Ready"], _conditions(s)["Reconciling"][0]) == \
+            ("Loading", ("False", "RollingOut"), "True")
+    done = status.compute({}, _obs(workers=_rolling()), T0)
+    assert _conditions(done)["Ready"] == ("True", "WorkersReady")
+    # The autoscaler's writes move the generation too, but only the operator's applies are waited for.
+    scaled = status.compute({}, _obs(workers=_rolling(observed_generation=2, applied_generation=1)), T0)
+    assert _conditions(scaled)["Ready"] == ("True", "WorkersReady")
+
+
+def test_the_gateway_must_have_rolled_out_too() -> None:
+    gateway = _rolling(name="m-gateway", current=2, updated=1, ready=2)
+    s = status.compute({}, _obs(workers=_rolling(), gateway=gateway), T0)
+    assert (s["phase"], _conditions(s)["Ready"]) == ("Loading", ("False", "GatewayRollingOut"))
+
+
+def test_a_missing_auth_secret_is_named_instead_of_waiting_for_the_gateway() -> None:
+    problem = status.Problem("AuthSecretNotFound", "spec.gateway.authSecretRef: Secret 'key' not found",
+                             degrades=True)
+    s = status.compute({}, _obs(workers=_workers(1, 1), gateway=status.ObservedDeployment("m-gateway", 1),
+                                gateway_problem=problem), T0)
+    assert (s["phase"], _conditions(s)["Ready"], _conditions(s)["Stalled"]) == (
+        "Degraded", ("False", "AuthSecretNotFound"), ("True", "AuthSecretNotFound"))
+    assert "Secret 'key' not found" in s["conditions"][0]["message"]
+
+
+def test_a_warning_keeps_the_phase_and_is_said_in_its_condition() -> None:
+    gone = status.Problem("TrainingJobGone", "spec.model.trainingJobRef: TrainingJob 'tj' not found; serving "
+                                             "artifact://ns/tj@2", stalled=False, warning=True)
+    s = status.compute({}, _obs(workers=_workers(1, 1), model_problem=gone), T0)
+    assert (s["phase"], _conditions(s)["Ready"], _conditions(s)["ModelReady"]) == (
+        "Ready", ("True", "WorkersReady"), ("True", "TrainingJobGone"))

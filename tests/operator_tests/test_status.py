@@ -91,7 +91,8 @@ def test_success_publishes_the_artifact_and_keeps_transition_times() -> None:
 
 
 def test_model_left_on_a_claim_is_reported_as_a_pvc_uri() -> None:
-    assert status.artifact_uri("/mnt/kubelm/volumes/ckpt/kubelm/ns/j/model") == "pvc://ckpt/kubelm/ns/j/model"
+    assert status.artifact_uri("/mnt/kubelm/volumes/ckpt/kubelm/ns/j/uid-1/model") == \
+        "pvc://ckpt/kubelm/ns/j/uid-1/model"
     assert status.artifact_uri("/var/lib/kubelm/job/model") == "/var/lib/kubelm/job/model"
 
 
@@ -161,3 +162,41 @@ def test_a_retry_after_a_failed_pod_is_counted() -> None:
 def test_finished_job_whose_job_was_removed_keeps_its_record() -> None:
     old = {"phase": "Succeeded", "artifact": {"uri": "artifact://a@1"}, "conditions": [], "observedGeneration": 1}
     assert status.compute(old, _obs(generation=2), T1) == {**old, "observedGeneration": 2}
+
+
+STALE = {"phase": "Succeeded", "step": 200, "totalSteps": 200, "loss": 0.5, "percent": 100.0,
+         "artifact": {"uri": "artifact://team-a/tiny@4", "version": 4}, "incarnation": "uid-old"}
+"""What an earlier TrainingJob of the same name left in its progress key."""
+
+
+def test_progress_of_another_incarnation_is_ignored() -> None:
+    assert status.own_progress(STALE, "uid-new") is None
+    assert status.own_progress(STALE, "uid-old") is STALE
+    unstamped = {k: v for k, v in STALE.items() if k != "incarnation"}
+    assert status.own_progress(unstamped, "uid-new") is unstamped  # a trainer that predates the stamp
+    assert status.own_progress(STALE, None) is STALE
+    assert status.own_progress(None, "uid-new") is None
+
+
+def test_a_job_created_again_does_not_take_its_predecessors_progress_or_artifact() -> None:
+    running = status.compute({}, _obs(job=_job(active=1, startTime=T0), pods=[_pod(phase="Running")],
+                                      progress=STALE, uid="uid-new"), T0)
+    assert running["phase"] == "Running" and "progress" not in running and "artifact" not in running
+    complete = _job(succeeded=1, startTime=T0, completionTime=T1,
+                    conditions=[{"type": "Complete", "status": "True", "lastTransitionTime": T1}])
+    done = status.compute(running, _obs(job=complete, pods=[_pod(phase="Succeeded")], progress=STALE,
+                                        uid="uid-new"), T1)
+    assert "artifact" not in done and _conditions(done)["Ready"] == ("False", "ArtifactUnknown")
+    own = status.compute(running, _obs(job=complete, pods=[_pod(phase="Succeeded")],
+                                       progress={**STALE, "incarnation": "uid-new"}, uid="uid-new"), T1)
+    assert own["artifact"] == {"uri": "artifact://team-a/tiny@4", "version": 4}
+    assert _conditions(own)["Ready"] == ("True", "ArtifactPublished")
+
+
+def test_a_failure_does_not_quote_another_incarnations_trainer() -> None:
+    job = _job(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                      "message": "Job has reached the specified backoff limit"}])
+    progress = {"phase": "Failed", "message": "RuntimeError: the old run's error", "incarnation": "uid-old"}
+    s = status.compute({}, _obs(job=job, progress=progress, uid="uid-new"), T1)
+    assert find(s["conditions"], "Stalled")["message"] == \
+        "BackoffLimitExceeded: Job has reached the specified backoff limit"  # type: ignore[index]

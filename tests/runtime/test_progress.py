@@ -30,3 +30,12 @@ def test_reporter_survives_an_outage_and_recovers(private_redis: RedisServer) ->
 
 def test_without_redis_nothing_is_sent() -> None:
     assert not ProgressReporter(None, "ns/job").report({"step": 1}, force=True)
+
+
+def test_reports_carry_the_incarnation_when_there_is_one(private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.url)
+    assert ProgressReporter(private_redis.url, "ns/job", min_interval=0, incarnation="uid-1").report(
+        {"step": 1, "incarnation": "forged"})
+    assert store.get_json(keys.progress("ns/job"))["incarnation"] == "uid-1"
+    assert ProgressReporter(private_redis.url, "ns/other", min_interval=0).report({"step": 1})
+    assert "incarnation" not in store.get_json(keys.progress("ns/other"))

@@ -232,6 +232,7 @@ def test_a_publish_that_never_succeeds_exits_1_and_keeps_the_model(
     ({"baseModel": {"uri": "/m", "hub": {"id": "gpt2"}}}, "baseModel: needs exactly one of hub, uri or artifact"),
     ({"dataset": {"train": "/nonexistent/train.txt"}}, "dataset file /nonexistent/train.txt does not exist"),
     ({"jobId": "no-namespace"}, "jobId must be <namespace>/<name>"),
+    ({"incarnation": ""}, "incarnation must not be empty"),
     ({"hyperparameters": {"maxLength": 4}}, "maxLength must be in [8, 131072]"),
 ])
 def test_invalid_configuration_fails_fast(tmp_path: Path, tiny_model: Path, corpus: dict[str, Path],

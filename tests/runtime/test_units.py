@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +98,7 @@ def _trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.
 def test_checkpoints_restore_optimizer_and_scheduler_state(tmp_path: Path) -> None:
     model, optimizer, scheduler = _trained(5)
     saved = checkpoint.save(tmp_path, 5, model, optimizer, scheduler, None, [checkpoint.rng_state()],
-                            {"global_step": 5}, keep=2)
+                            {"global_step": 5}, keep=2, incarnation="uid-1")
     fresh = torch.nn.Linear(3, 3)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda s: 1.0 / (1 + s))
@@ -115,18 +117,68 @@ def test_a_checkpoint_interrupted_mid_write_is_never_listed_and_old_ones_are_pru
     model, optimizer, scheduler = _trained(1)
     for step in (5, 10, 15):
         checkpoint.save(tmp_path, step, model, optimizer, scheduler, None, [checkpoint.rng_state()],
-                        {"global_step": step}, keep=2)
+                        {"global_step": step}, keep=2, incarnation=None)
     with pytest.raises(RuntimeError, match="halfway"):  # the weights are written, the rest is not
         checkpoint.save(tmp_path, 20, model, optimizer, scheduler, _FailingScaler(), [], {"global_step": 20},
-                        keep=2)
+                        keep=2, incarnation=None)
     # The failed write left nothing behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000015"]
     (tmp_path / ".step-00000020.tmp-killed").mkdir()  # what a process killed mid-write leaves behind
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010", "step-00000015"]
     latest = checkpoint.latest(tmp_path)
     assert latest is not None and latest.name == "step-00000015"
-    checkpoint.save(tmp_path, 25, model, optimizer, scheduler, None, [], {"global_step": 25}, keep=2)
+    checkpoint.save(tmp_path, 25, model, optimizer, scheduler, None, [], {"global_step": 25}, keep=2,
+                    incarnation=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000015", "step-00000025"]  # leftovers gone
+
+
+def test_a_checkpoint_is_stamped_and_the_stamp_stays_out_of_the_trainer_state(tmp_path: Path) -> None:
+    model, optimizer, scheduler = _trained(1)
+    stamped = checkpoint.save(tmp_path, 5, model, optimizer, scheduler, None, [checkpoint.rng_state()],
+                              {"global_step": 5, "incarnation": "stale"}, keep=2, incarnation="uid-1")
+    assert json.loads((stamped / checkpoint.STATE_FILE).read_text()) == {"global_step": 5, "incarnation": "uid-1"}
+    assert checkpoint.stamp(stamped) == "uid-1"
+    state, _ = checkpoint.load(stamped, model, optimizer, scheduler, None)
+    assert state == {"global_step": 5}
+    unstamped = checkpoint.save(tmp_path, 10, model, optimizer, scheduler, None, [checkpoint.rng_state()],
+                                {"global_step": 10}, keep=2, incarnation=None)
+    assert json.loads((unstamped / checkpoint.STATE_FILE).read_text()) == {"global_step": 10}
+    assert checkpoint.stamp(unstamped) is None
+
+
+@pytest.mark.parametrize(("ours", "foreign", "folder"), [
+    ("uid-new", "uid-old", "uid-old"),
+    ("uid-new", None, "unstamped"),  # an older runtime's: nothing shows it was this run's
+    (None, "uid-old", "uid-old"),  # a run by hand does not resume an operator's run
+    ("uid-new", "../../x y", "______x_y"),  # the stamp names a folder, never a path
+])
+def test_checkpoints_of_another_incarnation_are_moved_aside_and_never_pruned_over_ours(
+        tmp_path: Path, ours: str | None, foreign: str | None, folder: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    model, optimizer, scheduler = _trained(1)
+    directory = tmp_path / "checkpoints"
+
+    def save(step: int, incarnation: str | None, keep: int = 2) -> None:
+        checkpoint.save(directory, step, model, optimizer, scheduler, None, [], {"global_step": step}, keep=keep,
+                        incarnation=incarnation)
+
+    save(5, ours, keep=3)  # this run's own, from before a restart
+    for step in (90, 100):  # the other run got further than this one will
+        save(step, foreign, keep=3)
+    with caplog.at_level(logging.WARNING, logger="kubelm_runtime"):
+        moved = checkpoint.set_aside_foreign(directory, ours)
+    aside = tmp_path / "foreign-checkpoints" / folder
+    assert moved == [aside / "step-00000090", aside / "step-00000100"]
+    assert all(checkpoint.stamp(path) == foreign for path in moved)
+    assert [p.name for p in checkpoint.list_checkpoints(directory)] == ["step-00000005"]
+    found = f"belongs to incarnation {foreign!r}" if foreign else "has no incarnation stamp"
+    this = f"this run has incarnation {ours!r}" if ours else "this run has no incarnation"
+    assert f"checkpoint step-00000100 {found}, {this}: not resuming from it, moved to {aside}" in caplog.text
+    save(10, ours)
+    save(15, ours)
+    assert [p.name for p in checkpoint.list_checkpoints(directory)] == ["step-00000010", "step-00000015"]
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000090", "step-00000100"]  # kept, not deleted
+    assert checkpoint.set_aside_foreign(directory, ours) == []
 
 
 def test_world_from_env() -> None:

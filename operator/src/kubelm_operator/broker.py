@@ -175,7 +175,10 @@ class Broker:
             return None
 
     async def delete(self, namespace: str, model: str) -> None:
-        """Removes the model's queues, with any messages left in them."""
+        """Removes the model's queues, with any messages left in them. Without a RabbitMQ URL no queue was
+        ever declared: nothing to remove."""
+        if not self.amqp_url:
+            return
         def work(channel: Any) -> None:
             channel.queue_delete(queues.request_queue(namespace, model))
             channel.queue_delete(queues.dead_letter_queue(namespace, model))

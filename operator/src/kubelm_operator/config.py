@@ -36,7 +36,22 @@ class OperatorConfig:
     watch_server_timeout_seconds: int = 300
     watch_client_timeout_seconds: int = 330
     request_timeout_seconds: float = 30.0
+    resync_seconds: float = 300.0
+    """Children are applied again at least this often (jittered), which reverts hand edits of what the
+    operator owns."""
+    cleanup_timeout_seconds: float = 900.0
+    """A finalizer that cannot clean external state for this long after deletion gives up (0: never)."""
     peering: str | None = None
+    """Deprecated: kopf peering; leader election replaces it."""
+    leader_election: bool = False
+    """Act only while holding the Lease `lease_name` in `lease_namespace` (docs/operator.md, "Two replicas")."""
+    lease_name: str = "kubelm-operator"
+    lease_namespace: str | None = None
+    """The pod's namespace when the Deployment passes it; else the service account's namespace."""
+    lease_duration_seconds: int = 15
+    lease_renew_seconds: float = 2.0
+    pod_name: str | None = None
+    """The Lease's holder identity when set; else host name and process id."""
 
 
 def _number(environ: Mapping[str, str], name: str, default: float, cast: type = float) -> float:
@@ -52,6 +67,30 @@ def _number(environ: Mapping[str, str], name: str, default: float, cast: type = 
     return value
 
 
+def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(environ, name, default)
+    if value == 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        raise ConfigError(f"{name}={raw!r}: expected true or false")
+    return raw == "true"
+
+
+def _lease(environ: Mapping[str, str]) -> tuple[int, float]:
+    duration = int(_number(environ, env.LEASE_DURATION, 15, int))
+    renew = _positive(environ, env.LEASE_RENEW, 2.0)
+    # The holder steps down after two thirds of the duration without a renewal: room for two tries at least.
+    if duration < 1 or renew * 3 > duration:
+        raise ConfigError(f"{env.LEASE_RENEW}={renew:g} must be at most a third of "
+                          f"{env.LEASE_DURATION}={duration}")
+    return duration, renew
+
+
 def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
     log_format = environ.get(env.LOG_FORMAT, "text").strip() or "text"
     if log_format not in ("text", "json"):
@@ -61,6 +100,11 @@ def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
     for name, value in ((env.PROGRESS_INTERVAL, interval), (env.AUTOSCALE_INTERVAL, autoscale)):
         if value == 0:
             raise ConfigError(f"{name} must be more than 0")
+    leader_election = _flag(environ, env.LEADER_ELECTION)
+    peering = environ.get(env.PEERING, "").strip() or None
+    if leader_election and peering:
+        raise ConfigError(f"{env.PEERING} and {env.LEADER_ELECTION}=true exclude each other: unset {env.PEERING}")
+    lease_duration, lease_renew = _lease(environ)
     return OperatorConfig(
         runtime_image=environ.get(env.RUNTIME_IMAGE, "").strip() or DEFAULT_RUNTIME_IMAGE,
         redis_url=environ.get(env.REDIS_URL) or None,
@@ -77,5 +121,13 @@ def from_environ(environ: Mapping[str, str]) -> OperatorConfig:
         watch_server_timeout_seconds=int(_number(environ, env.WATCH_SERVER_TIMEOUT, 300, int)),
         watch_client_timeout_seconds=int(_number(environ, env.WATCH_CLIENT_TIMEOUT, 330, int)),
         request_timeout_seconds=_number(environ, env.REQUEST_TIMEOUT, 30.0),
-        peering=environ.get(env.PEERING, "").strip() or None,
+        resync_seconds=_positive(environ, env.RESYNC_INTERVAL, 300.0),
+        cleanup_timeout_seconds=_number(environ, env.CLEANUP_TIMEOUT, 900.0),
+        peering=peering,
+        leader_election=leader_election,
+        lease_name=environ.get(env.LEASE_NAME, "").strip() or "kubelm-operator",
+        lease_namespace=environ.get(env.POD_NAMESPACE, "").strip() or None,
+        lease_duration_seconds=lease_duration,
+        lease_renew_seconds=lease_renew,
+        pod_name=environ.get(env.POD_NAME, "").strip() or None,
     )

@@ -22,6 +22,7 @@ import aiohttp
 import kopf
 
 from .config import FIELD_MANAGER
+from .status.observed import controller_uid
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentications",
     ("kubelm.io/v1alpha1", "TrainingJob"): "trainingjobs",
     ("kubelm.io/v1alpha1", "LanguageModel"): "languagemodels",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
 }
 
 
@@ -169,10 +171,13 @@ class Kube:
             self._session = None
 
     async def request(self, method: str, url_path: str, body: Any = None, *,
-                      content_type: str = "application/json", params: dict[str, str] | None = None) -> Any:
+                      content_type: str = "application/json", params: dict[str, str] | None = None,
+                      accept: str | None = None) -> Any:
         for attempt in (1, 2):
             session = await self._open(renew=attempt == 2)
             headers = dict(session.headers)
+            if accept:
+                headers["Accept"] = accept
             data = None
             if body is not None:
                 headers["Content-Type"] = content_type
@@ -211,6 +216,12 @@ class Kube:
                 return None
             raise
 
+    async def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Replaces `obj` whole; with metadata.resourceVersion set, a 409 (ApiError.conflict) says someone
+        else wrote it since it was read."""
+        return await self.request(  # type: ignore[no-any-return]
+            "PUT", path_of(obj), obj, params={"fieldManager": FIELD_MANAGER})
+
     async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str,
                           patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request(  # type: ignore[no-any-return]
@@ -222,6 +233,42 @@ class Kube:
         await self.request("PATCH", path(api_version, kind, namespace, name, "scale"),
                            {"spec": {"replicas": replicas}}, content_type="application/merge-patch+json",
                            params={"fieldManager": FIELD_MANAGER + "-autoscaler"})
+
+    async def delete_owned(self, api_version: str, kind: str, namespace: str, name: str, owner_uid: str) -> bool:
+        """Deletes the object when its controller is `owner_uid` (never one another owner or a person made);
+        True when a deletion was sent. The uid precondition keeps a same-named newer object safe."""
+        try:
+            found = await self.get(api_version, kind, namespace, name)
+        except ApiError as e:
+            if e.not_found:  # the kind is not served (KEDA not installed)
+                return False
+            raise
+        if found is None or controller_uid(found) != owner_uid:
+            return False
+        try:
+            await self.request("DELETE", path(api_version, kind, namespace, name),
+                               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                                "preconditions": {"uid": found["metadata"]["uid"]}})
+        except ApiError as e:
+            if e.not_found or e.conflict:  # gone already, or replaced by another object of that name
+                return False
+            raise
+        return True
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        found = await self.request("GET", path(api_version, kind, namespace), params={"labelSelector": label_selector})
+        return list((found or {}).get("items") or [])
+
+    async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Whether the object exists, asked for its metadata only (a Secret's data never reaches the operator)."""
+        try:
+            await self.request("GET", path(api_version, kind, namespace, name),
+                               accept="application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1")
+        except ApiError as e:
+            if e.not_found:
+                return False
+            raise
+        return True
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

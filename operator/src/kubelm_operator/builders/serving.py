@@ -27,6 +27,7 @@ DRAIN_SECONDS = 120
 AMQP_URL_KEY, REDIS_URL_KEY, RABBITMQ_API_URL_KEY = "amqp-url", "redis-url", "rabbitmq-api-url"
 MEMCACHED_URL_KEY = "memcached-url"
 KEDA_POLLING_SECONDS = 5
+KEDA_PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
 SELECTOR_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/component", "kubelm.io/languagemodel")
 """Labels that pick one model's workers or gateway; immutable in a Deployment's selector, so never more."""
 
@@ -145,12 +146,11 @@ def _pod(owner: Owner, component: str, container: dict[str, Any], volumes: list[
 
 
 def _deployment(owner: Owner, name: str, component: str, template: dict[str, Any],
-                replicas: int | None) -> dict[str, Any]:
+                replicas: int | None, max_unavailable: int = 0) -> dict[str, Any]:
     selector = {k: v for k, v in template["metadata"]["labels"].items() if k in SELECTOR_LABELS}
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
-        # Never below the ready count during a rollout: a new pod must be ready before an old one drains.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": 1}},
         "template": template,
     }
     if replicas is not None:
@@ -159,10 +159,20 @@ def _deployment(owner: Owner, name: str, component: str, template: dict[str, Any
             "spec": deployment_spec}
 
 
+def worker_replicas(spec: LanguageModelSpec, current: int | None) -> int | None:
+    """The workers' replicas as applied: the count set by hand (engine none); for the builtin autoscaler the
+    count it decided last (`current`), or minReplicas for a new Deployment, which would otherwise start one
+    pod (a GPU scheduled for nothing when minReplicas is 0); left to KEDA's HPA with engine keda."""
+    engine = spec.autoscaling.engine
+    if engine == "none" or (engine == "builtin" and current is None):
+        return 0 if spec.suspend else spec.autoscaling.min_replicas
+    return current if engine == "builtin" else None
+
+
 def worker_deployment(owner: Owner, spec: LanguageModelSpec, image: str, model_source: dict[str, Any],
-                      config_digest: str, with_redis: bool, with_memcached: bool = False) -> dict[str, Any]:
-    """Inference workers on the model's queue. Replicas are left to the autoscaler (builtin: the operator,
-    keda: an HPA) and set here only with engine none."""
+                      config_digest: str, with_redis: bool, with_memcached: bool = False,
+                      current_replicas: int | None = None) -> dict[str, Any]:
+    """Inference workers on the model's queue (replicas: `worker_replicas`)."""
     resources: dict[str, str] = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
     if spec.resources.gpus > 0:
         resources["nvidia.com/gpu"] = str(spec.resources.gpus)
@@ -198,11 +208,11 @@ def worker_deployment(owner: Owner, spec: LanguageModelSpec, image: str, model_s
         "securityContext": container_security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    replicas = None
-    if spec.autoscaling.engine == "none":
-        replicas = 0 if spec.suspend else spec.autoscaling.min_replicas
     template = _pod(owner, WORKER, container, volumes, spec, config_digest, DRAIN_SECONDS)
-    return _deployment(owner, n.worker, WORKER, template, replicas)
+    # Never below the ready count during a CPU rollout: a new pod must be ready before an old one drains. A GPU
+    # pool is often full, so there the old pod goes first (one at a time) or the rollout never starts.
+    return _deployment(owner, n.worker, WORKER, template, worker_replicas(spec, current_replicas),
+                       max_unavailable=1 if spec.resources.gpus > 0 else 0)
 
 
 def gateway_deployment(owner: Owner, spec: LanguageModelSpec, image: str, config_digest: str,
@@ -229,7 +239,7 @@ def gateway_deployment(owner: Owner, spec: LanguageModelSpec, image: str, config
         "securityContext": container_security_context(),
     }
     template = _pod(owner, GATEWAY, container, volumes, spec, config_digest, 30)
-    return _deployment(owner, n.gateway, GATEWAY, template, spec.gateway.replicas)
+    return _deployment(owner, n.gateway, GATEWAY, template, 0 if spec.suspend else spec.gateway.replicas)
 
 
 def gateway_service(owner: Owner, spec: LanguageModelSpec) -> dict[str, Any]:
@@ -252,13 +262,16 @@ def keda_scaled_object(owner: Owner, spec: LanguageModelSpec, vhost: str) -> dic
     """KEDA scales the workers instead of the operator: the same queue length (ready and unacknowledged,
     which the scaler's HTTP mode counts), activation and bounds, and the HPA behavior windows."""
     scaling = spec.autoscaling
+    # Suspended: KEDA's own pause, which scales the target to the given count and stops scaling it; a
+    # minimum and maximum of 0 would be refused.
+    paused = {"annotations": {KEDA_PAUSED_REPLICAS: "0"}} if spec.suspend else {}
     return {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-        "metadata": metadata(owner, names(owner).worker, WORKER),
+        "metadata": metadata(owner, names(owner).worker, WORKER, **paused),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names(owner).worker},
-            "minReplicaCount": 0 if spec.suspend else scaling.min_replicas,
-            "maxReplicaCount": 0 if spec.suspend else scaling.max_replicas,
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": KEDA_POLLING_SECONDS,
             "cooldownPeriod": scaling.scale_down_stabilization_seconds,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
@@ -276,16 +289,26 @@ def keda_scaled_object(owner: Owner, spec: LanguageModelSpec, vhost: str) -> dic
     }
 
 
+def owned_kinds(owner: Owner) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every child a spec may or may not ask for: what is not rendered is pruned.
+    The configuration, Secret and workers are always rendered."""
+    n = names(owner)
+    return [("apps/v1", "Deployment", n.gateway), ("v1", "Service", n.service),
+            ("keda.sh/v1alpha1", "ScaledObject", n.worker),
+            ("keda.sh/v1alpha1", "TriggerAuthentication", child_name(owner.name, "keda"))]
+
+
 def children(owner: Owner, spec: LanguageModelSpec, *, image: str, model_source: dict[str, Any], amqp_url: str,
              redis_url: str | None, rabbitmq_api_url: str | None = None,
-             memcached_url: str | None = None) -> list[dict[str, Any]]:
+             memcached_url: str | None = None, worker_replicas: int | None = None) -> list[dict[str, Any]]:
     """Every child, in the order they must exist: what the pods mount before the Deployments."""
     serve, gateway = serve_config(owner, spec, model_source), gateway_config(owner, spec)
     keda = spec.autoscaling.engine == "keda"
     memcached = memcached_url if spec.cache.responses.backend == "memcached" else None
     objects = [config_map(owner, serve, gateway),
                connection_secret(owner, amqp_url, redis_url, rabbitmq_api_url if keda else None, memcached),
-               worker_deployment(owner, spec, image, model_source, digest(serve), bool(redis_url), bool(memcached))]
+               worker_deployment(owner, spec, image, model_source, digest(serve), bool(redis_url), bool(memcached),
+                                 worker_replicas)]
     if spec.gateway.enabled:
         objects += [gateway_deployment(owner, spec, image, digest(gateway), bool(redis_url), bool(memcached)),
                     gateway_service(owner, spec)]

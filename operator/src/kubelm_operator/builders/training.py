@@ -52,11 +52,13 @@ def storage_claim(owner: Owner, spec: TrainingJobSpec) -> str | None:
 
 
 def output_dir(owner: Owner, spec: TrainingJobSpec) -> str:
-    """On a claim, a folder per job, so one claim can hold several jobs' checkpoints."""
+    """On a claim, a folder per job, so one claim can hold several jobs' checkpoints; under it one per
+    incarnation (uid), so a job deleted and created again under the same name starts a run of its own
+    instead of resuming the old one."""
     claim = storage_claim(owner, spec)
     if claim is None:
         return training.OUTPUT_DIR
-    return posixpath.join(DEFAULT_VOLUMES_ROOT, claim, "kubelm", owner.namespace, owner.name)
+    return posixpath.join(DEFAULT_VOLUMES_ROOT, claim, "kubelm", owner.namespace, owner.name, owner.uid)
 
 
 def base_model_source(spec: TrainingJobSpec, artifact_uri: str | None) -> dict[str, Any]:
@@ -81,6 +83,7 @@ def training_config(owner: Owner, spec: TrainingJobSpec, artifact_uri: str | Non
     """The runtime's training configuration (runtime-contract.md) for this job."""
     return {
         "jobId": owner.id,
+        "incarnation": owner.uid,
         "outputDir": output_dir(owner, spec),
         "baseModel": base_model_source(spec, artifact_uri),
         "dataset": dump(spec.dataset),

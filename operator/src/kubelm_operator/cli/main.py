@@ -2,7 +2,7 @@
 
 Exit codes (docs/cli.md): 0 done (explain: Ready), 1 not Ready / training failed, 2 usage, 3 cluster
 unreachable or no kubeconfig, 4 access denied, 5 kubelm API not installed, 6 object not found,
-7 a request failed (generate: an error reply, a timeout, a refused call).
+7 a request failed (generate: an error reply, a timeout, a refused call), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import datetime
 import functools
 import json
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ from kubelm_contract import protocol, queues
 from .. import broker
 from ..builders import common, training
 from ..spec import parse_languagemodel
-from . import render, summary
+from . import interrupt, render, summary
 from .cluster import NOT_READY, REQUEST_FAILED, CliError, Cluster
 from .explain import LANGUAGE_MODEL, TRAINING_JOB, explain
 
@@ -57,13 +56,13 @@ def _errors(command: Callable[..., int | None]) -> Callable[..., None]:
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         try:
-            code = command(*args, **kwargs)
+            code = command(*args, **kwargs) or 0
         except CliError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+            code = e.exit_code
         except KeyboardInterrupt:
-            sys.exit(130)
-        sys.exit(code or 0)
+            code = interrupt.INTERRUPTED
+        interrupt.leave(code)
     return run
 
 
@@ -123,13 +122,17 @@ def status(state: State, namespace: str | None, all_namespaces: bool, output: st
     if not watch:
         console.print(screen())
         return 0
+    live = Live(screen(), console=console, auto_refresh=False)
     try:
-        with Live(screen(), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(screen(), refresh=True)
+        live.start(refresh=True)
+        while True:
+            time.sleep(interval)
+            live.update(screen(), refresh=True)
     except KeyboardInterrupt:  # the way out of --watch: not a failure
         return 0
+    finally:
+        # Not `with Live`: Ctrl-C while the first screen is written would skip its exit, cursor still hidden.
+        live.stop()
 
 
 @cli.command()
@@ -355,4 +358,5 @@ def _drain(lines: queue.Queue[str | None], timeout: float) -> Iterator[str | Non
 
 
 def main() -> None:
+    interrupt.install()
     cli()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -13,19 +14,33 @@ from ..context import Context
 from ..status import conditions
 from ..status.conditions import Transition
 
+SKIP_CLEANUP_ANNOTATION = "kubelm.io/skip-cleanup"
+"""Set to "true" on an object being deleted: its finalizer leaves queues and Redis keys as they are and goes."""
+
 
 def snapshot(body: Any, kind: str) -> dict[str, Any]:
     """A plain copy of what reconciling a custom resource needs, taken from kopf's body once."""
     meta = body["metadata"]
+    annotations = meta.get("annotations") or {}
     return {"apiVersion": API_VERSION, "kind": kind,
             "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-                         "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp")},
+                         "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp"),
+                         "annotations": {k: v for k, v in annotations.items() if k == SKIP_CLEANUP_ANNOTATION}},
             "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
 
 
-def owner_name(body: Any, kind: str) -> str | None:
-    """The name of a child's owner of `kind`, from its owner references."""
-    return next((str(r["name"]) for r in body["metadata"].get("ownerReferences") or () if r.get("kind") == kind), None)
+def cleanup_given_up(ctx: Context, body: dict[str, Any], now: datetime.datetime | None = None) -> str | None:
+    """Why the finalizer should stop trying and let the object go, or None: a person asked for it (the
+    annotation), or external state could not be cleaned for the configured time since the deletion."""
+    meta = body["metadata"]
+    if str((meta.get("annotations") or {}).get(SKIP_CLEANUP_ANNOTATION, "")).lower() == "true":
+        return f"the {SKIP_CLEANUP_ANNOTATION} annotation is set"
+    deleted, limit = meta.get("deletionTimestamp"), ctx.config.cleanup_timeout_seconds
+    if not deleted or not limit:
+        return None
+    since = datetime.datetime.fromisoformat(str(deleted).replace("Z", "+00:00"))
+    elapsed = ((now or datetime.datetime.now(datetime.UTC)) - since).total_seconds()
+    return f"cleanup did not finish within {limit:g}s of the deletion" if elapsed >= limit else None
 
 
 async def write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any],

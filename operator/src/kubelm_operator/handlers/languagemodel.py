@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -31,8 +31,8 @@ from ..kube import ApiError
 from ..spec import LanguageModelSpec, parse_languagemodel
 from ..status import conditions
 from ..status import serving as status
-from ..status.observed import ObservedPod
-from .common import cleanup_failed, owner_name, write_status
+from ..status.observed import ObservedPod, controller, controller_uid
+from .common import cleanup_failed, cleanup_given_up, write_status
 from .common import snapshot as common_snapshot
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,14 @@ class ServingState:
 
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     deployments: dict[tuple[str, str], tuple[str, status.ObservedDeployment]] = field(default_factory=dict)
+    """(namespace, name) -> (its controller's uid, the Deployment)."""
     worker_pods: dict[tuple[str, str], dict[str, ObservedPod]] = field(default_factory=dict)
     """(namespace, the model's label value) -> pod name -> what its containers say."""
-    applied: dict[str, str] = field(default_factory=dict)
-    """uid -> the generation and resolved source the children were last applied for: unchanged, not sent again."""
+    applied: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """uid -> (the generation and resolved source the children were last applied for, when): unchanged, they
+    are sent again only after the resync interval, or when one of them is deleted."""
+    rollouts: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(namespace, Deployment name) -> the generation the last apply of it produced."""
     scaling: dict[str, tuple[autoscaling.Recommendation, ...]] = field(default_factory=dict)
     """uid -> recent recommendations, for the stabilization windows."""
     scaled: dict[str, int] = field(default_factory=dict)
@@ -70,7 +74,17 @@ def snapshot(body: Any) -> dict[str, Any]:
     return common_snapshot(body, KIND)
 
 
-async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple[
+def _pinned(old: dict[str, Any]) -> tuple[dict[str, Any], status.ModelInfo] | None:
+    """The source the status says is served, to keep serving when the TrainingJob it came from is gone."""
+    model = old.get("model") or {}
+    uri = model.get("source")
+    if not isinstance(uri, str) or not uri:
+        return None
+    source = {"artifact": uri} if uri.startswith("artifact://") else {"uri": uri}
+    return source, status.ModelInfo(uri, model.get("revision"), model.get("digest"))
+
+
+async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec, old: dict[str, Any]) -> tuple[
         dict[str, Any] | None, status.ModelInfo | None, bool, status.Problem | None]:
     """(runtime model source, what status says about it, whether the digest is known, or the problem)."""
     model = spec.model
@@ -90,6 +104,12 @@ async def _resolve(ctx: Context, owner: Owner, spec: LanguageModelSpec) -> tuple
     name, where = model.training_job_ref.name, "spec.model.trainingJobRef"
     job = await ctx.kube.get(f"{GROUP}/{VERSION}", "TrainingJob", owner.namespace, name)
     if job is None:
+        if (pinned := _pinned(old)) is not None:
+            # The artifact outlives its TrainingJob: keep serving it, and say no newer one will come.
+            return pinned[0], pinned[1], bool(pinned[1].digest), status.Problem(
+                "TrainingJobGone", f"{where}: TrainingJob {name!r} not found in namespace {owner.namespace}; "
+                                   f"serving {pinned[1].source}, no newer version will be promoted", stalled=False,
+                warning=True)
         return None, None, False, status.Problem(
             "TrainingJobNotFound", f"{where}: TrainingJob {name!r} not found in namespace {owner.namespace}")
     job_status = job.get("status") or {}
@@ -135,7 +155,7 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                                         model_problem=status.Problem("InvalidSpec", str(e)))
         await _write_status(ctx, owner, body, old, obs)
         return
-    source, model, digest_known, model_problem = await _resolve(ctx, owner, spec)
+    source, model, digest_known, model_problem = await _resolve(ctx, owner, spec, old)
     queue_problem = cache_problem = scaling_problem = None
     queue_key = digest(dataclasses.asdict(spec.queue))
     if state.declared.get(owner.uid) != queue_key:  # once per process and queue spec, not on every tick
@@ -147,8 +167,7 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
         except BrokerUnavailable as e:
             queue_problem = status.Problem("BrokerUnavailable", str(e), stalled=False)
     names = build.names(owner)
-    workers = state.deployments.get((owner.namespace, names.worker))
-    observed = workers[1] if workers else None
+    observed = _owned(state, owner, names.worker)
     if source is not None and model is not None:
         entry = registry_entry(owner, spec, model, old.get("phase") or "Pending")
         # Written when it changes, and again now and then in case Redis lost it (a restart without persistence).
@@ -161,22 +180,29 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                 cache_problem = status.Problem("RedisUnavailable", str(e), stalled=False)
         cache_problem = cache_problem or status.cache_backend_problem(
             spec.cache.responses.enabled, spec.cache.responses.backend, bool(ctx.config.memcached_url))
-        # The children depend on the spec and the resolved source only: rendered again when either changes.
+        # The children depend on the spec and the resolved source only: rendered again when either changes,
+        # when one of them was deleted, and every resync interval (a hand edit is reverted then).
         inputs = f"{generation}:{digest(source)}"
-        if state.applied.get(owner.uid) != inputs:
+        last = state.applied.get(owner.uid)
+        if last is None or last[0] != inputs or ctx.clock() - last[1] >= ctx.resync_seconds(owner.uid):
+            replicas = state.scaled.get(owner.uid, observed.replicas if observed is not None else None)
             children = build.children(owner, spec, image=ctx.config.runtime_image, model_source=source,
                                       amqp_url=ctx.config.amqp_url or "", redis_url=ctx.config.redis_url,
                                       rabbitmq_api_url=ctx.config.rabbitmq_api_url,
-                                      memcached_url=ctx.config.memcached_url)
+                                      memcached_url=ctx.config.memcached_url, worker_replicas=replicas)
             try:
                 for child in children:
                     applied = await ctx.kube.apply(child)
-                    if child["kind"] == "Deployment" and child["metadata"]["name"] == names.worker:
+                    if child["kind"] == "Deployment":
+                        key = (owner.namespace, child["metadata"]["name"])
+                        state.rollouts[key] = int(applied["metadata"].get("generation") or 0)
                         # The answer is newer than the watch: this status need not say "Creating" first,
                         # and the watch event bringing the same Deployment needs no reconciliation.
-                        observed = status.ObservedDeployment.from_body(applied)
-                        state.deployments[(owner.namespace, names.worker)] = (owner.name, observed)
-                state.applied[owner.uid] = inputs
+                        state.deployments[key] = (owner.uid, status.ObservedDeployment.from_body(applied))
+                        if key[1] == names.worker:
+                            observed = _owned(state, owner, names.worker)
+                await _prune(ctx, owner, children)
+                state.applied[owner.uid] = (inputs, ctx.clock())
             except ApiError as e:
                 if e.not_found and spec.autoscaling.engine == "keda":
                     scaling_problem = status.Problem(
@@ -192,13 +218,50 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     if queue_figures is None and queue_problem is None:
         state.declared.pop(owner.uid, None)  # gone (deleted by hand, a broker reset): declared again next time
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
-    gateway = state.deployments.get((owner.namespace, names.gateway)) if spec.gateway.enabled else None
+    gateway = _owned(state, owner, names.gateway) if spec.gateway.enabled else None
+    gateway_problem = await _gateway_problem(ctx, owner, spec, gateway)
     obs = status.ServingObservation(
         generation, spec.suspend, spec.autoscaling.min_replicas, queue_name,
         build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
-        cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling,
-        gateway[1] if gateway is not None else None)
+        cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling, gateway, gateway_problem)
     await _write_status(ctx, owner, body, old, obs)
+
+
+def _owned(state: ServingState, owner: Owner, name: str) -> status.ObservedDeployment | None:
+    """The Deployment of that name when this incarnation of the model controls it (a same-named model deleted
+    before may have left one for the garbage collector), with the generation the operator's apply made."""
+    found = state.deployments.get((owner.namespace, name))
+    if found is None or found[0] != owner.uid:
+        return None
+    return dataclasses.replace(found[1], applied_generation=state.rollouts.get((owner.namespace, name), 0))
+
+
+async def _prune(ctx: Context, owner: Owner, children: list[dict[str, Any]]) -> None:
+    """Deletes what this model owns and the spec no longer asks for (a gateway disabled, KEDA's objects after
+    a change of autoscaling engine): only objects whose controller is this very model."""
+    rendered = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
+    for api_version, kind, name in build.owned_kinds(owner):
+        if (api_version, kind, name) not in rendered and \
+                await ctx.kube.delete_owned(api_version, kind, owner.namespace, name, owner.uid):
+            log.info("%s: deleted %s %s, which the spec no longer asks for", owner.id, kind, name)
+
+
+async def _gateway_problem(ctx: Context, owner: Owner, spec: LanguageModelSpec,
+                           gateway: status.ObservedDeployment | None) -> status.Problem | None:
+    """A gateway that is not ready because the Secret its key comes from is missing says so, by name."""
+    ref = spec.gateway.auth_secret_ref
+    if ref is None or not spec.gateway.enabled or spec.suspend or (gateway is not None and gateway.ready > 0):
+        return None
+    try:
+        if await ctx.kube.exists("v1", "Secret", owner.namespace, ref.name):
+            return None
+    except ApiError as e:
+        if e.forbidden:  # an install that does not grant it: the gateway's readiness says the rest
+            return None
+        raise
+    return status.Problem("AuthSecretNotFound", f"spec.gateway.authSecretRef: Secret {ref.name!r} not found in "
+                                                f"namespace {owner.namespace}; the gateway cannot start until it "
+                                                "exists", degrades=True)
 
 
 async def _figures(ctx: Context, state: ServingState, owner: Owner) -> tuple[
@@ -269,18 +332,59 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
     spec = body.get("spec") or {}
     keep_queue = (spec.get("queue") or {}).get("deletionPolicy") == "Retain"
     keep_cache = (spec.get("cache") or {}).get("deletionPolicy") == "Retain"
+    left = ", ".join(what for what, kept in (("its queues", keep_queue), ("its Redis keys", keep_cache)) if not kept)
+    if left and (given_up := cleanup_given_up(ctx, body)) is not None:
+        kopf.warn(cast(kopf.Body, body), reason="CleanupSkipped", message=f"{given_up}: left {left} in place")
+        _forget(ctx, state, owner)
+        return
     try:
         async with ctx.locks[owner.id]:  # after any reconciliation under way, and before none
             state.deleting.add(owner.uid)
+            # Consumers and producers stop first: a worker reconnecting would declare the queue again, a
+            # gateway starting would register the model again, and both would outlive the model.
+            if running := await _stop_pods(ctx, state, owner):
+                raise kopf.TemporaryError(f"waiting for {running} to stop before removing the queues", delay=2)
             if not keep_queue:
                 await ctx.broker.delete(owner.namespace, owner.name)
             if not keep_cache:
                 await ctx.cache.delete_model(owner.id, registry=True, responses=True)
     except (BrokerUnavailable, CacheUnavailable) as e:
         raise await cleanup_failed(ctx, owner, body, retry, e, "the model's queues or Redis keys") from e
+    _forget(ctx, state, owner)
+
+
+def _forget(ctx: Context, state: ServingState, owner: Owner) -> None:
     ctx.forget(owner.id, owner.uid)
+    state.deleting.discard(owner.uid)
     for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read):
         memory.pop(owner.uid, None)
+    names = build.names(owner)
+    for name in (names.worker, names.gateway):
+        state.rollouts.pop((owner.namespace, name), None)
+
+
+async def _stop_pods(ctx: Context, state: ServingState, owner: Owner) -> str | None:
+    """Scales the workers and the gateway to zero (KEDA's ScaledObject removed first, so that it does not
+    scale them up again) and says what still runs, or None once nothing does."""
+    names = build.names(owner)
+    await ctx.kube.delete_owned("keda.sh/v1alpha1", "ScaledObject", owner.namespace, names.worker, owner.uid)
+    running: list[str] = []
+    for name in (names.worker, names.gateway):
+        deployment = _owned(state, owner, name)
+        if deployment is not None and deployment.replicas:
+            try:
+                await ctx.kube.scale("apps/v1", "Deployment", owner.namespace, name, 0)
+            except ApiError as e:
+                if not e.not_found:
+                    raise
+    # Pods that are stopping (draining their batch) are no longer counted by their Deployment: asked for here.
+    # A pod that never ran (Pending) cannot consume or register anything, and a deleted one never starts.
+    for component in (build.WORKER, build.GATEWAY):
+        selector = ",".join(f"{k}={v}" for k, v in labels(owner, component).items() if k in build.SELECTOR_LABELS)
+        pods = await ctx.kube.list("v1", "Pod", owner.namespace, selector)
+        if started := [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]:
+            running.append(f"{len(started)} {component} pod(s)")
+    return " and ".join(running) or None
 
 
 def _alive(body: kopf.Body) -> bool:
@@ -326,21 +430,45 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
         else:
             state.models[(str(namespace), name)] = snapshot(body)
 
+    def owner_of(namespace: str, body: kopf.Body) -> dict[str, Any] | None:
+        """The model controlling the child, when it is this incarnation of it (the uid agrees)."""
+        found = controller(body)
+        model = state.models.get((namespace, found[1])) if found and found[0] == KIND else None
+        return model if model is not None and found is not None and model["metadata"]["uid"] == found[2] else None
+
+    async def child_deleted(namespace: str, body: kopf.Body) -> None:
+        """A child deleted by hand (or by anyone but the garbage collector) is applied again at once."""
+        model = owner_of(namespace, body)
+        if model is not None and not model["metadata"].get("deletionTimestamp"):
+            state.applied.pop(model["metadata"]["uid"], None)
+            await reconcile(ctx, state, model, "child")
+
     @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, id="languagemodel-deployment",
                    registry=registry)
     async def deployment_event(body: kopf.Body, namespace: str | None, name: str, type: str, **_: Any) -> None:
         if not namespace:
             return
-        owner = owner_name(body, KIND)
-        if type == "DELETED" or owner is None:
+        owner_uid = controller_uid(body)
+        if type == "DELETED" or owner_uid is None:
             state.deployments.pop((namespace, name), None)
+            state.rollouts.pop((namespace, name), None)
+            if type == "DELETED":
+                await child_deleted(namespace, body)
             return
         before = state.deployments.get((namespace, name))
-        state.deployments[(namespace, name)] = (owner, status.ObservedDeployment.from_body(body))
-        model = state.models.get((namespace, owner))
+        state.deployments[(namespace, name)] = (owner_uid, status.ObservedDeployment.from_body(body))
+        model = owner_of(namespace, body)
         # Only what status reads (replicas, readiness) is worth a reconciliation.
         if type is not None and model is not None and state.deployments[(namespace, name)] != before:
             await reconcile(ctx, state, model, "child")
+
+    # Of the other children, a deletion is what matters at once; edits are reverted by the resync.
+    for group, version, plural in (("", "v1", "configmaps"), ("", "v1", "services")):
+        @kopf.on.event(group, version, plural, labels=CHILD_LABELS, id=f"languagemodel-{plural}",
+                       registry=registry)
+        async def other_child_event(body: kopf.Body, namespace: str | None, type: str, **_: Any) -> None:
+            if namespace and type == "DELETED":
+                await child_deleted(namespace, body)
 
     @kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, "app.kubernetes.io/component": build.WORKER},
                    id="languagemodel-worker-pod", registry=registry)

@@ -15,6 +15,18 @@ STUCK_WAITING_REASONS = frozenset({
 })
 
 
+def controller(body: Any) -> tuple[str, str, str] | None:
+    """(kind, name, uid) of the object's controller: the owner reference with controller: true."""
+    refs = (body.get("metadata") or {}).get("ownerReferences") or ()
+    return next(((str(r.get("kind")), str(r.get("name")), str(r.get("uid"))) for r in refs if r.get("controller")),
+                None)
+
+
+def controller_uid(body: Any) -> str | None:
+    found = controller(body)
+    return found[2] if found else None
+
+
 @dataclass(frozen=True)
 class JobCondition:
     type: str
@@ -35,6 +47,10 @@ class ObservedJob:
     start_time: str | None = None
     completion_time: str | None = None
     conditions: tuple[JobCondition, ...] = ()
+    uid: str = ""
+    owner_uid: str | None = None
+    """The controller's uid: a Job of an earlier TrainingJob of the same name has another."""
+    terminating: bool = False
 
     def condition(self, type_: str) -> JobCondition | None:
         return next((c for c in self.conditions if c.type == type_ and c.status == "True"), None)
@@ -55,6 +71,9 @@ class ObservedJob:
                 JobCondition(str(c.get("type")), str(c.get("status")), str(c.get("reason") or ""),
                              str(c.get("message") or ""), c.get("lastTransitionTime"))
                 for c in status.get("conditions") or ()),
+            uid=str(body["metadata"].get("uid") or ""),
+            owner_uid=controller_uid(body),
+            terminating=bool(body["metadata"].get("deletionTimestamp")),
         )
 
 
@@ -76,6 +95,8 @@ class ObservedPod:
     """(reason, message) of a container stuck waiting."""
     terminated: Termination | None = None
     """How the trainer container ended, when it failed."""
+    owner_uid: str | None = None
+    """The uid of the Job (or ReplicaSet) that made the pod."""
 
     @classmethod
     def from_body(cls, body: Any) -> ObservedPod:
@@ -95,4 +116,4 @@ class ObservedPod:
                     terminated = Termination(str(ended.get("reason") or "Error"), int(ended.get("exitCode") or 0),
                                              str(ended.get("message") or ""))
         return cls(str(meta["name"]), str(status.get("phase") or "Pending"), str(meta.get("creationTimestamp") or ""),
-                   unschedulable, waiting, terminated)
+                   unschedulable, waiting, terminated, controller_uid(body))

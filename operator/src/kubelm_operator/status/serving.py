@@ -28,6 +28,8 @@ class Problem:
     stalled: bool = True
     degrades: bool = False
     """A stalled problem that leaves the model served in part (phase Degraded rather than Failed)."""
+    warning: bool = False
+    """The part works, with a caveat worth saying (in its condition): the phase is not affected."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,27 @@ class ObservedDeployment:
     ready: int = 0
     updated: int = 0
     available: int = 0
+    current: int | None = None
+    """Pods of every revision (status.replicas); None when not known."""
+    observed_generation: int = 0
+    """The generation the Deployment controller last acted on."""
+    applied_generation: int = 0
+    """The generation the operator's last apply of the pod template produced (0: not known)."""
+
+    @property
+    def rolling_out(self) -> bool:
+        """Pods of an older template may still answer: the controller has not acted on the newest apply,
+        or pods of another revision remain."""
+        return self.observed_generation < self.applied_generation or \
+            (self.current is not None and self.current > self.updated)
 
     @classmethod
     def from_body(cls, body: Any) -> ObservedDeployment:
         spec, status = body.get("spec") or {}, body.get("status") or {}
+        current = status.get("replicas")
         return cls(str(body["metadata"]["name"]), spec.get("replicas"), int(status.get("readyReplicas") or 0),
-                   int(status.get("updatedReplicas") or 0), int(status.get("availableReplicas") or 0))
+                   int(status.get("updatedReplicas") or 0), int(status.get("availableReplicas") or 0),
+                   int(current) if current is not None else 0, int(status.get("observedGeneration") or 0))
 
 
 @dataclass(frozen=True)
@@ -74,10 +91,14 @@ class ServingObservation:
     """New scaling decisions to append to the history: {time, from, to, reason}."""
     gateway: ObservedDeployment | None = None
     """The gateway Deployment as last seen, when the spec asks for a gateway (`endpoint` is set)."""
+    gateway_problem: Problem | None = None
+    """Why the gateway's pods cannot start (a missing Secret), said instead of only waiting for them."""
 
 
 def _part(type_: str, problem: Problem | None, ok_reason: str, ok_message: str, generation: int,
           previous: list[dict[str, Any]], at: str) -> dict[str, Any]:
+    if problem is not None and problem.warning:
+        return condition(type_, True, problem.reason, problem.message, generation, previous, at)
     if problem is None:
         return condition(type_, True, ok_reason, ok_message, generation, previous, at)
     return condition(type_, False, problem.reason, problem.message, generation, previous, at)
@@ -115,14 +136,15 @@ def load_failure(pods: Sequence[ObservedPod]) -> Problem | None:
 
 def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, Any]:
     previous = old.get("conditions") or []
-    if obs.model_problem is None and (failing := load_failure(obs.worker_pods)) is not None:
+    if (obs.model_problem is None or obs.model_problem.warning) and \
+            (failing := load_failure(obs.worker_pods)) is not None:
         obs = replace(obs, model_problem=failing)
     workers = obs.workers
     desired = 0 if obs.suspend else (workers.replicas if workers and workers.replicas is not None
                                      else obs.min_replicas)
     ready = workers.ready if workers else 0
-    problems = [p for p in (obs.model_problem, obs.queue_problem, obs.cache_problem, obs.scaling_problem)
-                if p is not None]
+    problems = [p for p in (obs.model_problem, obs.queue_problem, obs.cache_problem, obs.scaling_problem,
+                            obs.gateway_problem) if p is not None and not p.warning]
     stalled = next((p for p in problems if p.stalled), None)
     if obs.suspend:
         phase, reason, message = SUSPENDED, "Suspended", "spec.suspend is true: no workers run; the queue is kept"
@@ -133,6 +155,9 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
         phase, reason, message = PENDING, problems[0].reason, problems[0].message
     elif workers is None:
         phase, reason, message = PENDING, "Creating", "creating the workers"
+    elif workers.rolling_out:
+        phase, reason, message = LOADING, "RollingOut", \
+            f"rolling out the workers' new revision ({workers.updated}/{desired} updated, {ready} ready)"
     elif desired == 0:
         phase, reason, message = READY_PHASE, "ScaledToZero", "no backlog: no workers run until requests arrive"
     elif ready == 0:
@@ -145,6 +170,9 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
         # Ready says requests to the endpoint are answered: not before the gateway behind it is.
         wanted = obs.gateway.replicas if obs.gateway is not None and obs.gateway.replicas is not None else 1
         phase, reason, message = LOADING, "GatewayNotReady", f"waiting for the gateway (0/{wanted} ready); {message}"
+    elif phase == READY_PHASE and obs.endpoint and obs.gateway is not None and obs.gateway.rolling_out:
+        phase, reason, message = LOADING, "GatewayRollingOut", \
+            f"rolling out the gateway's new revision ({obs.gateway.updated} updated, {obs.gateway.ready} ready)"
 
     status: dict[str, Any] = {"phase": phase, "observedGeneration": obs.generation,
                               "replicas": workers.available if workers else 0, "readyReplicas": ready,

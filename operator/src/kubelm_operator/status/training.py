@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT
@@ -44,6 +44,21 @@ class Observation:
     progress: dict[str, Any] | None = None
     """The trainer's progress document from Redis, when it could be read."""
     blocker: Blocker | None = None
+    uid: str | None = None
+    """The TrainingJob's metadata.uid: progress stamped by another incarnation of the name is ignored."""
+
+
+def own_progress(document: dict[str, Any] | None, uid: str | None) -> dict[str, Any] | None:
+    """`document`, unless a different incarnation (an earlier object of the same name) wrote it.
+
+    The progress key is named by namespace/name and outlives its job (a TTL of days, or a finalizer that
+    could not reach Redis): a stale "Succeeded" with an artifact must not become a new job's status.
+    An unstamped document is kept: trainers started before incarnations existed report without one.
+    """
+    if document is None or uid is None:
+        return document
+    found = document.get("incarnation")
+    return document if found is None or found == uid else None
 
 
 def _progress(document: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +151,7 @@ def _phase(obs: Observation) -> tuple[str, str, str, bool]:
 
 def compute(old: dict[str, Any], obs: Observation, at: str) -> dict[str, Any]:
     """The whole status; equal to `old` when nothing changed (timestamps included)."""
+    obs = replace(obs, progress=own_progress(obs.progress, obs.uid))
     previous = old.get("conditions") or []
     phase_before = old.get("phase")
     if obs.job is None and phase_before in FINISHED and obs.blocker is None:

@@ -78,7 +78,7 @@ class Training:
         self.redis_url = redis_url
         self.store = RedisStore(redis_url) if redis_url else None
         self.reporter = ProgressReporter(redis_url if world.is_writer else None, config.job_id,
-                                         config.progress_interval_seconds)
+                                         config.progress_interval_seconds, incarnation=config.incarnation)
         self.precision = precision.resolve(self.hp.precision, device)
         self.metrics_path = self.out / "metrics.jsonl"
 
@@ -158,6 +158,8 @@ class Training:
         state: dict[str, Any] = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None,
                  "tokens_seen": 0, "attempt": 1}
         ckpt_dir = self.out / "checkpoints"
+        # Before the broadcast: the other ranks look for the checkpoint only after rank 0 has moved these.
+        set_aside = checkpoint.set_aside_foreign(ckpt_dir, cfg.incarnation) if world.is_writer else []
         resume_from = distributed.broadcast_object(world, str(checkpoint.latest(ckpt_dir) or ""))
         if resume_from:
             if not Path(resume_from).is_dir():
@@ -167,6 +169,8 @@ class Training:
             state["attempt"] = int(state.get("attempt", 1)) + 1
             checkpoint.set_rng_state(rng_states[world.rank] if world.rank < len(rng_states) else rng_states[0])
             log.info("resumed from %s at step %d (attempt %d)", resume_from, state["global_step"], state["attempt"])
+        elif set_aside:
+            log.warning("no checkpoint of this run's incarnation: training starts fresh")
 
         raw_model = model
         if world.enabled:
@@ -261,7 +265,7 @@ class Training:
         rng_states = distributed.gather_objects(self.world, checkpoint.rng_state())
         if self.world.is_writer:
             path = checkpoint.save(self.out / "checkpoints", step, model, optimizer, scheduler, scaler, rng_states,
-                                   state, self.config.checkpointing.keep)
+                                   state, self.config.checkpointing.keep, incarnation=self.config.incarnation)
             log.info("checkpoint %s", path.name)
         distributed.barrier(self.world)
 

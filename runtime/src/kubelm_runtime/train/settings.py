@@ -33,6 +33,10 @@ class TrainConfig:
     """Checkpoints, the tokenized-data cache, metrics and the final model go here."""
     job_id: str = "local/train"
     """<namespace>/<name>: names the progress key and, by default, the artifact."""
+    incarnation: str | None = None
+    """The TrainingJob's metadata.uid: tells this run from an earlier object of the same name. It stamps
+    checkpoints and progress, and a checkpoint stamped otherwise is never resumed. None (a run by hand, an
+    older operator) stamps nothing."""
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     publish: Publish = field(default_factory=Publish)
@@ -43,6 +47,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if "/" not in self.job_id:
             raise SettingsError(f"jobId must be <namespace>/<name>, got {self.job_id!r}")
+        if self.incarnation == "":
+            raise SettingsError("incarnation must not be empty: leave it out to stamp nothing")
 
     @property
     def artifact_name(self) -> str:
