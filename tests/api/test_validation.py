@@ -119,14 +119,20 @@ def test_invalid_object_is_rejected(custom: client.CustomObjectsApi, body: dict,
     assert expected in message
 
 
-def test_queue_type_is_immutable(custom: client.CustomObjectsApi, namespace: str) -> None:
+def test_queue_arguments_are_immutable(custom: client.CustomObjectsApi, namespace: str) -> None:
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", lm(queue={"type": "quorum"}))
     message = rejection(lambda: custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "languagemodels", "bad", {"spec": {"queue": {"type": "classic"}}}))
     assert "spec.queue.type is immutable" in message
-    # Other queue settings may change.
+    # So are the other arguments of the queue, added, changed or removed; its deletion policy may change.
+    for change in ({"maxLength": 100}, {"messageTtlSeconds": 60}, {"deliveryLimit": 5}, {"deadLetter": False}):
+        message = rejection(lambda c=change: custom.patch_namespaced_custom_object(  # type: ignore[misc]
+            GROUP, VERSION, namespace, "languagemodels", "bad", {"spec": {"queue": c}}))
+        assert "are immutable: RabbitMQ cannot change the arguments of a declared queue" in message, change
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", "bad",
-                                          {"spec": {"queue": {"maxLength": 100}}})
+                                          {"spec": {"queue": {"deletionPolicy": "Retain"}}})
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", "bad",
+                                          {"spec": {"queue": {"deadLetter": True}}})  # the default, unchanged
 
 
 @pytest.mark.parametrize("change", [

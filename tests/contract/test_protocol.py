@@ -193,3 +193,15 @@ def test_a_chunk_carries_a_finish_reason_only_when_its_choice_ended() -> None:
     assert protocol.parse_chunk_message(raw) == parts
     assert json.loads(raw)["chunks"][0] == {"index": 0, "offset": 0, "text": "a"}  # as before the field
     assert protocol.parse_chunks_message(protocol.chunks_message({"r": parts})) == {"r": parts}
+
+
+def test_queue_names_fit_amqp_for_the_longest_names_kubernetes_allows() -> None:
+    assert queues.request_queue("ns", "m") == "kubelm.ns.m.requests"
+    namespace, long = "n" * 63, "m" * 253
+    names = {queues.request_queue(namespace, long), queues.request_queue(namespace, long[:-1] + "x"),
+             queues.dead_letter_queue(namespace, long)}
+    assert len(names) == 3  # cut names stay apart by the hash of the whole identity
+    for name in names:
+        assert len(name.encode()) <= 255 and name.startswith(f"kubelm.{namespace}.mmm"), name
+    assert queues.request_queue(namespace, long).endswith(".requests")
+    assert queues.dead_letter_queue(namespace, long).endswith(".dead")

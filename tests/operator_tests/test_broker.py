@@ -188,3 +188,35 @@ def test_the_dead_letter_exchange_is_declared_once_a_channel_and_again_after_it_
         finally:
             await broker.close()
     _run(scenario())
+
+
+def test_a_failing_management_api_is_asked_once_and_its_failure_remembered() -> None:
+    """A slow or failing management API answers every model from one request, not one each in turn."""
+    requests: list[float] = []
+
+    async def scenario() -> list[str]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            requests.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(0.3)  # slow, then failing
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy")
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        broker = Broker(None, f"http://guest:guest@127.0.0.1:{port}")
+        try:
+            async def one(model: str) -> str:
+                try:
+                    await broker.stats("ns", model)
+                except BrokerUnavailable as e:
+                    return str(e)
+                return "answered"
+            return list(await asyncio.gather(*(one(f"m{i}") for i in range(20))))
+        finally:
+            await broker.close()
+            server.close()
+    errors = _run(scenario())
+    assert len(requests) == 1, "one request for twenty models"
+    assert all("503" in e for e in errors), errors
+    assert sum("not asked again" in e for e in errors) == 19

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def test_gpu_sample_gives_this_configuration_secret_and_service() -> None:
     meta = {"namespace": "team-a", "labels": LABELS, "ownerReferences": OWNER_REFS}
     assert children["Secret"] == {"apiVersion": "v1", "kind": "Secret",
                                   "metadata": {"name": "gpt2-chat-gpu-train-env", **meta},
-                                  "type": "Opaque", "stringData": {"redis-url": REDIS}}
+                                  "type": "Opaque", "data": {"redis-url": base64.b64encode(REDIS.encode()).decode()}}
     assert children["Service"] == {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "gpt2-chat-gpu-train", **meta},
         "spec": {"clusterIP": "None", "selector": {"kubelm.io/trainingjob": "gpt2-chat-gpu"},

@@ -135,6 +135,7 @@ def test_what_the_spec_no_longer_asks_for_is_removed(running_operator: OperatorP
                                                               "triggerauthentications", "prune-keda"))
     for read in (*gateway, *scaled):
         eventually(lambda r=read: exists(r), timeout=120, what="every child of the first spec")
+    assert "rabbitmq-api-url" in api.core.read_namespaced_secret("prune-serve-env", namespace).data
     # Something of the same name the model does not control is never touched.
     api.custom.create_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects", {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "bystander"},
@@ -149,6 +150,9 @@ def test_what_the_spec_no_longer_asks_for_is_removed(running_operator: OperatorP
     assert exists(lambda: api.custom.get_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects",
                                                                   "bystander"))
     assert "endpoint" not in _lm_status(api, namespace, "prune")
+    # The management API's URL was only for KEDA: the Secret loses that key too.
+    eventually(lambda: "rabbitmq-api-url" not in (api.core.read_namespaced_secret("prune-serve-env", namespace)
+                                                  .data or {}), timeout=60, what="KEDA's key gone from the Secret")
 
 
 def _worker_pods(api: Api, namespace: str, name: str) -> list[Any]:

@@ -145,6 +145,10 @@ def test_suspended_and_resumed() -> None:
     assert s["phase"] == "Suspended"
     assert _conditions(s) == {"Ready": ("False", "Suspended"), "Reconciling": ("False", "Suspended"),
                               "Stalled": ("False", "Suspended")}
+    assert "checkpoints are kept" in s["conditions"][0]["message"]
+    ephemeral = status.compute({}, _obs(suspend=True, job=_job(suspend=True), checkpoints_kept=False), T0)
+    assert "starts over when resumed" in ephemeral["conditions"][0]["message"]
+    assert "checkpoints are kept" not in ephemeral["conditions"][0]["message"]
     resumed = status.compute(s, _obs(job=_job(active=1), pods=[_pod(phase="Running")]), T1)
     assert resumed["phase"] == "Running"
     assert [e.reason for e in status.transitions(s, resumed)] == ["Running"]

@@ -6,6 +6,7 @@ is idempotent when the arguments match), so a worker also runs stand-alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,12 +32,27 @@ SENT_AT_HEADER = "kubelm-sent-at"
 """Publish time in Unix milliseconds (an integer: AMQP tables carry no floats), for queue-wait metrics."""
 
 
+AMQP_NAME_MAX = 255
+"""Bytes in an AMQP short string: queue names and routing keys."""
+
+
+def _name(namespace: str, model: str, suffix: str) -> str:
+    """kubelm.<namespace>.<model>.<suffix>, within AMQP's limit: a model name of up to 253 characters in a
+    namespace of up to 63 does not fit, so its name is cut and a hash of the full identity keeps it apart."""
+    full = f"kubelm.{namespace}.{model}.{suffix}"
+    if len(full.encode()) <= AMQP_NAME_MAX:
+        return full
+    tag = hashlib.sha256(f"{namespace}/{model}".encode()).hexdigest()[:12]
+    room = AMQP_NAME_MAX - len(f"kubelm.{namespace}..{suffix}".encode()) - len(tag) - 1
+    return f"kubelm.{namespace}.{model[:room]}-{tag}.{suffix}"
+
+
 def request_queue(namespace: str, model: str) -> str:
-    return f"kubelm.{namespace}.{model}.requests"
+    return _name(namespace, model, "requests")
 
 
 def dead_letter_queue(namespace: str, model: str) -> str:
-    return f"kubelm.{namespace}.{model}.dead"
+    return _name(namespace, model, "dead")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
+FAILURE_CACHE_SECONDS = 5.0
+"""How long a failed management API listing answers for the next callers."""
+
+
 class BrokerUnavailable(Exception):
     """RabbitMQ or its management API could not be reached; the message says which."""
 
@@ -141,6 +145,8 @@ class Broker:
         self._http: aiohttp.ClientSession | None = None
         self._stats: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._stats_lock = asyncio.Lock()
+        self._stats_failed: tuple[float, str] | None = None
+        """(when, why) the last listing failed."""
 
     # -- AMQP, on the lanes' worker threads -----------------------------------------------------
     def _lane(self, namespace: str, model: str) -> _Lane:
@@ -218,12 +224,20 @@ class Broker:
     async def _all_queues(self, max_age: float) -> dict[str, dict[str, Any]]:
         """Every queue of the vhost in one request, shared by all models for `max_age` seconds: one call
         per tick instead of two per model."""
+        # One request at a time (whoever waits takes its answer), and a failure is remembered for a while:
+        # with the API slow or down, each model's reconciliation fails at once instead of queueing behind it.
         async with self._stats_lock:
             now = asyncio.get_running_loop().time()
+            if self._stats_failed is not None and now - self._stats_failed[0] < max(max_age, FAILURE_CACHE_SECONDS):
+                raise BrokerUnavailable(f"{self._stats_failed[1]} (not asked again for a few seconds)")
             if self._stats is None or now - self._stats[0] > max_age:
                 vhost = quote(self._vhost(), safe="")
-                listed = await self._get_list(f"/api/queues/{vhost}?columns={STATS_COLUMNS}")
-                self._stats = (now, {str(q.get("name")): q for q in listed})
+                try:
+                    listed = await self._get_list(f"/api/queues/{vhost}?columns={STATS_COLUMNS}")
+                except BrokerUnavailable as e:
+                    self._stats_failed = (asyncio.get_running_loop().time(), str(e))
+                    raise
+                self._stats, self._stats_failed = (now, {str(q.get("name")): q for q in listed}), None
             return self._stats[1]
 
     async def stats(self, namespace: str, model: str, max_age: float = 2.0) -> QueueStats | None:

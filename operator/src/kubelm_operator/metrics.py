@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILES = Counter("kubelm_operator_reconciles_total", "Reconciliations by kind and result",
                      ["kind", "trigger", "result"])
@@ -15,6 +15,20 @@ DURATION = Histogram("kubelm_operator_reconcile_seconds", "Time one reconciliati
 ERRORS = Counter("kubelm_operator_errors_total", "Reconciliation errors by kind and reason", ["kind", "reason"])
 STATUS_WRITES = Counter("kubelm_operator_status_writes_total", "Status writes (only when something changed)",
                         ["kind"])
+
+QUEUE_PUBLISH_RATE = Gauge("kubelm_operator_queue_publish_rate", "Messages per second published to a model's "
+                           "request queue (RabbitMQ's management API)", ["namespace", "languagemodel"])
+QUEUE_DELIVER_RATE = Gauge("kubelm_operator_queue_deliver_rate", "Messages per second delivered from a model's "
+                           "request queue (RabbitMQ's management API)", ["namespace", "languagemodel"])
+
+
+def forget_model(namespace: str, name: str) -> None:
+    """A deleted model's series go with it."""
+    for gauge in (QUEUE_PUBLISH_RATE, QUEUE_DELIVER_RATE):
+        try:
+            gauge.remove(namespace, name)
+        except KeyError:
+            pass
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +69,9 @@ def container_security_context() -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def secret_data(values: dict[str, str]) -> dict[str, str]:
+    """A Secret's `data` (base64). Applied as `data`, never `stringData`: the API server folds stringData into
+    data, so a key the operator stops sending would stay in the Secret for good."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}

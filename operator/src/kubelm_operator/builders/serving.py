@@ -16,7 +16,7 @@ from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT, claim_of
 from ..hashing import digest
 from ..naming import child_name
 from ..spec import LanguageModelSpec
-from .common import Owner, container_security_context, labels, metadata, pod_security_context
+from .common import Owner, container_security_context, labels, metadata, pod_security_context, secret_data
 
 WORKER, GATEWAY = "serving-worker", "serving-gateway"
 SERVE_FILE, GATEWAY_FILE = "serve.json", "gateway.json"
@@ -95,7 +95,7 @@ def connection_secret(owner: Owner, amqp_url: str, redis_url: str | None,
             **({RABBITMQ_API_URL_KEY: rabbitmq_api_url} if rabbitmq_api_url else {}),
             **({MEMCACHED_URL_KEY: memcached_url} if memcached_url else {})}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata(owner, names(owner).secret, WORKER),
-            "type": "Opaque", "stringData": data}
+            "type": "Opaque", "data": secret_data(data)}
 
 
 def _connection_env(owner: Owner, with_redis: bool, with_memcached: bool = False) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from kubelm_contract.volumes import DEFAULT_VOLUMES_ROOT
 from ..hashing import digest
 from ..naming import JOB_NAME_MAX, child_name
 from ..spec import TrainingJobSpec
-from .common import Owner, container_security_context, labels, metadata, pod_security_context
+from .common import Owner, container_security_context, labels, metadata, pod_security_context, secret_data
 
 COMPONENT = "training"
 CONTAINER = "train"
@@ -112,7 +112,7 @@ def connection_secret(owner: Owner, redis_url: str) -> dict[str, Any]:
         "kind": "Secret",
         "metadata": metadata(owner, names(owner).secret, COMPONENT),
         "type": "Opaque",
-        "stringData": {REDIS_URL_KEY: redis_url},
+        "data": secret_data({REDIS_URL_KEY: redis_url}),
     }
 
 

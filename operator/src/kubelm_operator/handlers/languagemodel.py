@@ -271,8 +271,10 @@ async def _figures(ctx: Context, state: ServingState, owner: Owner) -> tuple[
         stats = await ctx.broker.stats(owner.namespace, owner.name)
         if stats is not None:
             figures = {"depth": stats.depth, "ready": stats.ready, "unacked": stats.unacked,
-                   "consumers": stats.consumers, "deadLettered": stats.dead_lettered,
-                   "publishRate": round(stats.publish_rate, 2), "deliverRate": round(stats.deliver_rate, 2)}
+                       "consumers": stats.consumers, "deadLettered": stats.dead_lettered}
+            # Rates change with every request: in status they would make every busy model write it each tick.
+            metrics.QUEUE_PUBLISH_RATE.labels(owner.namespace, owner.name).set(stats.publish_rate)
+            metrics.QUEUE_DELIVER_RATE.labels(owner.namespace, owner.name).set(stats.deliver_rate)
     except BrokerUnavailable as e:
         log.warning("%s: %s", owner.id, e)
     read_at = state.counters_read.get(owner.uid)
@@ -356,6 +358,8 @@ async def cleanup(ctx: Context, state: ServingState, body: dict[str, Any], retry
 def _forget(ctx: Context, state: ServingState, owner: Owner) -> None:
     ctx.forget(owner.id, owner.uid)
     state.deleting.discard(owner.uid)
+    state.worker_pods.pop((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), None)
+    metrics.forget_model(owner.namespace, owner.name)
     for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read):
         memory.pop(owner.uid, None)
     names = build.names(owner)

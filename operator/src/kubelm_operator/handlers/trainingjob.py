@@ -191,7 +191,7 @@ async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, o
             if observed_job is not None and pod.owner_uid in (None, observed_job.uid)]
     progress = await _progress(ctx, owner, observed_job)
     obs = status.Observation(generation, spec.suspend, spec.workers, observed_job, pods, progress, blocker,
-                             uid=owner.uid)
+                             uid=owner.uid, checkpoints_kept=build.storage_claim(owner, spec) is not None)
     await _write_status(ctx, owner, body, old, obs)
 
 

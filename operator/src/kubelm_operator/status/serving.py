@@ -212,7 +212,10 @@ def compute(old: dict[str, Any], obs: ServingObservation, at: str) -> dict[str, 
         condition(STALLED, stalled is not None, stalled.reason if stalled else phase,
                   stalled.message if stalled else "nothing blocks the model", g, previous, at),
         _part(QUEUE_READY, obs.queue_problem, "Declared", f"queue {obs.queue_name} declared", g, previous, at),
-        _part(CACHE_READY, obs.cache_problem, "Registered", "registry entry written", g, previous, at),
+        _part(CACHE_READY, obs.cache_problem, "Registered", "registry entry written", g, previous, at)
+        if obs.model is not None or obs.cache_problem is not None else
+        condition(CACHE_READY, False, "WaitingForModel", "the registry entry is written once the model resolves", g,
+                  previous, at),
         _part(MODEL_READY, obs.model_problem, "Resolved",
               f"serving {obs.model.source}" if obs.model else "model resolved", g, previous, at),
     ]

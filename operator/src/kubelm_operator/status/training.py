@@ -44,6 +44,8 @@ class Observation:
     progress: dict[str, Any] | None = None
     """The trainer's progress document from Redis, when it could be read."""
     blocker: Blocker | None = None
+    checkpoints_kept: bool = True
+    """Whether checkpoints outlive the pods (a claim), so that a suspended job resumes where it was."""
     uid: str | None = None
     """The TrainingJob's metadata.uid: progress stamped by another incarnation of the name is ignored."""
 
@@ -128,7 +130,9 @@ def _phase(obs: Observation) -> tuple[str, str, str, bool]:
         details = failure_details(obs.pods, obs.progress)
         return FAILED, failed.reason or "JobFailed", f"{message}; {details}" if details else message, True
     if obs.suspend and job.suspended:
-        return SUSPENDED, "Suspended", "spec.suspend is true: no workers run; checkpoints are kept", False
+        kept = "checkpoints are kept" if obs.checkpoints_kept else \
+            "storage is ephemeral, so the job starts over when resumed (storage.type pvc keeps checkpoints)"
+        return SUSPENDED, "Suspended", f"spec.suspend is true: no workers run; {kept}", False
     for pod in obs.pods:
         if pod.unschedulable:
             return PENDING, "Unschedulable", f"pod {pod.name} cannot be scheduled: {pod.unschedulable}", True
