@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -25,10 +25,8 @@ QUEUE_DELIVER_RATE = Gauge("kubelm_operator_queue_deliver_rate", "Messages per s
 def forget_model(namespace: str, name: str) -> None:
     """A deleted model's series go with it."""
     for gauge in (QUEUE_PUBLISH_RATE, QUEUE_DELIVER_RATE):
-        try:
+        with suppress(KeyError):
             gauge.remove(namespace, name)
-        except KeyError:
-            pass
 
 
 @contextmanager

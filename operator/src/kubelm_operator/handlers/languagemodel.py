@@ -266,7 +266,8 @@ async def _gateway_problem(ctx: Context, owner: Owner, spec: LanguageModelSpec,
 
 async def _figures(ctx: Context, state: ServingState, owner: Owner) -> tuple[
         dict[str, float] | None, dict[str, int] | None]:
-    figures = counters = None
+    figures: dict[str, float] | None = None
+    counters: dict[str, int] | None = None
     try:
         stats = await ctx.broker.stats(owner.namespace, owner.name)
         if stats is not None:
