@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubelm_operator.autoscaling import Decision, QueueFigures, decide, recommend
+from kubelm_operator.autoscaling import Decision, QueueFigures, decide, recommend, seed
 from kubelm_operator.spec import Autoscaling
 
 SPEC = Autoscaling(min_replicas=0, max_replicas=8, target_queue_length_per_replica=16, activation_queue_length=2,
@@ -74,3 +74,15 @@ def test_the_last_write_counts_until_the_watch_shows_it() -> None:
     assert replicas_now(1, 0) == (0, 0)  # scaled to 0, the watch still shows 1: decide from 0, keep waiting
     assert replicas_now(0, 0) == (0, None)  # the watch caught up: the Deployment is the truth again
     assert replicas_now(2, None) == (2, None)  # someone scaled it by hand afterwards: that counts
+
+
+def test_a_new_leader_keeps_the_running_workers_for_the_window_and_still_scales_up_at_once() -> None:
+    """After a restart or failover the in-memory history is gone: seeded with the replicas running now."""
+    idle = decide(SPEC, 5, QueueFigures(ready=0, unacked=0), 100.0, seed(5, 100.0))
+    assert idle.desired == 5 and "held at 5 by the 60 s scale-down window" in idle.reason
+    later = decide(SPEC, 5, QueueFigures(ready=0, unacked=0), 161.0, idle.history)
+    assert later.desired == 0
+    busy = decide(SPEC, 1, QueueFigures(ready=100, unacked=0), 100.0, seed(1, 100.0))
+    assert busy.desired == 7  # a scale-up window of 0 is not held back by the seed
+    # Without the seed, the idle model would have gone to zero at once.
+    assert decide(SPEC, 5, QueueFigures(ready=0, unacked=0), 100.0, ()).desired == 0

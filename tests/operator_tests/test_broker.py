@@ -220,3 +220,42 @@ def test_a_failing_management_api_is_asked_once_and_its_failure_remembered() -> 
     assert len(requests) == 1, "one request for twenty models"
     assert all("503" in e for e in errors), errors
     assert sum("not asked again" in e for e in errors) == 19
+
+
+@pytest.mark.cluster
+def test_a_connection_the_broker_closed_while_idle_is_opened_again_without_an_error(cluster: ClusterEnv) -> None:
+    """An idle connection misses its heartbeats and RabbitMQ closes it: the next call must not fail for it."""
+    import urllib.parse
+    import urllib.request
+    from base64 import b64encode
+
+    name, namespace = f"broker-test-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:6]}"
+    parts = urllib.parse.urlsplit(cluster.rabbitmq_api_url)
+    auth = "Basic " + b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+
+    def management(method: str, path: str) -> Any:
+        request = urllib.request.Request(f"{parts.scheme}://{parts.hostname}:{parts.port}{path}", method=method,
+                                         headers={"Authorization": auth})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read()
+            return json.loads(body) if body else None
+
+    async def scenario() -> None:
+        broker = Broker(cluster.amqp_url, cluster.rabbitmq_api_url, lanes=1, name=name)
+        try:
+            await broker.declare(namespace, "m", QueueSpec())
+            for _ in range(100):  # the management API lists a new connection after its stats tick
+                mine = [c["name"] for c in management("GET", "/api/connections")
+                        if (c.get("client_properties") or {}).get("connection_name") == f"{name} lane 0"]
+                if mine:
+                    break
+                await asyncio.sleep(0.2)
+            assert mine, "the lane's connection, by its name"
+            for connection in mine:
+                management("DELETE", f"/api/connections/{urllib.parse.quote(connection, safe='')}")
+            await asyncio.sleep(0.5)
+            assert await broker.ready_now(namespace, "m") == (0, 0)
+            await broker.delete(namespace, "m")
+        finally:
+            await broker.close()
+    _run(scenario())

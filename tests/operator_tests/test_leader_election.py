@@ -8,6 +8,7 @@ Lease Role included), applied for real by the first test. Failover times are pri
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import time
@@ -21,10 +22,13 @@ import pytest
 import yaml
 from kubernetes import client
 
+from kubelm_contract import keys, queues
 from kubelm_devcluster.operator import service_account_kubeconfig
+from kubelm_operator.spec import parse_languagemodel
 from support import REPO, ClusterEnv, eventually
 
-from .conftest import OPERATOR_NAMESPACE, SERVICE_ACCOUNT, Api, OperatorProcess
+from .conftest import GROUP, OPERATOR_NAMESPACE, SERVICE_ACCOUNT, VERSION, Api, OperatorProcess
+from .test_languagemodel_operator import _management
 
 pytestmark = [pytest.mark.cluster, pytest.mark.services, pytest.mark.slow]
 
@@ -265,3 +269,134 @@ def test_a_leader_that_sees_another_holder_exits_at_once_with_an_error(pair: Pai
         pytest.fail(f"still running after another holder showed up:\n{process.log_tail()}")
     assert code == 1
     assert f"Lease {OPERATOR_NAMESPACE}/{pair.lease} is now held by someone-else; exiting at once" in process.log_tail()
+
+
+def _children(api: Api, namespace: str) -> set[tuple[str, str, str]]:
+    """(kind, name, owner uid) of everything in the namespace carrying the operator's managed-by label."""
+    selector = "app.kubernetes.io/managed-by=kubelm-operator"
+    listed = {"Deployment": api.apps.list_namespaced_deployment, "ConfigMap": api.core.list_namespaced_config_map,
+              "Secret": api.core.list_namespaced_secret, "Service": api.core.list_namespaced_service,
+              "Job": api.batch.list_namespaced_job}
+    found = set()
+    for kind, list_ in listed.items():
+        for o in list_(namespace, label_selector=selector).items:
+            if o.metadata.deletion_timestamp is None:
+                owners = o.metadata.owner_references or []
+                found.add((kind, o.metadata.name, str(owners[0].uid) if owners else ""))
+    return found
+
+
+def _model_queues(cluster: ClusterEnv, namespace: str) -> dict[str, dict[str, Any]]:
+    listed = _management(cluster, "/api/queues/%2F?columns=name,arguments")
+    return {q["name"]: q["arguments"] for q in listed if q["name"].startswith(f"kubelm.{namespace}.")}
+
+
+def test_two_replicas_killed_twenty_times_converge_to_the_undisturbed_state_and_clean_up(
+        cluster: ClusterEnv, installed: None, ha_applied: str, api: Api, tmp_path: Path, namespace: str,
+        redis_client: Any) -> None:
+    """50 LanguageModels and 10 TrainingJobs applied in a burst to two replicas under leader election, children
+    deleted by hand, the processes SIGKILLed at random moments 20 times (each started again at once): the end
+    state is what an undisturbed run makes, and deleting it all leaves nothing in the API, RabbitMQ or Redis."""
+    pair = Pair(cluster, tmp_path, api, KUBELM_LEASE_DURATION_SECONDS="3", KUBELM_LEASE_RENEW_SECONDS="1",
+                KUBELM_AUTOSCALE_INTERVAL_SECONDS="2", KUBELM_RESYNC_INTERVAL_SECONDS="30",
+                KUBELM_LOG_FORMAT="text")
+    rng = random.Random(14)
+    kills: list[str] = []
+
+    def chaos() -> None:
+        """SIGKILL one of the two (the leader twice as often), started again at once."""
+        active = pair.holder()
+        who = active if active in pair.processes and rng.random() < 2 / 3 else rng.choice(list(pair.processes))
+        time.sleep(rng.uniform(0, 0.4))
+        pair.processes[who].kill()
+        pair.processes[who].start()
+        kills.append(who)
+
+    started = time.monotonic()
+    try:
+        pair.start()
+        models = {f"lm-{i:02d}": {"model": {"hub": {"id": "gpt2"}}, "resources": {"cpu": "10m", "memory": "32Mi"},
+                                  "gateway": {"enabled": i % 5 == 0},
+                                  "queue": {"maxLength": 10 + i} if i % 2 else {},
+                                  "autoscaling": {"engine": "none", "minReplicas": 0}} for i in range(50)}
+        jobs = [f"tj-{i}" for i in range(10)]
+        burst: list[tuple[str, str]] = [("lm", n) for n in models] + [("tj", n) for n in jobs]
+        rng.shuffle(burst)
+        for i, (kind, name) in enumerate(burst):
+            if kind == "lm":
+                api.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels", {
+                    "apiVersion": f"{GROUP}/{VERSION}", "kind": "LanguageModel", "metadata": {"name": name},
+                    "spec": models[name]})
+            else:
+                api.create_tj(namespace, name, SMALL)
+            if i % 4 == 3:  # 15 kills during the burst
+                chaos()
+
+        def converged() -> bool:
+            lms = api.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "languagemodels")["items"]
+            tjs = api.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "trainingjobs")["items"]
+            return len(lms) == 50 and all((o.get("status") or {}).get("phase") == "Ready" for o in lms) and \
+                len(tjs) == 10 and all(((o.get("status") or {}).get("conditions") or [{}])[0].get("reason") ==
+                                       "WaitingForPods" for o in tjs)
+        eventually(converged, timeout=300, interval=1, what="every object reconciled once")
+
+        # Children deleted by hand, while the kills go on.
+        for name in rng.sample(sorted(models), 5):
+            api.apps.delete_namespaced_deployment(f"{name}-worker", namespace)
+            api.core.delete_namespaced_config_map(f"{name}-serve", namespace)
+        for name in rng.sample(jobs, 3):
+            api.batch.delete_namespaced_job(f"{name}-train", namespace, propagation_policy="Background")
+        for _ in range(20 - len(kills)):
+            chaos()
+        assert len(kills) == 20
+
+        uids = {o["metadata"]["name"]: o["metadata"]["uid"] for plural in ("languagemodels", "trainingjobs")
+                for o in api.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]}
+        expected = set()
+        for name, spec in models.items():
+            expected |= {("Deployment", f"{name}-worker", uids[name]), ("ConfigMap", f"{name}-serve", uids[name]),
+                         ("Secret", f"{name}-serve-env", uids[name])}
+            if spec["gateway"]["enabled"]:
+                expected |= {("Deployment", f"{name}-gateway", uids[name]), ("Service", f"{name}-gateway", uids[name])}
+        for name in jobs:
+            expected |= {(kind, f"{name}-train", uids[name]) for kind in ("Job", "ConfigMap", "Service")}
+            expected.add(("Secret", f"{name}-train-env", uids[name]))
+        eventually(lambda: _children(api, namespace) == expected and converged(), timeout=300, interval=1,
+                   what="the same children as an undisturbed run: none missing, duplicated or orphaned")
+        converged_after = time.monotonic() - started
+
+        wanted_queues = {}
+        for name, spec in models.items():
+            queue_spec = parse_languagemodel(spec).queue
+            wanted_queues[queues.request_queue(namespace, name)] = queues.request_queue_arguments(
+                namespace, name, queue_spec)
+            wanted_queues[queues.dead_letter_queue(namespace, name)] = None
+        found = _model_queues(cluster, namespace)
+        assert sorted(found) == sorted(wanted_queues)
+        for name, arguments in wanted_queues.items():
+            if arguments is not None:
+                assert found[name] == arguments, name
+        entries = {k.decode() for k in redis_client.hkeys(keys.MODEL_REGISTRY)
+                   if k.decode().startswith(f"{namespace}/")}
+        assert entries == {f"{namespace}/{n}" for n in models}
+
+        # Then everything is deleted, with the kills still coming now and then.
+        for plural in ("languagemodels", "trainingjobs"):
+            api.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        chaos()
+
+        def all_gone() -> bool:
+            left = sum(len(api.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, p)["items"])
+                       for p in ("languagemodels", "trainingjobs"))
+            return left == 0 and not _children(api, namespace)
+        eventually(all_gone, timeout=300, interval=1, what="every object and child gone")
+        assert _model_queues(cluster, namespace) == {}
+        assert not [k for k in redis_client.hkeys(keys.MODEL_REGISTRY) if k.decode().startswith(f"{namespace}/")]
+        left_keys = [k for k in redis_client.scan_iter(match=f"*{namespace}/*", count=1000)]
+        assert left_keys == [], left_keys
+        print(f"\nchaos: {len(kills)} SIGKILLs ({kills.count('op-a')} op-a, {kills.count('op-b')} op-b), "
+              f"50 LanguageModels and 10 TrainingJobs, {len(expected)} children converged after "
+              f"{converged_after:.0f} s, {len(found)} queues with the contract's arguments, "
+              f"all deleted after {time.monotonic() - started:.0f} s with nothing left")
+    finally:
+        pair.stop()

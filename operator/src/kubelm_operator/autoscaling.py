@@ -83,6 +83,13 @@ def decide(spec: Autoscaling, current: int, figures: QueueFigures, now: float,
     return Decision(desired, why, window)
 
 
+def seed(current: int, now: float) -> tuple[Recommendation, ...]:
+    """The history a process starts with (after a restart or a failover): the replicas running now, as if
+    just recommended, so that a new leader does not scale down at once what the last one kept up for its
+    window. Placed an instant before `now`, so that a scale-up window of 0 is not held back by it."""
+    return (Recommendation(now - 1e-3, current),)
+
+
 def replicas_now(observed: int | None, written: int | None) -> tuple[int, int | None]:
     """The replicas to decide from, and what to keep remembering of the autoscaler's last write.
 

@@ -88,8 +88,8 @@ class _Lane:
     """One AMQP connection and channel, used only from its own worker thread (pika is not thread-safe);
     opened on first use and again after any failure."""
 
-    def __init__(self, index: int, amqp_url: str | None, timeout: float):
-        self.amqp_url, self._timeout = amqp_url, timeout
+    def __init__(self, index: int, amqp_url: str | None, timeout: float, name: str = "kubelm-operator"):
+        self.amqp_url, self._timeout, self.name = amqp_url, timeout, f"{name} lane {index}"
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"amqp-{index}")
         self._connection: Any = None
         self._channel: Any = None
@@ -103,6 +103,7 @@ class _Lane:
             parameters = pika.URLParameters(self.amqp_url)
             parameters.socket_timeout = self._timeout
             parameters.blocked_connection_timeout = self._timeout
+            parameters.client_properties = {"connection_name": self.name}  # named in RabbitMQ's management UI
             self._connection = pika.BlockingConnection(parameters)
         self._channel = self._connection.channel()
         self._exchange_declared = False  # declared again on a new channel, in case it was deleted meanwhile
@@ -115,8 +116,19 @@ class _Lane:
         return name
 
     def call(self, work: Any) -> Any:
+        reused = self._connection is not None and self._connection.is_open
         try:
-            return work(self._open_channel())
+            try:
+                return work(self._open_channel())
+            except (pika.exceptions.StreamLostError, pika.exceptions.ConnectionClosed,
+                    pika.exceptions.ChannelWrongStateError):
+                if not reused:
+                    raise
+                # A connection idle past the heartbeat timeout was closed by the broker (a blocking
+                # connection answers heartbeats only while in use): once more on a new one. Every call
+                # here is idempotent (declare, passive declare, delete).
+                self._channel = self._connection = None
+                return work(self._open_channel())
         except pika.exceptions.ChannelClosedByBroker as e:
             self._channel = None  # the broker closed the channel; the connection stays
             if e.reply_code == 406:
@@ -135,13 +147,14 @@ class _Lane:
 
 
 class Broker:
-    def __init__(self, amqp_url: str | None, api_url: str | None, timeout: float = 10.0, lanes: int = 4):
+    def __init__(self, amqp_url: str | None, api_url: str | None, timeout: float = 10.0, lanes: int = 4,
+                 name: str = "kubelm-operator"):
         self.amqp_url, self.api_url = amqp_url, api_url
         self._timeout = timeout
         # Declaring a quorum queue takes the broker tens of milliseconds (it starts a Raft group): a few
         # connections declare for different models at once. A model always uses the same one, so its
         # calls keep their order.
-        self._lanes = [_Lane(i, amqp_url, timeout) for i in range(lanes)]
+        self._lanes = [_Lane(i, amqp_url, timeout, name) for i in range(lanes)]
         self._http: aiohttp.ClientSession | None = None
         self._stats: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._stats_lock = asyncio.Lock()

@@ -309,8 +309,8 @@ async def _autoscale(ctx: Context, state: ServingState, owner: Owner, spec: Lang
             return []
         # Ready messages as of now; unacknowledged ones (being decoded) from the management API's last figures.
         figures = autoscaling.QueueFigures(now[0], stats.unacked if stats else 0, now[1])
-    decision = autoscaling.decide(spec.autoscaling, current, figures, ctx.clock(),
-                                  state.scaling.get(owner.uid, ()), spec.suspend)
+    history = state.scaling.get(owner.uid) or autoscaling.seed(current, ctx.clock())
+    decision = autoscaling.decide(spec.autoscaling, current, figures, ctx.clock(), history, spec.suspend)
     state.scaling[owner.uid] = decision.history
     if not decision.changes(current):
         return []
