@@ -238,12 +238,67 @@ def pods_of(node: RealNode, name: str) -> list[str]:
     return [p["metadata"]["name"] for p in pods["items"]]
 
 
-def test_deleting_the_language_model_removes_its_queue_keys_and_pods(node: RealNode, served: dict[str, Any]) -> None:
+def _worker_pods(node: RealNode) -> list[dict[str, Any]]:
+    pods = kubectl_json(node, "get", "pods", "-n", NAMESPACE, "-l",
+                        f"kubelm.io/languagemodel={mainjob.MODEL},app.kubernetes.io/component=serving-worker")
+    return [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_a_change_that_rolls_the_workers_is_ready_only_once_the_new_pods_serve(
+        node: RealNode, served: dict[str, Any]) -> None:
+    """Ready for the new generation means no pod of the older configuration answers any more."""
+    node.env.kubectl("patch", "languagemodel", "-n", NAMESPACE, mainjob.MODEL, "--type=merge",
+                     "-p", '{"spec":{"generation":{"temperature":0.9}}}')
+    generation = kubectl_json(node, "get", "languagemodel", "-n", NAMESPACE, mainjob.MODEL)["metadata"]["generation"]
+
+    def ready_for_this_generation() -> bool:
+        model = kubectl_json(node, "get", "languagemodel", "-n", NAMESPACE, mainjob.MODEL)
+        ready = condition(model, "Ready")
+        return ready.get("status") == "True" and ready.get("observedGeneration") == generation
+    eventually(ready_for_this_generation, 600, 0.5, "Ready for the new generation")
+    template = kubectl_json(node, "get", "deployment", "-n", NAMESPACE, f"{mainjob.MODEL}-worker")["spec"]["template"]
+    wanted = template["metadata"]["annotations"]["kubelm.io/config-digest"]
+    serving = _worker_pods(node)
+    assert serving and all(p["metadata"]["annotations"]["kubelm.io/config-digest"] == wanted for p in serving), \
+        [(p["metadata"]["name"], p["metadata"]["annotations"]) for p in serving]
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert client.completions.create(model=mainjob.MODEL, prompt="The fox", max_tokens=4).choices[0].text
+
+
+def test_deleting_the_language_model_under_load_stops_its_pods_first_and_leaves_nothing(
+        node: RealNode, served: dict[str, Any]) -> None:
     assert pods_of(node, mainjob.MODEL)
+    client = openai.OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0, timeout=30)
+    stop = threading.Event()
+    sent: list[bool] = []
+
+    def load() -> None:
+        while not stop.is_set() and len(sent) < 200:  # bounded: requests until the model is gone
+            try:
+                client.completions.create(model=mainjob.MODEL, prompt="The fox", max_tokens=8)
+                sent.append(True)
+            except openai.OpenAIError:
+                sent.append(False)
+    senders = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    eventually(lambda: any(sent), 120, 0.2, "requests answered before the deletion")
     node.env.kubectl("delete", "languagemodel", "-n", NAMESPACE, mainjob.MODEL, "--timeout=300s")
+    # The finalizer stopped the workers and the gateway before it removed the queues: none is left to
+    # declare the queue again or to register the model again.
+    assert not [p for p in kubectl_json(node, "get", "pods", "-n", NAMESPACE, "-l",
+                                        f"kubelm.io/languagemodel={mainjob.MODEL}")["items"]
+                if p["status"].get("phase") == "Running"]
+    stop.set()
+    for sender in senders:
+        sender.join(timeout=60)
+    # Checked once the load has stopped: a request the gateway still sent after the deletion found no queue.
+    model_id = keys.model_id(NAMESPACE, mainjob.MODEL)
     assert rabbitmq_queue(node, queues.request_queue(NAMESPACE, mainjob.MODEL)) == 404
     assert rabbitmq_queue(node, queues.dead_letter_queue(NAMESPACE, mainjob.MODEL)) == 404
-    assert redis_cli(node, "HEXISTS", keys.MODEL_REGISTRY, keys.model_id(NAMESPACE, mainjob.MODEL)) == "0"
+    assert redis_cli(node, "HEXISTS", keys.MODEL_REGISTRY, model_id) == "0"
+    for pattern in (keys.response_pattern(model_id), keys.cache_stats(model_id)):
+        assert redis_cli(node, "KEYS", pattern) == "", pattern
     eventually(lambda: not pods_of(node, mainjob.MODEL), 300, 1, "the model's pods gone")
 
 

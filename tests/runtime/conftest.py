@@ -30,3 +30,15 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in the trainer handles it."""
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]) -> Path:
+    """The first 150 lines of the sample corpus: a few steps of training."""
+    path = tmp_path_factory.mktemp("small-corpus") / "train.txt"
+    path.write_text("\n".join(corpus["train"].read_text().splitlines()[:150]) + "\n")
+    return path

@@ -19,19 +19,10 @@ from kubelm_runtime import artifacts
 from kubelm_runtime.train import checkpoint, loop
 from kubelm_runtime.train.settings import TrainConfig
 
+from .conftest import Killed
+
 pytestmark = pytest.mark.slow
 STEPS = 8
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: not an Exception, so nothing in the trainer handles it."""
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]) -> Path:
-    path = tmp_path_factory.mktemp("small-corpus") / "train.txt"
-    path.write_text("\n".join(corpus["train"].read_text().splitlines()[:150]) + "\n")
-    return path
 
 
 def _config(out: Path, tiny_model: Path, train: Path, corpus: dict[str, Path], incarnation: str | None,
