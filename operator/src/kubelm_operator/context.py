@@ -18,6 +18,15 @@ from .kube import Kube
 from .persistence import HandledSpecs
 
 
+@dataclass(frozen=True)
+class WrittenStatus:
+    status: dict[str, Any]
+    version: str | None
+    """The resourceVersion the write produced."""
+    older: tuple[str, ...]
+    """resourceVersions of the object known to come before this write."""
+
+
 @dataclass
 class Context:
     config: OperatorConfig
@@ -26,7 +35,7 @@ class Context:
     broker: Broker
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     """One reconciliation at a time per object, whatever triggered it."""
-    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written: dict[str, WrittenStatus] = field(default_factory=dict)
     """object uid -> the status last written, newer than a watch event may yet show."""
     clock: Callable[[], float] = time.monotonic
     """The autoscaler's and the timers' time (seconds, any origin)."""
@@ -46,6 +55,23 @@ class Context:
         intervals pass without one). At a few hundred new objects the ticks otherwise doubled the work."""
         last = self.reconciled.get(uid)
         return last is None or self.clock() - last >= interval / 2
+
+    def status_base(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The status to compute the next one from: the one this process last wrote while `body` is a
+        version from before that write (the watch lags behind), else the body's own (it shows that write or
+        something newer: another writer, or changes made while this process was not acting)."""
+        written = self.written.get(str(body["metadata"]["uid"]))
+        if written is not None and body["metadata"].get("resourceVersion") in written.older:
+            return written.status
+        return dict(body.get("status") or {})
+
+    def wrote_status(self, body: dict[str, Any], status: dict[str, Any], written_version: str | None) -> None:
+        before = self.written.get(str(body["metadata"]["uid"]))
+        older = (*before.older, before.version) if before is not None else ()
+        older = (*older, body["metadata"].get("resourceVersion"))
+        known = tuple(dict.fromkeys(v for v in older if v and v != written_version))
+        # A handful is enough: the watch is never that many of our own writes behind.
+        self.written[str(body["metadata"]["uid"])] = WrittenStatus(status, written_version, known[-16:])
 
     def resync_seconds(self, uid: str) -> float:
         """How long applied children go without being applied again (drift repair), spread over

@@ -25,6 +25,7 @@ def snapshot(body: Any, kind: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": kind,
             "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
                          "generation": meta.get("generation", 1), "deletionTimestamp": meta.get("deletionTimestamp"),
+                         "resourceVersion": meta.get("resourceVersion"),
                          "annotations": {k: v for k, v in annotations.items() if k == SKIP_CLEANUP_ANNOTATION}},
             "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
 
@@ -48,11 +49,11 @@ async def write_status(ctx: Context, owner: Owner, body: dict[str, Any], old: di
     """Server-side applies `new` when it differs from `old`, then posts `events`; False when nothing changed."""
     if new == old:
         return False
-    await ctx.kube.apply({"apiVersion": API_VERSION, "kind": owner.kind,
-                          "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
-                         subresource="status")
+    answer = await ctx.kube.apply({"apiVersion": API_VERSION, "kind": owner.kind,
+                                   "metadata": {"name": owner.name, "namespace": owner.namespace}, "status": new},
+                                  subresource="status")
     metrics.STATUS_WRITES.labels(owner.kind).inc()
-    ctx.written[owner.uid] = new
+    ctx.wrote_status(body, new, ((answer or {}).get("metadata") or {}).get("resourceVersion"))
     for event in events:
         kopf.event(cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message)
     return True
@@ -65,7 +66,7 @@ async def cleanup_failed(ctx: Context, owner: Owner, body: dict[str, Any], retry
     delay = min(60, 2 ** min(retry, 6))
     message = (f"cannot remove {what} yet, retrying in {delay}s ({error}); if the operator is gone for good, "
                f"remove the finalizer by hand (docs/operator.md)")
-    old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+    old = ctx.status_base(body)
     stalled = conditions.condition(conditions.STALLED, True, "CleanupFailed", message,
                                    int(body["metadata"].get("generation") or 1), [], conditions.now())
     # The whole status goes with it: an apply that left fields out would remove them.

@@ -145,7 +145,7 @@ async def reconcile(ctx: Context, state: ServingState, body: dict[str, Any], tri
 async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict[str, Any]) -> None:
     if body["metadata"].get("deletionTimestamp") or owner.uid in state.deleting:
         return
-    old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+    old = ctx.status_base(body)
     generation = int(body["metadata"].get("generation") or 1)
     queue_name = queues.request_queue(owner.namespace, owner.name)
     try:

@@ -149,7 +149,7 @@ async def _reconcile(ctx: Context, observed: Observed, pods_index: kopf.Index, o
                      body: dict[str, Any]) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return  # going away: the finalizer cleans up, the garbage collector takes the children
-    old = ctx.written.get(owner.uid) or dict(body.get("status") or {})
+    old = ctx.status_base(body)
     generation = int(body["metadata"].get("generation") or 1)
     try:
         spec = parse_trainingjob(body.get("spec"))
