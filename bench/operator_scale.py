@@ -8,13 +8,18 @@ The operator runs as a local process on the dev cluster with the shipped RBAC.
   has its queues declared, its registry entry, its Deployment and its status;
 - one LanguageModel at zero workers: time from a backlog appearing in its queue to the
   Deployment's replicas being raised, and from the queue emptying to zero again after
-  a 5 s scale-down window.
+  a 5 s scale-down window;
+- steady state (`--steady 500 --busy 50`): 500 LanguageModels on the builtin autoscaler, requests
+  published to and consumed from 50 of their queues for `--window` seconds (below the activation
+  length, so no worker starts): status writes per model per minute, the API server's writes per
+  second against its own create rate, the operator's CPU and RSS.
 
 Baseline, measured in the same run with the same client and concurrency: the API
 server's own rate for creating 200 ConfigMaps. Printed: rates, their ratio, the
 operator's CPU and RSS.
 
-    python bench/operator_scale.py [--count 200] [--clients 8]
+    python bench/operator_scale.py [--count 200] [--clients 8] [--steady 500 --busy 50 --window 60]
+                                   [--only-steady]
 """
 
 from __future__ import annotations
@@ -200,10 +205,71 @@ def _reaction(custom: Any, apps: Any, namespace: str, amqp_url: str) -> tuple[fl
     return up, time.perf_counter() - started
 
 
+STEADY = {"model": {"hub": {"id": "openai-community/gpt2"}}, "gateway": {"enabled": False},
+          "resources": {"cpu": "10m", "memory": "32Mi"},
+          "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "targetQueueLengthPerReplica": 1000,
+                          "activationQueueLength": 1000}}
+"""Traffic that never reaches the activation length: the figures move, no worker pod starts."""
+
+
+def _status_writes(operator: OperatorProcess) -> int:
+    return sum(v for labels, v in _counter(operator.metrics_text(), "kubelm_operator_status_writes_total")
+               if labels.get("kind") == "LanguageModel")
+
+
+def _traffic(amqp_url: str, queue_names: list[str], seconds: float) -> int:
+    """Publishes to each queue and takes the messages back off, a few per second per queue, for `seconds`
+    (bounded in count and time); returns how many went through."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    sent, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline and sent < 1_000_000:
+        for name in queue_names:
+            channel.basic_publish("", name, b'{"v":1,"id":"s","prompt":"hi"}')
+            sent += 1
+        time.sleep(0.25)
+        for name in queue_names:
+            method, _, _ = channel.basic_get(name, auto_ack=True)
+            if method is None:
+                continue
+    for name in queue_names:
+        channel.queue_purge(name)
+    connection.close()
+    return sent
+
+
+def _steady(operator: OperatorProcess, kubectl: Callable[..., str], custom: Any, apps: Any, core: Any,
+            amqp_url: str, count: int, busy: int, window: float, clients: int) -> dict[str, float]:
+    from kubelm_contract import queues
+
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    _converge(operator, custom, namespace, "LanguageModel", STEADY, "Ready", count, clients,
+              lambda: _count(apps.list_namespaced_deployment(namespace, _preload_content=False)))
+    _settle(kubectl)
+    names = [queues.request_queue(namespace, f"languagemodel-{i:03d}") for i in range(busy)]
+    writes_before, api_before = _status_writes(operator), _writes(kubectl)
+    cpu_before, started = operator.cpu_seconds(), time.perf_counter()
+    sent = _traffic(amqp_url, names, window)
+    elapsed = time.perf_counter() - started
+    minutes = elapsed / 60
+    api = sum((_writes(kubectl) - api_before).values())
+    return {"writes_per_model_minute": (_status_writes(operator) - writes_before) / count / minutes,
+            "writes_per_busy_model_minute": (_status_writes(operator) - writes_before) / busy / minutes,
+            "api_writes_per_second": api / elapsed, "cpu_per_second": (operator.cpu_seconds() - cpu_before) / elapsed,
+            "rss": operator.rss_bytes(), "messages": sent, "seconds": elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--steady", type=int, default=500, help="LanguageModels in the steady-state phase (0: none)")
+    parser.add_argument("--busy", type=int, default=50, help="of them, those with traffic")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of traffic")
+    parser.add_argument("--only-steady", action="store_true", help="the baseline and the steady state only")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -217,6 +283,7 @@ def main() -> None:
                                   capture_output=True, text=True, input=input).stdout
 
         operator: OperatorProcess | None = None
+        steady: dict[str, float] | None = None
         try:
             install(kubectl)
             api = config.new_client_from_config(config_file=str(admin))
@@ -234,6 +301,12 @@ def main() -> None:
 
             baseline_s = _timed(args.count, args.clients, lambda i: core.create_namespaced_config_map(
                 baseline_ns, {"metadata": {"name": f"cm-{i}"}, "data": {"k": "v"}}))
+            apps = client.AppsV1Api(api)
+            if args.only_steady:
+                steady = _steady(operator, kubectl, custom, apps, core, cluster.layout.amqp_url, args.steady,
+                                 args.busy, args.window, args.clients)
+                _print_steady(args, steady, args.count / baseline_s)
+                return
 
             _settle(kubectl)
             writes_before = _writes(kubectl)
@@ -246,7 +319,6 @@ def main() -> None:
             core.create_namespace({"metadata": {"name": lm_ns}})
             _settle(kubectl)
             writes_quiet = _writes(kubectl)
-            apps = client.AppsV1Api(api)
             _, lm_converge_s, lm_cpu_s, lm_rss = _converge(
                 operator, custom, lm_ns, "LanguageModel", LM_SPEC, "Ready", args.count, args.clients,
                 lambda: _count(apps.list_namespaced_deployment(lm_ns, _preload_content=False)))
@@ -255,6 +327,8 @@ def main() -> None:
             deployments_s = _timed(args.count, args.clients, lambda i: apps.create_namespaced_deployment(
                 baseline_ns, _worker_deployment(baseline_ns, i)))
             react_up_s, react_down_s = _reaction(custom, apps, lm_ns, cluster.layout.amqp_url)
+            steady = _steady(operator, kubectl, custom, apps, core, cluster.layout.amqp_url, args.steady,
+                             args.busy, args.window, args.clients) if args.steady else None
         finally:
             if operator is not None:
                 operator.stop()
@@ -281,6 +355,18 @@ def main() -> None:
           f"{args.count / deployments_s:.1f}/s; LanguageModels at {lm_rate * deployments_s / args.count:.2f}x that")
     print(f"autoscaler:          backlog -> replicas raised in {react_up_s:.2f}s (goal <= 5 s; KEDA's defaults: "
           f"30 s polling + HPA sync); empty queue -> zero in {react_down_s:.2f}s with a 5 s window")
+    if steady:
+        _print_steady(args, steady, baseline_rate)
+
+
+def _print_steady(args: argparse.Namespace, steady: dict[str, float], baseline_rate: float) -> None:
+    print(f"steady state:        {args.steady} LanguageModels, traffic on {args.busy} for {steady['seconds']:.0f}s "
+          f"({steady['messages']:.0f} messages)")
+    print(f"status writes:       {steady['writes_per_model_minute']:.2f} per model per minute "
+          f"({steady['writes_per_busy_model_minute']:.2f} per busy model, were they all theirs)")
+    print(f"API server writes:   {steady['api_writes_per_second']:.1f}/s, "
+          f"{steady['api_writes_per_second'] / baseline_rate:.3f}x its own create rate ({baseline_rate:.0f}/s)")
+    print(f"operator:            {steady['cpu_per_second']:.2f} cores, RSS {steady['rss'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ class ServingState:
     registered: dict[str, tuple[str, float]] = field(default_factory=dict)
     """uid -> (digest of the registry entry last written, when)."""
     counters_read: dict[str, float] = field(default_factory=dict)
+    queue_shown: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
+    """uid -> (when, the queue figures) status was last given."""
     deleting: set[str] = field(default_factory=set)
     """uids whose finalizer ran or runs: a reconciliation from an older event must not declare the queue again."""
 
@@ -217,6 +219,7 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     queue_figures, counters = await _figures(ctx, state, owner)
     if queue_figures is None and queue_problem is None:
         state.declared.pop(owner.uid, None)  # gone (deleted by hand, a broker reset): declared again next time
+    queue_figures = _shown(ctx, state, owner, queue_figures, bool(scaling))
     pods = tuple(state.worker_pods.get((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), {}).values())
     gateway = _owned(state, owner, names.gateway) if spec.gateway.enabled else None
     gateway_problem = await _gateway_problem(ctx, owner, spec, gateway)
@@ -225,6 +228,20 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
         build.endpoint(owner) if spec.gateway.enabled else None, model, model_problem, queue_problem,
         cache_problem, scaling_problem, observed, pods, queue_figures, counters, scaling, gateway, gateway_problem)
     await _write_status(ctx, owner, body, old, obs)
+
+
+def _shown(ctx: Context, state: ServingState, owner: Owner, figures: dict[str, float] | None,
+           scaled: bool) -> dict[str, float] | None:
+    """The queue figures for status: new ones at most every COUNTERS_SECONDS (or with a scaling decision, which
+    they explain), else None (status keeps what it shows). A busy queue changes its figures every tick; the
+    autoscaler reads them live, status is for people and would otherwise be written every tick."""
+    shown = state.queue_shown.get(owner.uid)
+    if figures is None or (shown is not None and not scaled and shown[1] != figures
+                           and ctx.clock() - shown[0] < COUNTERS_SECONDS):
+        return None
+    if shown is None or shown[1] != figures:
+        state.queue_shown[owner.uid] = (ctx.clock(), figures)
+    return figures
 
 
 def _owned(state: ServingState, owner: Owner, name: str) -> status.ObservedDeployment | None:
@@ -361,7 +378,8 @@ def _forget(ctx: Context, state: ServingState, owner: Owner) -> None:
     state.deleting.discard(owner.uid)
     state.worker_pods.pop((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), None)
     metrics.forget_model(owner.namespace, owner.name)
-    for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read):
+    for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read,
+                   state.queue_shown):
         memory.pop(owner.uid, None)
     names = build.names(owner)
     for name in (names.worker, names.gateway):
