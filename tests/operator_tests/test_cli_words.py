@@ -100,6 +100,16 @@ RUNNING = {"phase": "Running", "step": 40, "totalSteps": 200, "loss": 3.25, "per
                   cache_problem=serving.cache_backend_problem(True, "memcached", False))),
      False, "MemcachedNotConfigured", ["KUBELM_MEMCACHED_URL", "spec.cache.responses.backend", "serves meanwhile"]),
     (_tj({}), False, "NotObserved", ["has not written a status yet"]),
+    (_tj(_training(blocker=training.Blocker("WaitingForPreviousJob", "Job 'j-train' belongs to an earlier "
+                                                                        "TrainingJob named 'j'", False))),
+     False, "WaitingForPreviousJob", ["earlier TrainingJob of the same name", "once it is gone"]),
+    (_lm(_serving(workers=serving.ObservedDeployment("chat-worker", 1, 2, 1, 2, current=2, observed_generation=2,
+                                                     applied_generation=2))),
+     False, "RollingOut", ["new revision", "older one"]),
+    (_lm(_serving(workers=serving.ObservedDeployment("chat-worker", 1, 1, 1, 1), gateway=serving.ObservedDeployment(
+        "chat-gateway", 1), gateway_problem=serving.Problem("AuthSecretNotFound", "Secret 'k' not found",
+                                                             degrades=True))),
+     False, "AuthSecretNotFound", ["API key Secret is missing", "Secret 'k' not found", "authSecretRef"]),
 ])
 def test_each_state_gets_its_sentence(obj: dict[str, Any], ready: bool, reason: str, words: list[str]) -> None:
     why = explain(obj)

@@ -74,6 +74,10 @@ _TRAINING = {
                       "`kubectl describe pod` shows what they wait for if this lasts.",
     "Finishing": "The workers finished; the Job is completing and the artifact will be published.",
     "ArtifactUnknown": "Training succeeded but no artifact was recorded ({m}); check the operator's logs.",
+    "WaitingForPreviousJob": "A Job left by an earlier TrainingJob of the same name is still being removed ({m}); "
+                             "this one starts training once it is gone.",
+    "NameTaken": "Its Job's name is taken by a Job kubelm did not make ({m}). Delete or rename that Job, or "
+                 "rename the TrainingJob.",
 }
 
 _SERVING = {
@@ -98,6 +102,12 @@ _SERVING = {
     "ImagePullBackOff": "A worker's image cannot be pulled ({m}). Fix spec.image or the registry credentials.",
     "ErrImagePull": "A worker's image cannot be pulled ({m}). Fix spec.image or the registry credentials.",
     "CrashLoopBackOff": "A worker keeps crashing ({m}); `kubectl logs --previous` on it shows why.",
+    "RollingOut": "The workers roll to a new revision ({m}); it is Ready again once no pod of the older one "
+                  "serves.",
+    "GatewayRollingOut": "The gateway rolls to a new revision ({m}); it is Ready again once no pod of the older "
+                         "one serves.",
+    "AuthSecretNotFound": "The gateway's API key Secret is missing ({m}). Create it, or fix "
+                          "spec.gateway.authSecretRef; the workers keep serving the queue meanwhile.",
 }
 
 
