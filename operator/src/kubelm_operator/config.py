@@ -48,7 +48,7 @@ class OperatorConfig:
     lease_name: str = "kubelm-operator"
     lease_namespace: str | None = None
     """The pod's namespace when the Deployment passes it; else the service account's namespace."""
-    lease_duration_seconds: int = 15
+    lease_duration_seconds: int = 12
     lease_renew_seconds: float = 2.0
     pod_name: str | None = None
     """The Lease's holder identity when set; else host name and process id."""
@@ -82,7 +82,7 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 
 def _lease(environ: Mapping[str, str]) -> tuple[int, float]:
-    duration = int(_number(environ, env.LEASE_DURATION, 15, int))
+    duration = int(_number(environ, env.LEASE_DURATION, 12, int))
     renew = _positive(environ, env.LEASE_RENEW, 2.0)
     # The holder steps down after two thirds of the duration without a renewal: room for two tries at least.
     if duration < 1 or renew * 3 > duration:

@@ -41,6 +41,7 @@ CHILD_LABELS = {MANAGED_BY_LABEL: FIELD_MANAGER}
 MODEL_LABEL = "kubelm.io/languagemodel"
 REGISTRY_REFRESH_SECONDS = 60.0
 COUNTERS_SECONDS = 10.0
+CONFLICT_RETRY_SECONDS = 30.0
 
 
 @dataclass
@@ -66,6 +67,8 @@ class ServingState:
     registered: dict[str, tuple[str, float]] = field(default_factory=dict)
     """uid -> (digest of the registry entry last written, when)."""
     counters_read: dict[str, float] = field(default_factory=dict)
+    conflicts: dict[str, tuple[str, float, status.Problem]] = field(default_factory=dict)
+    """uid -> (queue spec digest, when, the problem) of a declaration RabbitMQ refused."""
     queue_shown: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
     """uid -> (when, the queue figures) status was last given."""
     deleting: set[str] = field(default_factory=set)
@@ -160,12 +163,19 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
     source, model, digest_known, model_problem = await _resolve(ctx, owner, spec, old)
     queue_problem = cache_problem = scaling_problem = None
     queue_key = digest(dataclasses.asdict(spec.queue))
-    if state.declared.get(owner.uid) != queue_key:  # once per process and queue spec, not on every tick
+    conflict = state.conflicts.get(owner.uid)
+    if conflict is not None and conflict[0] == queue_key and ctx.clock() - conflict[1] < CONFLICT_RETRY_SECONDS:
+        # Refused already: RabbitMQ would refuse it again (and close the channel) every tick until the queue
+        # is deleted; asked again now and then.
+        queue_problem = conflict[2]
+    elif state.declared.get(owner.uid) != queue_key:  # once per process and queue spec, not on every tick
         try:
             await ctx.broker.declare(owner.namespace, owner.name, spec.queue)
             state.declared[owner.uid] = queue_key
+            state.conflicts.pop(owner.uid, None)
         except QueueConflict as e:
             queue_problem = status.Problem("QueueArgumentConflict", str(e))
+            state.conflicts[owner.uid] = (queue_key, ctx.clock(), queue_problem)
         except BrokerUnavailable as e:
             queue_problem = status.Problem("BrokerUnavailable", str(e), stalled=False)
     names = build.names(owner)
@@ -379,7 +389,7 @@ def _forget(ctx: Context, state: ServingState, owner: Owner) -> None:
     state.worker_pods.pop((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), None)
     metrics.forget_model(owner.namespace, owner.name)
     for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read,
-                   state.queue_shown):
+                   state.queue_shown, state.conflicts):
         memory.pop(owner.uid, None)
     names = build.names(owner)
     for name in (names.worker, names.gateway):
