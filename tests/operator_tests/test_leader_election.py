@@ -193,7 +193,8 @@ def test_exactly_one_acts_and_the_standby_takes_over_when_it_is_killed(pair: Pai
     eventually(lambda: _job_made(api, namespace, "first"), timeout=60, what="the leader made the first Job")
     eventually(lambda: _acted_on(pair.log(active), namespace, "first"), timeout=30, what="the leader's log names it")
     assert not _acted_on(pair.log(standby), namespace, "first"), pair.log(standby)
-    assert f"standby while {active} holds Lease {OPERATOR_NAMESPACE}/{pair.lease}" in pair.log(standby)
+    eventually(lambda: f"standby while {active} holds Lease {OPERATOR_NAMESPACE}/{pair.lease}" in pair.log(standby),
+               timeout=30, what="the standby says whom it waits for")
 
     killed = time.monotonic()
     pair.processes[active].kill()
