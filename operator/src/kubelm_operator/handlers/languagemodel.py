@@ -68,6 +68,8 @@ class ServingState:
     """uid -> (digest of the registry entry last written, when)."""
     counters_read: dict[str, float] = field(default_factory=dict)
     conflicts: dict[str, tuple[str, float, status.Problem]] = field(default_factory=dict)
+    pruned: dict[str, frozenset[tuple[str, str, str]]] = field(default_factory=dict)
+    """uid -> the children rendered when what was not rendered was last pruned."""
     """uid -> (queue spec digest, when, the problem) of a declaration RabbitMQ refused."""
     queue_shown: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
     """uid -> (when, the queue figures) status was last given."""
@@ -213,7 +215,10 @@ async def _reconcile(ctx: Context, state: ServingState, owner: Owner, body: dict
                         state.deployments[key] = (owner.uid, status.ObservedDeployment.from_body(applied))
                         if key[1] == names.worker:
                             observed = _owned(state, owner, names.worker)
-                await _prune(ctx, owner, children)
+                rendered = frozenset((c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children)
+                if state.pruned.get(owner.uid) != rendered:  # once per process, then when the set changes
+                    await _prune(ctx, owner, rendered)
+                    state.pruned[owner.uid] = rendered
                 state.applied[owner.uid] = (inputs, ctx.clock())
             except ApiError as e:
                 if e.not_found and spec.autoscaling.engine == "keda":
@@ -263,10 +268,9 @@ def _owned(state: ServingState, owner: Owner, name: str) -> status.ObservedDeplo
     return dataclasses.replace(found[1], applied_generation=state.rollouts.get((owner.namespace, name), 0))
 
 
-async def _prune(ctx: Context, owner: Owner, children: list[dict[str, Any]]) -> None:
+async def _prune(ctx: Context, owner: Owner, rendered: frozenset[tuple[str, str, str]]) -> None:
     """Deletes what this model owns and the spec no longer asks for (a gateway disabled, KEDA's objects after
     a change of autoscaling engine): only objects whose controller is this very model."""
-    rendered = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
     for api_version, kind, name in build.owned_kinds(owner):
         if (api_version, kind, name) not in rendered and \
                 await ctx.kube.delete_owned(api_version, kind, owner.namespace, name, owner.uid):
@@ -389,7 +393,7 @@ def _forget(ctx: Context, state: ServingState, owner: Owner) -> None:
     state.worker_pods.pop((owner.namespace, labels(owner, build.WORKER)[MODEL_LABEL]), None)
     metrics.forget_model(owner.namespace, owner.name)
     for memory in (state.applied, state.scaling, state.scaled, state.declared, state.registered, state.counters_read,
-                   state.queue_shown, state.conflicts):
+                   state.queue_shown, state.conflicts, state.pruned):
         memory.pop(owner.uid, None)
     names = build.names(owner)
     for name in (names.worker, names.gateway):
