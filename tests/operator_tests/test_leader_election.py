@@ -183,6 +183,16 @@ def _acted_on(log: str, namespace: str, name: str) -> bool:
     return False
 
 
+def _takeover(pair: Pair, api: Api, namespace: str, job: str, standby: str, timeout: float) -> tuple[float, float]:
+    """Creates a TrainingJob while the old leader is gone, then (when, monotonic) the standby held the Lease
+    and (when) it made the job's Job: only a leader can."""
+    api.create_tj(namespace, job, SMALL)
+    eventually(lambda: pair.holder() == standby, timeout=timeout, interval=0.1, what="the standby holds the Lease")
+    held = time.monotonic()
+    eventually(lambda: _job_made(api, namespace, job), timeout=60, interval=0.1, what=f"the new leader made {job}")
+    return held, time.monotonic()
+
+
 def test_exactly_one_acts_and_the_standby_takes_over_when_it_is_killed(pair: Pair, api: Api,
                                                                         namespace: str) -> None:
     pair.start()
@@ -199,13 +209,7 @@ def test_exactly_one_acts_and_the_standby_takes_over_when_it_is_killed(pair: Pai
     killed = time.monotonic()
     pair.processes[active].kill()
     # Created while nobody acts: only the new leader can make its Job.
-    api.create_tj(namespace, "second", SMALL)
-    eventually(lambda: pair.holder() == standby, timeout=LEASE_DURATION + 30, interval=0.1,
-               what="the standby holds the Lease")
-    held = time.monotonic()
-    eventually(lambda: _job_made(api, namespace, "second"), timeout=60, interval=0.1,
-               what="the new leader made the second Job")
-    reconciled = time.monotonic()
+    held, reconciled = _takeover(pair, api, namespace, "second", standby, LEASE_DURATION + 30)
     print(f"\nSIGKILL failover (lease {LEASE_DURATION} s, renew {LEASE_RENEW} s): new holder after "
           f"{held - killed:.1f} s, first reconcile after {reconciled - killed:.1f} s")
     assert _role(pair.processes[standby]) == "leader"
@@ -246,12 +250,7 @@ def test_a_stopped_leader_releases_the_lease_and_the_standby_takes_over_at_once(
     assert process.process.wait(timeout=60) == 0
     exited = time.monotonic()
     assert f"Leader election: released Lease {OPERATOR_NAMESPACE}/{pair.lease}." in pair.log(active)
-    api.create_tj(namespace, "after-stop", SMALL)
-    eventually(lambda: pair.holder() == standby, timeout=20, interval=0.1, what="the standby holds the Lease")
-    held = time.monotonic()
-    eventually(lambda: _job_made(api, namespace, "after-stop"), timeout=30, interval=0.1,
-               what="the new leader made the Job")
-    reconciled = time.monotonic()
+    held, reconciled = _takeover(pair, api, namespace, "after-stop", standby, 20)
     print(f"\nSIGTERM failover: old leader exited after {exited - stopped:.1f} s, new holder after "
           f"{held - stopped:.1f} s, first reconcile after {reconciled - stopped:.1f} s")
 
