@@ -145,6 +145,11 @@ def _pod(owner: Owner, component: str, container: dict[str, Any], volumes: list[
             "spec": pod_spec}
 
 
+def selector_of(owner: Owner, component: str) -> dict[str, str]:
+    """The labels that pick this model's pods of `component` (its workers or its gateway)."""
+    return {k: v for k, v in labels(owner, component).items() if k in SELECTOR_LABELS}
+
+
 def _deployment(owner: Owner, name: str, component: str, template: dict[str, Any],
                 replicas: int | None, max_unavailable: int = 0) -> dict[str, Any]:
     selector = {k: v for k, v in template["metadata"]["labels"].items() if k in SELECTOR_LABELS}
@@ -244,7 +249,7 @@ def gateway_deployment(owner: Owner, spec: LanguageModelSpec, image: str, config
 
 def gateway_service(owner: Owner, spec: LanguageModelSpec) -> dict[str, Any]:
     n = names(owner)
-    selector = {k: v for k, v in labels(owner, GATEWAY).items() if k in SELECTOR_LABELS}
+    selector = selector_of(owner, GATEWAY)
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, n.service, GATEWAY),
             "spec": {"type": spec.gateway.service_type, "selector": selector,
                      "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]}}

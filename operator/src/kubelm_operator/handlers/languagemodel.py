@@ -68,9 +68,9 @@ class ServingState:
     """uid -> (digest of the registry entry last written, when)."""
     counters_read: dict[str, float] = field(default_factory=dict)
     conflicts: dict[str, tuple[str, float, status.Problem]] = field(default_factory=dict)
+    """uid -> (queue spec digest, when, the problem) of a declaration RabbitMQ refused."""
     pruned: dict[str, frozenset[tuple[str, str, str]]] = field(default_factory=dict)
     """uid -> the children rendered when what was not rendered was last pruned."""
-    """uid -> (queue spec digest, when, the problem) of a declaration RabbitMQ refused."""
     queue_shown: dict[str, tuple[float, dict[str, float]]] = field(default_factory=dict)
     """uid -> (when, the queue figures) status was last given."""
     deleting: set[str] = field(default_factory=set)
@@ -417,7 +417,7 @@ async def _stop_pods(ctx: Context, state: ServingState, owner: Owner) -> str | N
     # Pods that are stopping (draining their batch) are no longer counted by their Deployment: asked for here.
     # A pod that never ran (Pending) cannot consume or register anything, and a deleted one never starts.
     for component in (build.WORKER, build.GATEWAY):
-        selector = ",".join(f"{k}={v}" for k, v in labels(owner, component).items() if k in build.SELECTOR_LABELS)
+        selector = ",".join(f"{k}={v}" for k, v in build.selector_of(owner, component).items())
         pods = await ctx.kube.list("v1", "Pod", owner.namespace, selector)
         if started := [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]:
             running.append(f"{len(started)} {component} pod(s)")

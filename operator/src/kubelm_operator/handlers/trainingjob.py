@@ -297,9 +297,11 @@ def register(ctx: Context, registry: kopf.OperatorRegistry) -> None:
             await reconcile(ctx, observed, kubelm_pods, owner, "child")
 
     def job_owner(namespace: str, job_name: str) -> str | None:
+        """The name of the TrainingJob controlling the Job, when it is the one the watch shows (same uid)."""
         job = observed.jobs.get((namespace, job_name))
-        return next((name for (ns, name), tj in observed.trainingjobs.items()
-                     if ns == namespace and job is not None and tj["metadata"]["uid"] == job.owner_uid), None)
+        tj = observed.trainingjobs.get((namespace, job.owner_name)) if job and job.owner_name else None
+        return job.owner_name if job is not None and tj is not None and tj["metadata"]["uid"] == job.owner_uid \
+            else None
 
     @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, id="trainingjob-job", registry=registry)
     async def job_event(body: kopf.Body, namespace: str | None, name: str, type: str, **kwargs: Any) -> None:

@@ -50,6 +50,7 @@ class ObservedJob:
     uid: str = ""
     owner_uid: str | None = None
     """The controller's uid: a Job of an earlier TrainingJob of the same name has another."""
+    owner_name: str | None = None
     terminating: bool = False
 
     def condition(self, type_: str) -> JobCondition | None:
@@ -73,6 +74,7 @@ class ObservedJob:
                 for c in status.get("conditions") or ()),
             uid=str(body["metadata"].get("uid") or ""),
             owner_uid=controller_uid(body),
+            owner_name=(controller(body) or ("", None, ""))[1],
             terminating=bool(body["metadata"].get("deletionTimestamp")),
         )
 

@@ -18,9 +18,6 @@ from .observed import ObservedJob, ObservedPod
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 FINISHED = (SUCCEEDED, FAILED)
-WAITING_REASONS = frozenset({"Creating", "ClaimNotFound", "TrainingJobNotFound", "TrainingJobFailed",
-                             "WaitingForTrainingJob", "InvalidChild"})
-"""Ready reasons of a job whose children cannot be made yet: the operator looks again periodically."""
 PROGRESS_FIELDS = {"step": int, "totalSteps": int, "epoch": float, "loss": float, "evalLoss": float,
                    "tokensPerSecond": float, "percent": float, "etaSeconds": int}
 
